@@ -1,0 +1,1 @@
+//! weft-control (being built).

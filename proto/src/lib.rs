@@ -1,0 +1,19 @@
+//! weft's shared API: the control-plane wire protocol ([`pb`], generated from
+//! `proto/weft/config/v1/config.proto`) and the declarative mesh model ([`model`]) that
+//! operators write, the control plane stores and the proxy compiles.
+
+pub mod convert;
+pub mod locate;
+pub mod model;
+pub mod ops;
+pub mod validate;
+
+/// Generated protobuf and tonic code for `weft.config.v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("weft.config.v1");
+}
+
+pub use convert::{ConvertError, Resources, from_resources, to_resources};
+pub use model::MeshConfig;
+pub use validate::{ConfigError, Issue, Limits, parse_yaml, validate};

@@ -1,0 +1,383 @@
+//! The declarative mesh model: what an operator writes in YAML, what the control plane stores
+//! and what the proxy shows in `/config`.
+//!
+//! The wire form ([`crate::pb`]) is derived from it by [`crate::convert`]; both sides validate
+//! it with [`crate::validate`], so an error reads the same wherever it is found.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The whole mesh: services (with their endpoints and subsets) and the routes over them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Named subsets, each a label selector over the endpoints (all labels must match).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subsets: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "ClusterPolicy::is_default")]
+    pub policy: ClusterPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Talk to the upstream in the protocol the downstream used.
+    #[default]
+    Auto,
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    Grpc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Millis>,
+}
+
+impl ClusterPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    /// Hosts (authority without port) this route answers to; `*` matches any host.
+    pub hosts: Vec<String>,
+    /// Evaluated in order; the first rule that matches wins.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, rename = "match", skip_serializing_if = "RouteMatch::is_any")]
+    pub matches: RouteMatch,
+    pub backends: Vec<Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetryPolicy>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StringMatch>,
+    /// Any of these methods; empty means any method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<NamedMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<NamedMatch>,
+}
+
+impl RouteMatch {
+    pub fn is_any(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// How a string is compared. Exactly one field must be set; validation says so otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+impl StringMatch {
+    pub fn exact(s: impl Into<String>) -> Self {
+        Self {
+            exact: Some(s.into()),
+            ..Self::default()
+        }
+    }
+    pub fn prefix(s: impl Into<String>) -> Self {
+        Self {
+            prefix: Some(s.into()),
+            ..Self::default()
+        }
+    }
+    pub fn regex(s: impl Into<String>) -> Self {
+        Self {
+            regex: Some(s.into()),
+            ..Self::default()
+        }
+    }
+}
+
+/// A header or query-parameter match: `{name: x-user-group, exact: beta}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "FlatNamedMatch", into = "FlatNamedMatch")]
+pub struct NamedMatch {
+    pub name: String,
+    pub value: StringMatch,
+    /// Headers only: match when the value does not match.
+    pub invert: bool,
+}
+
+/// The YAML shape of [`NamedMatch`]: written flat, with unknown keys refused (serde cannot
+/// refuse unknown keys on a struct that uses `flatten`).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlatNamedMatch {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    present: Option<bool>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    invert: bool,
+}
+
+impl From<FlatNamedMatch> for NamedMatch {
+    fn from(f: FlatNamedMatch) -> Self {
+        let value = StringMatch {
+            exact: f.exact,
+            prefix: f.prefix,
+            regex: f.regex,
+            present: f.present,
+        };
+        NamedMatch {
+            name: f.name,
+            value,
+            invert: f.invert,
+        }
+    }
+}
+
+impl From<NamedMatch> for FlatNamedMatch {
+    fn from(n: NamedMatch) -> Self {
+        let v = n.value;
+        FlatNamedMatch {
+            name: n.name,
+            exact: v.exact,
+            prefix: v.prefix,
+            regex: v.regex,
+            present: v.present,
+            invert: n.invert,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub service: String,
+    /// A subset name of `service`; absent means all its endpoints.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subset: String,
+    /// Relative weight; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+impl Backend {
+    pub fn weight(&self) -> u32 {
+        self.weight.unwrap_or(1)
+    }
+
+    /// The name `set-weight` uses: the subset, or the service when there is none.
+    pub fn label(&self) -> String {
+        if self.subset.is_empty() {
+            self.service.clone()
+        } else {
+            format!("{}/{}", self.service, self.subset)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_base: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_max: Option<Millis>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_non_idempotent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
+}
+
+/// A duration in milliseconds, written `250ms`, `2s`, `1m` or a bare number of milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u32);
+
+impl Millis {
+    pub fn as_duration(self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.0))
+    }
+}
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0;
+        if ms != 0 && ms % 60_000 == 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else if ms != 0 && ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl std::str::FromStr for Millis {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 2s or 1m"))?;
+        let factor = match unit {
+            "" | "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            _ => return Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+        };
+        n.checked_mul(factor)
+            .and_then(|ms| u32::try_from(ms).ok())
+            .map(Millis)
+            .ok_or_else(|| format!("duration {s:?} is too long"))
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Millis(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!("250ms".parse::<Millis>().unwrap(), Millis(250));
+        assert_eq!("2s".parse::<Millis>().unwrap(), Millis(2000));
+        assert_eq!("1m".parse::<Millis>().unwrap(), Millis(60_000));
+        assert_eq!("40".parse::<Millis>().unwrap(), Millis(40));
+        assert!("2h".parse::<Millis>().unwrap_err().contains("unit"));
+        assert!("s".parse::<Millis>().is_err());
+        assert!(
+            "99999999m"
+                .parse::<Millis>()
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert_eq!(Millis(1500).to_string(), "1500ms");
+        assert_eq!(Millis(3000).to_string(), "3s");
+    }
+
+    #[test]
+    fn yaml_shape_round_trips() {
+        let yaml = r#"
+services:
+  - name: reviews
+    protocol: http1
+    endpoints:
+      - {address: "127.0.0.1:9001", labels: {version: v1}}
+    subsets: {v1: {version: v1}}
+routes:
+  - name: reviews
+    hosts: [reviews]
+    rules:
+      - match:
+          path: {prefix: /api}
+          headers: [{name: x-user-group, exact: beta}]
+        backends: [{service: reviews, subset: v1, weight: 90}]
+        timeout: 2s
+"#;
+        let cfg: MeshConfig = serde_yaml_ng::from_str(yaml).unwrap();
+        let rule = &cfg.routes[0].rules[0];
+        assert_eq!(rule.matches.path, Some(StringMatch::prefix("/api")));
+        assert_eq!(rule.matches.headers[0].value, StringMatch::exact("beta"));
+        assert_eq!(rule.timeout, Some(Millis(2000)));
+        let back: MeshConfig =
+            serde_yaml_ng::from_str(&serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+    }
+}

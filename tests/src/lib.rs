@@ -1,0 +1,1 @@
+//! weft-tests (being built).
