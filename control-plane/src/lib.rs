@@ -1,1 +1,23 @@
-//! weft-control (being built).
+//! weft's control plane.
+//!
+//! It reads the declarative mesh configuration (a YAML file, hot-reloaded), keeps the live
+//! version in a [`registry::Registry`] backed by a [`store::Store`], streams it to every proxy
+//! over gRPC ([`xds`]: full snapshot, then deltas, ACK/NACK tracked per proxy) and serves an
+//! admin JSON API ([`admin`]) that `weftctl` ([`client`], [`cli`]) talks to.
+//!
+//! ```text
+//! mesh.yaml ─▶ source (watch) ─┐
+//! weftctl ─▶ admin (HTTP/JSON) ─┼─▶ registry ─▶ store
+//!                               │      └─ watch channel ─▶ xds stream per proxy
+//! ```
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+pub mod source;
+pub mod store;
+pub mod xds;

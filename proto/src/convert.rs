@@ -183,7 +183,7 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
         .iter()
         .map(|p| u16::try_from(*p).map_err(|_| err(format!("port {p} is out of range"))))
         .collect::<Result<_, _>>()?;
-    let policy = c.policy.clone().unwrap_or_default();
+    let policy = c.policy.unwrap_or_default();
     Ok(model::Service {
         name: c.name.clone(),
         namespace: c.namespace.clone(),
@@ -321,17 +321,46 @@ impl Resources {
         }
     }
 
-    /// The delta that turns `self` (what the peer has) into `to`; `None` when equal.
-    pub fn delta_to(
-        &self,
-        to: &Resources,
-    ) -> Option<(Vec<pb::Cluster>, Vec<String>, Vec<pb::Route>, Vec<String>)> {
-        let (uc, rc) = diff(&self.clusters, &to.clusters, |c| &c.name);
-        let (ur, rr) = diff(&self.routes, &to.routes, |r| &r.name);
-        if uc.is_empty() && rc.is_empty() && ur.is_empty() && rr.is_empty() {
-            None
-        } else {
-            Some((uc, rc, ur, rr))
+    /// The delta that turns `self` (what the peer has) into `to`; empty when they are equal.
+    pub fn delta_to(&self, to: &Resources) -> Delta {
+        let (clusters, removed_clusters) = diff(&self.clusters, &to.clusters, |c| &c.name);
+        let (routes, removed_routes) = diff(&self.routes, &to.routes, |r| &r.name);
+        Delta {
+            clusters,
+            removed_clusters,
+            routes,
+            removed_routes,
+        }
+    }
+}
+
+/// The resources that changed between two states: upserts and removals by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    pub clusters: Vec<pb::Cluster>,
+    pub removed_clusters: Vec<String>,
+    pub routes: Vec<pb::Route>,
+    pub removed_routes: Vec<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+            && self.removed_clusters.is_empty()
+            && self.routes.is_empty()
+            && self.removed_routes.is_empty()
+    }
+
+    /// A non-full response carrying this delta.
+    pub fn into_response(self, version: u64, nonce: String) -> pb::ConfigResponse {
+        pb::ConfigResponse {
+            version,
+            nonce,
+            full: false,
+            clusters: self.clusters,
+            removed_clusters: self.removed_clusters,
+            routes: self.routes,
+            removed_routes: self.removed_routes,
         }
     }
 }
@@ -428,19 +457,13 @@ routes:
         changed.services.remove(1);
         changed.routes[0].rules[0].backends.remove(1);
         let to = to_resources(&changed);
-        let (uc, rc, ur, rr) = from.delta_to(&to).unwrap();
-        assert!(uc.is_empty(), "cluster a did not change");
-        assert_eq!(rc, vec!["b".to_owned()]);
-        assert_eq!(ur.len(), 1);
-        assert!(rr.is_empty());
-        let resp = pb::ConfigResponse {
-            clusters: uc,
-            removed_clusters: rc,
-            routes: ur,
-            removed_routes: rr,
-            ..Default::default()
-        };
+        let delta = from.delta_to(&to);
+        assert!(delta.clusters.is_empty(), "cluster a did not change");
+        assert_eq!(delta.removed_clusters, vec!["b".to_owned()]);
+        assert_eq!(delta.routes.len(), 1);
+        assert!(delta.removed_routes.is_empty());
+        let resp = delta.into_response(2, "n".into());
         assert_eq!(from.apply_delta(&resp), to);
-        assert!(to.delta_to(&to).is_none());
+        assert!(to.delta_to(&to).is_empty());
     }
 }

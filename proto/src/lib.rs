@@ -14,6 +14,6 @@ pub mod pb {
     tonic::include_proto!("weft.config.v1");
 }
 
-pub use convert::{ConvertError, Resources, from_resources, to_resources};
+pub use convert::{ConvertError, Delta, Resources, from_resources, to_resources};
 pub use model::MeshConfig;
 pub use validate::{ConfigError, Issue, Limits, parse_yaml, validate};

@@ -380,13 +380,13 @@ impl Validator<'_> {
                 );
             }
         }
-        if let (Some(base), Some(max)) = (r.backoff_base, r.backoff_max) {
-            if base > max {
-                self.fail(
-                    at(p, [key("backoff_max")]),
-                    format!("backoff_max {max} is below backoff_base {base}"),
-                );
-            }
+        if let (Some(base), Some(max)) = (r.backoff_base, r.backoff_max)
+            && base > max
+        {
+            self.fail(
+                at(p, [key("backoff_max")]),
+                format!("backoff_max {max} is below backoff_base {base}"),
+            );
         }
     }
 
@@ -434,10 +434,10 @@ impl Validator<'_> {
                 "present: false never matches; use a header match with invert instead",
             );
         }
-        if let Some(re) = &m.regex {
-            if let Err(e) = compile_regex(re, self.limits) {
-                self.fail(at(p, [key("regex")]), e);
-            }
+        if let Some(re) = &m.regex
+            && let Err(e) = compile_regex(re, self.limits)
+        {
+            self.fail(at(p, [key("regex")]), e);
         }
     }
 }

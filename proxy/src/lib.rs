@@ -1,1 +1,19 @@
-//! weft-proxy (being built).
+//! weft-proxy: weft's data-plane sidecar.
+//!
+//! Request path: [`server`] accepts HTTP/1.1 and h2c → [`forward`] routes with the running
+//! [`routing::Table`] (held by [`state`], swapped by [`xds`]) → [`balance`] picks backend and
+//! endpoint → [`upstream`] forwards on a pooled connection → failures become responses in
+//! [`error`]. [`admin`] serves `/ready`, `/live` and `/config`; [`app`] wires it all from [`cli`].
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod cli;
+pub mod error;
+pub mod forward;
+pub mod routing;
+pub mod server;
+pub mod state;
+pub mod upstream;
+pub mod xds;

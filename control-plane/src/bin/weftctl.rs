@@ -1,0 +1,120 @@
+//! `weftctl`: the operator CLI for weft-control's admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use weft_control::client::AdminClient;
+use weft_control::{api, cli};
+
+/// Inspect and change the weft mesh through weft-control's admin API.
+#[derive(Debug, Parser)]
+#[command(name = "weftctl", version)]
+struct Args {
+    /// Base URL of weft-control's admin API.
+    #[arg(
+        long,
+        env = "WEFT_SERVER",
+        default_value = "http://127.0.0.1:15014",
+        global = true
+    )]
+    server: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Version, config source and every proxy's state (ACKed version, last NACK).
+    Status,
+    /// The routes of the live configuration, with weights as percentages.
+    Routes,
+    /// Set backend weights on a route rule, e.g. `set-weight reviews v1=90 v2=10`.
+    SetWeight {
+        route: String,
+        /// NAME=WEIGHT, NAME being a subset (v1), service/subset, or a service.
+        #[arg(value_name = "NAME=W", required = true, value_parser = parse_weight)]
+        weights: Vec<(String, u32)>,
+        /// Rule index; by default the rule whose backends are exactly the names given.
+        #[arg(long, value_name = "N")]
+        rule: Option<usize>,
+    },
+    /// Replace the whole configuration with a mesh YAML file (`-` reads stdin).
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+fn parse_weight(s: &str) -> Result<(String, u32), String> {
+    weft_proto::ops::parse_weight(s).map_err(|e| e.to_string())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command; returns what to print.
+async fn run(args: Args) -> anyhow::Result<String> {
+    let client = AdminClient::new(&args.server)?;
+    let json = args.output == Output::Json;
+    Ok(match args.command {
+        Command::Status if json => cli::json(&client.status_json().await?),
+        Command::Status => cli::status(&client.status().await?),
+        Command::Routes if json => {
+            cli::json(&client.get::<serde_json::Value>("/api/v1/routes").await?)
+        }
+        Command::Routes => cli::routes(&client.routes().await?),
+        Command::SetWeight {
+            route,
+            weights,
+            rule,
+        } => {
+            let req = api::SetWeightsRequest {
+                weights: weights.iter().cloned().collect(),
+                rule,
+            };
+            let resp = client.set_weights(&route, &req).await?;
+            if json {
+                cli::json(&resp)
+            } else {
+                cli::set_weight(&resp, &weights)
+            }
+        }
+        Command::Apply { file } => {
+            let yaml = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let resp = client.apply(yaml).await?;
+            if json {
+                cli::json(&resp)
+            } else {
+                cli::apply(&resp)
+            }
+        }
+    })
+}

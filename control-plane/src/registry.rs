@@ -1,0 +1,552 @@
+//! The registry: the single owner of the live, versioned configuration and of what the control
+//! plane knows about each proxy.
+//!
+//! Every change (a source file edit, `apply`, `set-weight`) goes through one path: validate,
+//! bump the version by one (unless the result equals the live config), persist to the
+//! [`Store`], then publish on a `watch` channel that every config stream follows. Mutations are
+//! serialized by one async mutex, so versions are dense and the store always holds the newest;
+//! readers (streams, the admin API) never take that mutex — they read the `watch` channel.
+//!
+//! Per-proxy status (connected, ACKed version, last NACK) lives beside it under a plain mutex
+//! that is only held for a few field updates, never across an `.await`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tracing::info;
+use weft_proto::ops::{self, OpError};
+use weft_proto::{Issue, Limits, MeshConfig, Resources, pb, to_resources, validate};
+
+use crate::api;
+use crate::store::{Store, StoreError, StoredState};
+
+/// How many NACKs `/api/v1/status` keeps over all proxies.
+pub const NACK_LOG_LEN: usize = 100;
+
+/// Disconnected proxies stay listed (operators want to see who went away), but not forever:
+/// beyond this many, the longest-gone are forgotten so churn cannot grow memory unboundedly.
+const MAX_DISCONNECTED: usize = 1024;
+
+/// One version of the configuration, with its wire form computed once for every stream.
+#[derive(Debug)]
+pub struct Versioned {
+    pub version: u64,
+    pub config: MeshConfig,
+    pub resources: Resources,
+}
+
+impl Versioned {
+    pub fn new(version: u64, config: MeshConfig) -> Self {
+        let resources = to_resources(&config);
+        Self {
+            version,
+            config,
+            resources,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The resulting configuration does not validate.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// Nothing was published: a change that is not durable would be lost (and its version
+    /// reused) on restart.
+    #[error("could not persist version {version}: {source}")]
+    Store {
+        version: u64,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// The result of a mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The live version afterwards.
+    pub version: u64,
+    /// False when the change produced the config already live (the version did not move).
+    pub changed: bool,
+}
+
+/// A handle on the registry; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    source: String,
+    store: Arc<dyn Store>,
+    current: watch::Sender<Arc<Versioned>>,
+    /// Serializes mutations. Holds the hash of the source text the live config derives from,
+    /// which is persisted with every save (see [`StoredState::source_hash`]).
+    writer: tokio::sync::Mutex<u64>,
+    book: Mutex<Book>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    proxies: BTreeMap<String, ProxyRecord>,
+    nacks: VecDeque<api::NackEntry>,
+    last_source_error: Option<String>,
+    next_conn: u64,
+}
+
+#[derive(Debug)]
+struct ProxyRecord {
+    status: api::ProxyStatus,
+    /// Which stream owns this record: a proxy that reconnects before its old stream is torn
+    /// down must not be marked disconnected when the old one ends.
+    conn: u64,
+    disconnected_at_unix_ms: Option<u64>,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn describe(issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Registry {
+    /// Starts from the store and the source file's current content.
+    ///
+    /// If the store's state derives from the same file content (`source_hash` matches), it is
+    /// resumed as is: it includes mutations made through the API. Otherwise the file changed
+    /// while the control plane was down and wins, at the stored version + 1 (the version is
+    /// kept when the configs are equal), so versions never go backwards across restarts.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        source: impl Into<String>,
+        config: MeshConfig,
+        source_hash: u64,
+    ) -> Result<Self, RegistryError> {
+        let limits = Limits::default();
+        validate(&config, &limits).map_err(|i| RegistryError::Invalid(describe(&i)))?;
+        let stored = store
+            .load()
+            .await
+            .map_err(|source| RegistryError::Store { version: 0, source })?;
+        let (version, config, save) = match stored {
+            // A stored config that no longer validates (a stricter build) is not resumed.
+            Some(s) if s.source_hash == source_hash && validate(&s.config, &limits).is_ok() => {
+                info!(version = s.version, "resuming stored configuration");
+                (s.version, s.config, false)
+            }
+            Some(s) if s.config == config => (s.version, s.config, true),
+            Some(s) => {
+                info!(
+                    stored_version = s.version,
+                    "source changed since the state was saved; it replaces the stored config"
+                );
+                (s.version + 1, config, true)
+            }
+            None => (1, config, true),
+        };
+        if save {
+            let state = StoredState {
+                version,
+                config: config.clone(),
+                source_hash,
+            };
+            store
+                .save(&state)
+                .await
+                .map_err(|source| RegistryError::Store { version, source })?;
+        }
+        let (current, _) = watch::channel(Arc::new(Versioned::new(version, config)));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                source: source.into(),
+                store,
+                current,
+                writer: tokio::sync::Mutex::new(source_hash),
+                book: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The live configuration.
+    pub fn current(&self) -> Arc<Versioned> {
+        self.inner.current.borrow().clone()
+    }
+
+    /// Follows the live configuration; every accepted change is published here.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Versioned>> {
+        self.inner.current.subscribe()
+    }
+
+    /// `--config` path or `embedded`.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// A new version of the source file. The file is declarative: when it changes, its
+    /// content replaces the live config, including mutations made through the API.
+    pub async fn apply_source(
+        &self,
+        config: MeshConfig,
+        source_hash: u64,
+    ) -> Result<Outcome, RegistryError> {
+        let mut writer = self.inner.writer.lock().await;
+        let outcome = self
+            .commit(&mut writer, config, source_hash, "source")
+            .await?;
+        self.book().last_source_error = None;
+        Ok(outcome)
+    }
+
+    /// Records why the source file could not be used; the live config stays.
+    pub fn record_source_error(&self, error: String) {
+        self.book().last_source_error = Some(error);
+    }
+
+    /// Replaces the whole configuration (`POST /api/v1/apply`).
+    pub async fn apply(&self, config: MeshConfig) -> Result<Outcome, RegistryError> {
+        let mut writer = self.inner.writer.lock().await;
+        let hash = *writer;
+        self.commit(&mut writer, config, hash, "apply").await
+    }
+
+    /// Sets backend weights on one rule of a route (see [`ops::set_weights`]); returns the
+    /// outcome and the index of the rule changed.
+    pub async fn set_weights(
+        &self,
+        route: &str,
+        rule: Option<usize>,
+        weights: &[(String, u32)],
+    ) -> Result<(Outcome, usize), RegistryError> {
+        let mut writer = self.inner.writer.lock().await;
+        // Read under the writer lock so no concurrent mutation is lost.
+        let mut config = self.current().config.clone();
+        let index = ops::set_weights(&mut config, route, rule, weights)?;
+        let hash = *writer;
+        let outcome = self.commit(&mut writer, config, hash, "set-weight").await?;
+        Ok((outcome, index))
+    }
+
+    /// Validates, persists and publishes `config`. Called with the writer lock held: the
+    /// lock spans the store write so versions are saved in order (for etcd, that write is
+    /// network I/O — acceptable, since only mutations queue behind it, never readers).
+    async fn commit(
+        &self,
+        source_hash: &mut u64,
+        config: MeshConfig,
+        new_hash: u64,
+        cause: &str,
+    ) -> Result<Outcome, RegistryError> {
+        validate(&config, &Limits::default()).map_err(|i| RegistryError::Invalid(describe(&i)))?;
+        let current = self.current();
+        if current.config == config {
+            if *source_hash != new_hash {
+                // Same config from edited text (a comment changed): remember the new hash so
+                // a restart resumes instead of treating the file as changed.
+                self.save(current.version, config, new_hash).await?;
+                *source_hash = new_hash;
+            }
+            return Ok(Outcome {
+                version: current.version,
+                changed: false,
+            });
+        }
+        let version = current.version + 1;
+        self.save(version, config.clone(), new_hash).await?;
+        *source_hash = new_hash;
+        self.inner
+            .current
+            .send_replace(Arc::new(Versioned::new(version, config)));
+        info!(version, cause, "new configuration version published");
+        Ok(Outcome {
+            version,
+            changed: true,
+        })
+    }
+
+    async fn save(
+        &self,
+        version: u64,
+        config: MeshConfig,
+        source_hash: u64,
+    ) -> Result<(), RegistryError> {
+        let state = StoredState {
+            version,
+            config,
+            source_hash,
+        };
+        self.inner
+            .store
+            .save(&state)
+            .await
+            .map_err(|source| RegistryError::Store { version, source })
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.inner.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a proxy whose stream just started; dropping the handle marks it disconnected.
+    pub fn connect(&self, node: &pb::Node) -> ProxyConn {
+        let mut book = self.book();
+        book.next_conn += 1;
+        let conn = book.next_conn;
+        // The last NACK survives a reconnect (it is history); the ACKed version does not:
+        // it is per stream, and the new stream starts with a full snapshot.
+        let last_nack = book
+            .proxies
+            .get(&node.id)
+            .and_then(|p| p.status.last_nack.clone());
+        let status = api::ProxyStatus {
+            node_id: node.id.clone(),
+            service: node.service.clone(),
+            namespace: node.namespace.clone(),
+            labels: node.labels.clone().into_iter().collect(),
+            connected: true,
+            acked_version: None,
+            last_nack,
+            connected_at_unix_ms: now_unix_ms(),
+            last_ack_at_unix_ms: None,
+        };
+        book.proxies.insert(
+            node.id.clone(),
+            ProxyRecord {
+                status,
+                conn,
+                disconnected_at_unix_ms: None,
+            },
+        );
+        ProxyConn {
+            registry: self.clone(),
+            node_id: node.id.clone(),
+            conn,
+        }
+    }
+
+    /// The whole status document (`GET /api/v1/status`).
+    pub fn status(&self) -> api::Status {
+        let version = self.current().version;
+        let book = self.book();
+        api::Status {
+            version,
+            source: self.inner.source.clone(),
+            last_source_error: book.last_source_error.clone(),
+            proxies: book.proxies.values().map(|p| p.status.clone()).collect(),
+            nacks: book.nacks.iter().cloned().collect(),
+        }
+    }
+
+    /// Runs `f` on the record of `node_id` if `conn` still owns it.
+    fn with_proxy(&self, node_id: &str, conn: u64, f: impl FnOnce(&mut Book, &str)) {
+        let mut book = self.book();
+        if book.proxies.get(node_id).is_some_and(|p| p.conn == conn) {
+            f(&mut book, node_id);
+        }
+    }
+}
+
+/// A connected proxy's entry in the registry, owned by its config stream.
+#[derive(Debug)]
+pub struct ProxyConn {
+    registry: Registry,
+    node_id: String,
+    conn: u64,
+}
+
+impl ProxyConn {
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The proxy applied `version`.
+    pub fn ack(&self, version: u64) {
+        self.registry
+            .with_proxy(&self.node_id, self.conn, |book, id| {
+                if let Some(p) = book.proxies.get_mut(id) {
+                    p.status.acked_version = Some(version);
+                    p.status.last_ack_at_unix_ms = Some(now_unix_ms());
+                }
+            });
+    }
+
+    /// The proxy refused `version` and keeps running the one it ACKed before.
+    pub fn nack(&self, version: u64, error: &str) {
+        let at_unix_ms = now_unix_ms();
+        self.registry
+            .with_proxy(&self.node_id, self.conn, |book, id| {
+                if let Some(p) = book.proxies.get_mut(id) {
+                    p.status.last_nack = Some(api::LastNack {
+                        version,
+                        error: error.to_owned(),
+                        at_unix_ms,
+                    });
+                }
+                book.nacks.push_back(api::NackEntry {
+                    node_id: id.to_owned(),
+                    version,
+                    error: error.to_owned(),
+                    at_unix_ms,
+                });
+                while book.nacks.len() > NACK_LOG_LEN {
+                    book.nacks.pop_front();
+                }
+            });
+    }
+}
+
+impl Drop for ProxyConn {
+    fn drop(&mut self) {
+        self.registry
+            .with_proxy(&self.node_id, self.conn, |book, id| {
+                if let Some(p) = book.proxies.get_mut(id) {
+                    p.status.connected = false;
+                    p.disconnected_at_unix_ms = Some(now_unix_ms());
+                }
+                let gone: Vec<(u64, String)> = book
+                    .proxies
+                    .values()
+                    .filter_map(|p| Some((p.disconnected_at_unix_ms?, p.status.node_id.clone())))
+                    .collect();
+                if gone.len() > MAX_DISCONNECTED {
+                    let mut gone = gone;
+                    gone.sort();
+                    for (_, id) in gone.iter().take(gone.len() - MAX_DISCONNECTED) {
+                        book.proxies.remove(id);
+                    }
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FileStore, MemoryStore, content_hash};
+    use weft_proto::parse_yaml;
+
+    const MESH: &str = include_str!("default-mesh.yaml");
+
+    fn mesh() -> MeshConfig {
+        parse_yaml("t", MESH, &Limits::default()).unwrap()
+    }
+
+    async fn open(store: Arc<dyn Store>, text: &str) -> Registry {
+        let cfg = parse_yaml("t", text, &Limits::default()).unwrap();
+        Registry::open(store, "t", cfg, content_hash(text.as_bytes()))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn identical_config_does_not_bump() {
+        let reg = open(Arc::new(MemoryStore::new()), MESH).await;
+        let mut rx = reg.subscribe();
+        rx.borrow_and_update();
+        assert_eq!(reg.current().version, 1);
+        let out = reg.apply(mesh()).await.unwrap();
+        assert_eq!(
+            out,
+            Outcome {
+                version: 1,
+                changed: false
+            }
+        );
+        assert!(!rx.has_changed().unwrap(), "nothing published");
+
+        let w = [("v1".to_owned(), 90), ("v2".to_owned(), 10)];
+        let (out, rule) = reg.set_weights("reviews", None, &w).await.unwrap();
+        assert_eq!((out.version, out.changed, rule), (2, true, 1));
+        assert!(rx.has_changed().unwrap());
+        // The same weights again: no new version.
+        let (out, _) = reg.set_weights("reviews", None, &w).await.unwrap();
+        assert_eq!((out.version, out.changed), (2, false));
+    }
+
+    #[tokio::test]
+    async fn invalid_config_is_refused_and_the_old_one_stays() {
+        let reg = open(Arc::new(MemoryStore::new()), MESH).await;
+        let mut bad = mesh();
+        bad.routes[0].rules[1].backends[0].subset = "v9".into();
+        let err = reg.apply(bad).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("v9"), "{err}");
+
+        let err = reg
+            .set_weights("nope", None, &[("v1".into(), 1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Op(OpError::UnknownRoute(_))));
+        assert_eq!(reg.current().version, 1);
+        assert_eq!(reg.current().config, mesh());
+    }
+
+    #[tokio::test]
+    async fn restart_resumes_or_moves_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = || -> Arc<dyn Store> { Arc::new(FileStore::open(dir.path()).unwrap()) };
+
+        // First run: version 1, then an API mutation → version 2.
+        let reg = open(store(), MESH).await;
+        let w = [("v1".to_owned(), 50), ("v2".to_owned(), 50)];
+        reg.set_weights("reviews", None, &w).await.unwrap();
+        let mutated = reg.current().config.clone();
+        drop(reg);
+
+        // Same file: the stored config (with the mutation) and its version are resumed.
+        let reg = open(store(), MESH).await;
+        assert_eq!(reg.current().version, 2);
+        assert_eq!(reg.current().config, mutated);
+        drop(reg);
+
+        // The file changed while down: it wins, at stored version + 1.
+        let edited = MESH.replace("weight: 100", "weight: 70");
+        let reg = open(store(), &edited).await;
+        assert_eq!(reg.current().version, 3);
+        assert_eq!(
+            reg.current().config.routes[0].rules[1].backends[0].weight,
+            Some(70)
+        );
+        drop(reg);
+
+        // A comment-only edit keeps the version and does not lose anything either.
+        let commented = format!("# note\n{edited}");
+        let reg = open(store(), &commented).await;
+        assert_eq!(reg.current().version, 3);
+    }
+
+    #[tokio::test]
+    async fn proxy_status_tracks_acks_nacks_and_disconnects() {
+        let reg = open(Arc::new(MemoryStore::new()), MESH).await;
+        let node = pb::Node {
+            id: "p1".into(),
+            service: "reviews".into(),
+            ..Default::default()
+        };
+        let conn = reg.connect(&node);
+        conn.ack(1);
+        conn.nack(2, "bad regex");
+        // A reconnect before the old stream ends: the old handle must not win.
+        let newer = reg.connect(&node);
+        drop(conn);
+        let st = reg.status();
+        assert!(st.proxies[0].connected);
+        assert_eq!(st.nacks.len(), 1);
+        drop(newer);
+        let p = &reg.status().proxies[0];
+        assert!(!p.connected);
+        assert_eq!(p.node_id, "p1");
+    }
+}

@@ -1,0 +1,181 @@
+//! Assembles the control plane: store, registry, config stream server, admin API and file
+//! watcher, bound to their listeners and run until shutdown.
+//!
+//! Binding is separate from serving so a caller (the binary, tests) learns the real addresses
+//! — port 0 picks free ports — before anything is served, and can publish them with
+//! [`write_addr_file`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::registry::{Registry, RegistryError};
+use crate::shutdown::Shutdown;
+use crate::source::{Loaded, Source, Watcher};
+use crate::store::{FileStore, MemoryStore, Store, StoreError};
+use crate::{admin, xds};
+
+/// What the control plane is started with (the binary's flags).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub source: Source,
+    /// `None`: state is kept in memory only.
+    pub state_dir: Option<PathBuf>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub watch_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            source: Source::Embedded,
+            state_dir: None,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            watch_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the address file {path}: {source}")]
+    AddrFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config stream server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin server failed: {0}")]
+    Admin(#[source] std::io::Error),
+}
+
+/// A control plane bound to its listeners, not yet serving.
+#[derive(Debug)]
+pub struct ControlPlane {
+    registry: Registry,
+    grpc: TcpListener,
+    grpc_addr: SocketAddr,
+    admin: TcpListener,
+    admin_addr: SocketAddr,
+    watcher: Option<Watcher>,
+}
+
+impl ControlPlane {
+    /// Opens the store, builds the registry from `loaded` (the source, already read and
+    /// validated by the caller so it can report a bad file its own way) and binds.
+    pub async fn bind(opts: Options, loaded: Loaded) -> Result<Self, ServerError> {
+        let store: Arc<dyn Store> = match &opts.state_dir {
+            Some(dir) => Arc::new(FileStore::open(dir)?),
+            None => Arc::new(MemoryStore::new()),
+        };
+        let registry =
+            Registry::open(store, opts.source.name(), loaded.config, loaded.hash).await?;
+        let bind = |what, addr| async move {
+            let err = |source| ServerError::Bind { what, addr, source };
+            let listener = TcpListener::bind(addr).await.map_err(err)?;
+            // The real address, which differs from `addr` for port 0.
+            let local = listener.local_addr().map_err(err)?;
+            Ok::<_, ServerError>((listener, local))
+        };
+        let (grpc, grpc_addr) = bind("the config stream (gRPC)", opts.grpc_addr).await?;
+        let (admin, admin_addr) = bind("the admin API", opts.admin_addr).await?;
+        let watcher = match &opts.source {
+            Source::File(path) => Some(Watcher::new(
+                path,
+                opts.watch_interval,
+                registry.clone(),
+                loaded.hash,
+            )),
+            Source::Embedded => None,
+        };
+        Ok(Self {
+            registry,
+            grpc,
+            grpc_addr,
+            admin,
+            admin_addr,
+            watcher,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Serves until `shutdown`, then drains: config streams end, open admin requests finish.
+    pub async fn serve(self, shutdown: Shutdown) -> Result<(), ServerError> {
+        info!(
+            grpc = %self.grpc_addr(),
+            admin = %self.admin_addr(),
+            source = self.registry.source(),
+            version = self.registry.current().version,
+            "control plane serving"
+        );
+        let grpc = xds::serve(self.grpc, self.registry.clone(), shutdown.clone());
+        let admin = admin::serve(self.admin, self.registry.clone(), shutdown.clone());
+        let watch = async {
+            if let Some(watcher) = self.watcher {
+                watcher.run(shutdown.clone()).await;
+            }
+            Ok::<(), ServerError>(())
+        };
+        // The first failure ends the others (dropping them closes their listeners).
+        tokio::try_join!(
+            async { grpc.await.map_err(ServerError::Grpc) },
+            async { admin.await.map_err(ServerError::Admin) },
+            watch,
+        )?;
+        info!("control plane stopped");
+        Ok(())
+    }
+}
+
+/// Writes `{"grpc": "...", "admin": "..."}` to `path` atomically: a temp file in the same
+/// directory renamed into place, so a reader polling for it never sees half a file.
+pub fn write_addr_file(
+    path: &Path,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+) -> Result<(), ServerError> {
+    let json = serde_json::json!({"grpc": grpc.to_string(), "admin": admin.to_string()});
+    let err = |source| ServerError::AddrFile {
+        path: path.to_owned(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| err(std::io::Error::other("not a file path")))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, format!("{json}\n")).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

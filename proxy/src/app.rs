@@ -1,0 +1,245 @@
+//! Wiring: from parsed [`Args`] to running listeners, config client and admin port.
+//!
+//! Order matters: a static configuration is loaded before any port is bound, so a bad file
+//! fails fast; the address file is written only once every listener is bound, so whoever
+//! polls it can connect at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use weft_proto::validate::ConfigError;
+use weft_proto::{parse_yaml, to_resources};
+
+use crate::admin;
+use crate::cli::Args;
+use crate::forward::{Forwarder, Mode};
+use crate::server::{self, Shutdown};
+use crate::state::{ApplyError, ProxyState, Source};
+use crate::upstream::Upstream;
+use crate::xds::{self, NodeInfo};
+
+/// How long in-flight connections get to finish after shutdown is requested.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    InvalidConfig(#[from] ConfigError),
+    #[error("{0}: {1}")]
+    ApplyConfig(String, #[source] ApplyError),
+    #[error("cannot bind the {name} listener to {addr}: {source}")]
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write the address file {path}: {source}")]
+    AddrFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StartError {
+    /// A problem with the configuration the operator gave (exit code 2), not with the host.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            StartError::ReadConfig { .. }
+                | StartError::InvalidConfig(_)
+                | StartError::ApplyConfig(..)
+        )
+    }
+}
+
+/// The addresses actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    pub addrs: BoundAddrs,
+    pub state: Arc<ProxyState>,
+    shutdown: Shutdown,
+    servers: Vec<JoinHandle<()>>,
+    config_client: Option<JoinHandle<()>>,
+}
+
+/// Loads the configuration source, binds every listener and starts serving.
+pub async fn start(args: &Args) -> Result<Proxy, StartError> {
+    let state = Arc::new(ProxyState::new(args.limits()));
+    if let Some(path) = &args.config {
+        load_file(path, &state)?;
+    }
+
+    let outbound = bind("outbound", args.outbound_addr).await?;
+    let inbound = match args.app_addr {
+        Some(_) => Some(bind("inbound", args.inbound_addr).await?),
+        None => None,
+    };
+    let admin = bind("admin", args.admin_addr).await?;
+    let addrs = BoundAddrs {
+        outbound: outbound.1,
+        inbound: inbound.as_ref().map(|l| l.1),
+        admin: admin.1,
+    };
+    let (outbound, inbound, admin) = (outbound.0, inbound.map(|l| l.0), admin.0);
+
+    let (shutdown, signal) = Shutdown::new();
+    let upstream = Upstream::new();
+    let mut servers = Vec::new();
+
+    let outbound_svc = Forwarder::new(Mode::Outbound(state.clone()), upstream.clone());
+    servers.push(tokio::spawn(server::serve(
+        "outbound",
+        outbound,
+        service_fn(move |req| {
+            let fwd = outbound_svc.clone();
+            async move { Ok::<_, std::convert::Infallible>(fwd.handle(req).await) }
+        }),
+        signal.clone(),
+        SHUTDOWN_GRACE,
+    )));
+
+    if let (Some(listener), Some(app)) = (inbound, args.app_addr) {
+        let app = app
+            .to_string()
+            .parse()
+            .expect("a socket address is a valid authority");
+        let mode = Mode::Inbound {
+            app,
+            protocol: args.app_protocol.into(),
+        };
+        let inbound_svc = Forwarder::new(mode, upstream);
+        servers.push(tokio::spawn(server::serve(
+            "inbound",
+            listener,
+            service_fn(move |req| {
+                let fwd = inbound_svc.clone();
+                async move { Ok::<_, std::convert::Infallible>(fwd.handle(req).await) }
+            }),
+            signal.clone(),
+            SHUTDOWN_GRACE,
+        )));
+    }
+
+    let admin_state = state.clone();
+    servers.push(tokio::spawn(server::serve(
+        "admin",
+        admin,
+        service_fn(move |req| admin::handle(admin_state.clone(), req)),
+        signal,
+        SHUTDOWN_GRACE,
+    )));
+
+    let config_client = (!args.control_plane.is_empty()).then(|| {
+        let node = NodeInfo {
+            id: args.node_id(),
+            service: args.service.clone(),
+            namespace: args.namespace.clone(),
+            labels: args.labels.iter().cloned().collect(),
+        };
+        let client = xds::Client::new(args.control_plane.clone(), node, state.clone());
+        tokio::spawn(client.run())
+    });
+
+    if let Some(path) = &args.addr_file {
+        write_addr_file(path, &addrs).map_err(|source| StartError::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(
+        outbound = %addrs.outbound,
+        inbound = ?addrs.inbound,
+        admin = %addrs.admin,
+        "weft-proxy listening"
+    );
+
+    Ok(Proxy {
+        addrs,
+        state,
+        shutdown,
+        servers,
+        config_client,
+    })
+}
+
+impl Proxy {
+    /// Stops accepting, lets in-flight connections finish (up to [`SHUTDOWN_GRACE`]) and
+    /// stops the config client.
+    pub async fn shutdown(self) {
+        self.shutdown.trigger();
+        if let Some(client) = &self.config_client {
+            client.abort();
+        }
+        for server in self.servers {
+            let _ = server.await;
+        }
+    }
+}
+
+/// Reads and applies a static configuration through the same path as streamed ones.
+fn load_file(path: &Path, state: &ProxyState) -> Result<(), StartError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::ReadConfig {
+        path: path.to_owned(),
+        source,
+    })?;
+    let name = path.display().to_string();
+    let cfg = parse_yaml(&name, &text, state.limits())?;
+    state
+        .apply(&to_resources(&cfg), 1, Source::File)
+        .map_err(|e| StartError::ApplyConfig(name, e))
+}
+
+/// Binds `addr` and returns the listener with the address actually bound.
+async fn bind(
+    name: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { name, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Writes the bound addresses as JSON to a temp file beside `path`, then renames it into
+/// place, so a reader sees either no file or the whole file.
+fn write_addr_file(path: &Path, addrs: &BoundAddrs) -> io::Result<()> {
+    let json = serde_json::json!({
+        "outbound": addrs.outbound.to_string(),
+        "inbound": addrs.inbound.map(|a| a.to_string()),
+        "admin": addrs.admin.to_string(),
+    });
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, format!("{json}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

@@ -1,0 +1,63 @@
+//! The response body type of the proxy: either the upstream's body, streamed through untouched
+//! (data and trailers), or a small body the proxy made itself.
+//!
+//! An enum rather than a boxed trait object: no allocation per response, and both variants are
+//! `Unpin`, so no pin projection is needed.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+#[derive(Debug)]
+pub enum ProxyBody {
+    Upstream(Incoming),
+    Local(Full<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn text(text: impl Into<Bytes>) -> Self {
+        ProxyBody::Local(Full::new(text.into()))
+    }
+
+    pub fn empty() -> Self {
+        // `Full` of an empty buffer reports end-of-stream at once, so HTTP/2 sends the
+        // headers with END_STREAM: a gRPC trailers-only response.
+        ProxyBody::Local(Full::new(Bytes::new()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Local(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never: Infallible| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Local(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Local(body) => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Command-line interface: the typed configuration of one proxy process.
+//!
+//! The flags are a contract with the end-to-end tests and the demo; change them together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser, ValueEnum};
+use weft_proto::model::Protocol;
+use weft_proto::validate::Limits;
+
+/// weft's data-plane sidecar.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "weft-proxy", version, about)]
+#[command(group(ArgGroup::new("source").required(true).args(["control_plane", "config"])))]
+pub struct Args {
+    /// Control plane to stream configuration from, e.g. http://127.0.0.1:15010. Repeat to give
+    /// fallbacks; they are tried in order on reconnect.
+    #[arg(long = "control-plane", value_name = "URL", value_parser = parse_url)]
+    pub control_plane: Vec<String>,
+
+    /// Static mesh YAML (the control plane's format), used instead of a control plane.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where the local application sends its outgoing requests.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+
+    /// Where other proxies send requests for the local application; only with --app-addr.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15006")]
+    pub inbound_addr: SocketAddr,
+
+    /// The local application the inbound listener forwards to.
+    #[arg(long, value_name = "ADDR")]
+    pub app_addr: Option<SocketAddr>,
+
+    /// Protocol to speak to the local application; auto = what the downstream spoke.
+    #[arg(long, value_enum, default_value_t = AppProtocol::Auto)]
+    pub app_protocol: AppProtocol,
+
+    /// Admin listener: /ready, /live, /config.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Unique id of this proxy; default hostname-pid.
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// The service this proxy fronts.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub service: String,
+
+    #[arg(long, value_name = "NS", default_value = "default")]
+    pub namespace: String,
+
+    /// A label of this proxy's node, K=V; repeatable.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Once every listener is bound, write their addresses here as JSON (atomically).
+    #[arg(long, value_name = "PATH")]
+    pub addr_file: Option<PathBuf>,
+
+    /// Upper bound in bytes on one compiled match regex; larger configs are refused (NACK).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().regex_size_limit)]
+    pub regex_size_limit: usize,
+
+    /// Log filter, tracing EnvFilter syntax (e.g. info,weft_proxy=debug).
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log: String,
+
+    /// Runtime worker threads; default: the number of available cores.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: Option<u16>,
+}
+
+/// `--app-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AppProtocol {
+    Auto,
+    Http1,
+    Http2,
+}
+
+impl From<AppProtocol> for Protocol {
+    fn from(p: AppProtocol) -> Self {
+        match p {
+            AppProtocol::Auto => Protocol::Auto,
+            AppProtocol::Http1 => Protocol::Http1,
+            AppProtocol::Http2 => Protocol::Http2,
+        }
+    }
+}
+
+impl Args {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            regex_size_limit: self.regex_size_limit,
+        }
+    }
+
+    /// `--node-id`, or `hostname-pid`.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(s.to_owned()),
+        (Some("https"), _) => {
+            Err("TLS to the control plane is not supported yet; use http://".into())
+        }
+        _ => Err("expected a URL like http://127.0.0.1:15010".into()),
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected K=V, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("weft-proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn exactly_one_source_is_required() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--config", "m.yaml", "--control-plane", "http://a:1"]).is_err());
+        let a = parse(&[
+            "--control-plane",
+            "http://a:1",
+            "--control-plane",
+            "http://b:2",
+        ])
+        .unwrap();
+        assert_eq!(a.control_plane.len(), 2);
+        assert!(parse(&["--control-plane", "a:1"]).is_err());
+    }
+
+    #[test]
+    fn defaults_and_labels() {
+        let a = parse(&[
+            "--config",
+            "m.yaml",
+            "--label",
+            "version=v1",
+            "--label",
+            "x=",
+        ])
+        .unwrap();
+        assert_eq!(a.outbound_addr.to_string(), "127.0.0.1:15001");
+        assert_eq!(a.inbound_addr.to_string(), "0.0.0.0:15006");
+        assert_eq!(a.admin_addr.to_string(), "127.0.0.1:15000");
+        assert_eq!(a.namespace, "default");
+        assert_eq!(a.regex_size_limit, 1 << 20);
+        assert_eq!(
+            a.labels,
+            [("version".into(), "v1".into()), ("x".into(), String::new())]
+        );
+        assert!(parse(&["--config", "m", "--label", "novalue"]).is_err());
+        assert!(a.node_id().ends_with(&format!("-{}", std::process::id())));
+    }
+}

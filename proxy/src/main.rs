@@ -1,0 +1,85 @@
+//! The `weft-proxy` binary: parse flags, start logging and the runtime, run until SIGTERM or
+//! ctrl-c, then drain.
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+use weft_proxy::app;
+use weft_proxy::cli::Args;
+
+/// Exit code for a configuration the operator must fix (same as clap's usage errors).
+const EXIT_INVALID_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = init_tracing(&args.log) {
+        eprintln!("weft-proxy: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let proxy = match app::start(&args).await {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("weft-proxy: {e}");
+            return if e.is_config_error() {
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    if let Err(e) = shutdown_signal().await {
+        tracing::error!("cannot listen for shutdown signals: {e:#}");
+    }
+    tracing::info!(grace = ?app::SHUTDOWN_GRACE, "shutting down");
+    proxy.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn init_tracing(filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid --log {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Resolves on ctrl-c or, on Unix, SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("ctrl-c handler")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("ctrl-c handler")?;
+    Ok(())
+}

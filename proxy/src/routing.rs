@@ -1,0 +1,398 @@
+//! The routing table: a validated [`MeshConfig`] compiled into the structure the request path
+//! walks.
+//!
+//! Compiling does all the work that does not depend on a request (regexes, header names, method
+//! lists, weighted indexes, the endpoints of every `(service, subset)`), so that routing a
+//! request is a hash lookup, a few comparisons and two random picks.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use http::header::{HOST, HeaderName};
+use http::{HeaderMap, Method, Request};
+use regex::Regex;
+use weft_proto::model::{self, MeshConfig, NamedMatch, StringMatch};
+use weft_proto::validate::{Issue, Limits, compile_regex, validate};
+
+use crate::balance::{BalanceError, Endpoint, EndpointSet, WeightedIndex};
+
+/// Why a configuration could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("invalid configuration: {}", join_issues(.0))]
+    Invalid(Vec<Issue>),
+    #[error(transparent)]
+    Endpoints(#[from] BalanceError),
+    #[error("{path}: {reason}")]
+    Match { path: String, reason: String },
+}
+
+fn join_issues(issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why a request could not be routed. Built only on the error path, so it may allocate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route for host {host:?} path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("no endpoints for service {service:?} subset {subset:?}")]
+    NoEndpoints { service: String, subset: String },
+}
+
+/// The compiled routes of one configuration version. Immutable; replaced whole on a change.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Lower-case host → index into `routes`.
+    hosts: HashMap<String, usize>,
+    /// The route that serves host `*`, tried when no exact host matches.
+    wildcard: Option<usize>,
+    routes: Vec<Route>,
+}
+
+#[derive(Debug)]
+struct Route {
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    path: Option<Matcher>,
+    /// Empty: any method.
+    methods: Vec<Method>,
+    headers: Vec<HeaderMatch>,
+    query: Vec<QueryMatch>,
+    backends: Vec<Arc<EndpointSet>>,
+    /// `None` only if every backend weighs 0, which validation refuses.
+    weights: Option<WeightedIndex>,
+}
+
+#[derive(Debug)]
+enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    Present,
+}
+
+#[derive(Debug)]
+struct HeaderMatch {
+    name: HeaderName,
+    value: Matcher,
+    invert: bool,
+}
+
+#[derive(Debug)]
+struct QueryMatch {
+    name: String,
+    value: Matcher,
+}
+
+impl Table {
+    /// Validates `cfg` with `limits`, then compiles it. Validation runs here, not only in the
+    /// callers, so that an unvalidated configuration can never reach the request path.
+    pub fn compile(cfg: &MeshConfig, limits: &Limits) -> Result<Self, CompileError> {
+        validate(cfg, limits).map_err(CompileError::Invalid)?;
+        let mut compiler = Compiler {
+            limits,
+            services: cfg.services.iter().map(|s| (s.name.as_str(), s)).collect(),
+            sets: HashMap::new(),
+        };
+        let mut table = Table::default();
+        for (ri, route) in cfg.routes.iter().enumerate() {
+            let rules = route
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, rule)| compiler.rule(rule, &format!("routes[{ri}].rules[{i}]")))
+                .collect::<Result<_, _>>()?;
+            let index = table.routes.len();
+            table.routes.push(Route { rules });
+            for host in &route.hosts {
+                if host == "*" {
+                    table.wildcard = Some(index);
+                } else {
+                    table.hosts.insert(host.to_ascii_lowercase(), index);
+                }
+            }
+        }
+        Ok(table)
+    }
+
+    /// Routes a request to one endpoint: route by host, first matching rule, backend by weight,
+    /// endpoint by weight.
+    pub fn route<B>(&self, req: &Request<B>) -> Result<Target<'_>, RouteError> {
+        let host = request_host(req);
+        let no_route = || RouteError::NoRoute {
+            host: host.clone().into_owned(),
+            path: req.uri().path().to_owned(),
+        };
+        let index = self
+            .hosts
+            .get(host.as_ref())
+            .or(self.wildcard.as_ref())
+            .ok_or_else(no_route)?;
+        let rule = self.routes[*index]
+            .rules
+            .iter()
+            .find(|rule| rule.matches(req))
+            .ok_or_else(no_route)?;
+        let set = match &rule.weights {
+            Some(weights) => &rule.backends[weights.pick()],
+            None => return Err(no_route()),
+        };
+        let endpoint = set.pick().ok_or_else(|| RouteError::NoEndpoints {
+            service: set.service.clone(),
+            subset: set.subset.clone(),
+        })?;
+        Ok(Target { set, endpoint })
+    }
+}
+
+/// Where a request goes: the chosen endpoint and the set (service, subset, protocol) it is in.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub set: &'a EndpointSet,
+    pub endpoint: &'a Endpoint,
+}
+
+/// State shared while compiling one configuration.
+struct Compiler<'a> {
+    limits: &'a Limits,
+    services: HashMap<&'a str, &'a model::Service>,
+    /// One endpoint set per (service, subset), shared by every rule that names it.
+    sets: HashMap<(&'a str, &'a str), Arc<EndpointSet>>,
+}
+
+impl<'a> Compiler<'a> {
+    fn rule(&mut self, rule: &'a model::Rule, at: &str) -> Result<Rule, CompileError> {
+        let backends = rule
+            .backends
+            .iter()
+            .map(|b| self.endpoint_set(b, at))
+            .collect::<Result<_, _>>()?;
+        let m = &rule.matches;
+        let limits = self.limits;
+        Ok(Rule {
+            path: m
+                .path
+                .as_ref()
+                .map(|p| matcher(p, limits, &format!("{at}.match.path")))
+                .transpose()?,
+            methods: m
+                .methods
+                .iter()
+                .map(|name| {
+                    Method::from_bytes(name.as_bytes()).map_err(|e| CompileError::Match {
+                        path: format!("{at}.match.methods"),
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            headers: m
+                .headers
+                .iter()
+                .map(|h| header_match(h, limits, &format!("{at}.match.headers")))
+                .collect::<Result<_, _>>()?,
+            query: m
+                .query
+                .iter()
+                .map(|q| {
+                    Ok(QueryMatch {
+                        name: q.name.clone(),
+                        value: matcher(&q.value, limits, &format!("{at}.match.query"))?,
+                    })
+                })
+                .collect::<Result<_, CompileError>>()?,
+            weights: WeightedIndex::new(rule.backends.iter().map(model::Backend::weight)),
+            backends,
+        })
+    }
+
+    fn endpoint_set(
+        &mut self,
+        b: &'a model::Backend,
+        at: &str,
+    ) -> Result<Arc<EndpointSet>, CompileError> {
+        let key = (b.service.as_str(), b.subset.as_str());
+        if let Some(set) = self.sets.get(&key) {
+            return Ok(set.clone());
+        }
+        // Validation has checked both names; an error here means a bug, not a panic.
+        let unknown = |what: String| CompileError::Match {
+            path: format!("{at}.backends"),
+            reason: format!("unknown {what}"),
+        };
+        let svc = *self
+            .services
+            .get(key.0)
+            .ok_or_else(|| unknown(format!("service {:?}", b.service)))?;
+        let no_selector = BTreeMap::new();
+        let selector = if b.subset.is_empty() {
+            &no_selector
+        } else {
+            svc.subsets
+                .get(&b.subset)
+                .ok_or_else(|| unknown(format!("subset {:?}", b.subset)))?
+        };
+        let set = Arc::new(EndpointSet::build(svc, &b.subset, selector)?);
+        self.sets.insert(key, set.clone());
+        Ok(set)
+    }
+}
+
+fn matcher(m: &StringMatch, limits: &Limits, path: &str) -> Result<Matcher, CompileError> {
+    // Validation guarantees exactly one kind is set.
+    Ok(if let Some(s) = &m.exact {
+        Matcher::Exact(s.clone())
+    } else if let Some(s) = &m.prefix {
+        Matcher::Prefix(s.clone())
+    } else if let Some(re) = &m.regex {
+        Matcher::Regex(
+            compile_regex(re, limits).map_err(|reason| CompileError::Match {
+                path: path.to_owned(),
+                reason,
+            })?,
+        )
+    } else {
+        Matcher::Present
+    })
+}
+
+fn header_match(h: &NamedMatch, limits: &Limits, path: &str) -> Result<HeaderMatch, CompileError> {
+    // HeaderName::from_bytes lower-cases, so a model written `X-User` still matches.
+    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| CompileError::Match {
+        path: path.to_owned(),
+        reason: format!("header name {:?}: {e}", h.name),
+    })?;
+    Ok(HeaderMatch {
+        name,
+        value: matcher(&h.value, limits, path)?,
+        invert: h.invert,
+    })
+}
+
+impl Matcher {
+    fn matches(&self, value: &[u8]) -> bool {
+        match self {
+            Matcher::Exact(s) => value == s.as_bytes(),
+            Matcher::Prefix(s) => value.starts_with(s.as_bytes()),
+            // Regexes match text; a value that is not UTF-8 cannot match one.
+            Matcher::Regex(re) => std::str::from_utf8(value).is_ok_and(|v| re.is_match(v)),
+            Matcher::Present => true,
+        }
+    }
+}
+
+impl Rule {
+    fn matches<B>(&self, req: &Request<B>) -> bool {
+        let uri = req.uri();
+        self.path
+            .as_ref()
+            .is_none_or(|p| p.matches(uri.path().as_bytes()))
+            && (self.methods.is_empty() || self.methods.contains(req.method()))
+            && self.headers.iter().all(|h| h.matches(req.headers()))
+            && self.query.iter().all(|q| q.matches(uri.query()))
+    }
+}
+
+impl HeaderMatch {
+    /// A header that appears several times matches when any of its values does; `invert`
+    /// negates the whole answer, so an absent header matches an inverted rule.
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        let hit = headers
+            .get_all(&self.name)
+            .iter()
+            .any(|v| self.value.matches(v.as_bytes()));
+        hit != self.invert
+    }
+}
+
+impl QueryMatch {
+    /// A parameter that appears several times matches when any of its values does. Names and
+    /// values are compared after percent-decoding (`+` is a space, as in forms).
+    fn matches(&self, query: Option<&str>) -> bool {
+        let Some(query) = query else {
+            return false;
+        };
+        query.split('&').any(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            !name.is_empty()
+                && decode(name).as_ref() == self.name.as_bytes()
+                && self.value.matches(&decode(value))
+        })
+    }
+}
+
+/// Percent-decodes a query component; allocates only when there is something to decode.
+fn decode(s: &str) -> Cow<'_, [u8]> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(s.as_bytes());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    // A stray '%' stays as it is.
+                    _ => out.push(b),
+                }
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+/// The host a request is for, lower-case and without port: the URI authority (HTTP/2
+/// `:authority`, HTTP/1 absolute-form), else the `Host` header.
+pub fn request_host<B>(req: &Request<B>) -> Cow<'_, str> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req
+            .headers()
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    };
+    let host = strip_port(authority);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+fn strip_port(authority: &str) -> &str {
+    // Drop userinfo, which is never part of a host.
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if authority.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop what follows `]`.
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;

@@ -1,0 +1,270 @@
+//! Upstream connection pools and the one function that sends a request to an endpoint.
+//!
+//! Two `hyper_util` legacy clients are built once and shared by every listener: one speaking
+//! HTTP/1.1 with keep-alive, one speaking HTTP/2 with prior knowledge (h2c). Each pools
+//! connections per endpoint authority; the HTTP/2 one multiplexes requests over them.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use weft_proto::model::Protocol;
+
+use crate::body::ProxyBody;
+
+/// Connect attempts give up after this long (cluster policies are carried, not yet enforced).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How a request failed on the upstream side.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to upstream {endpoint} failed: {cause}")]
+    Connect { endpoint: String, cause: String },
+    #[error("upstream {endpoint} failed the request: {cause}")]
+    Reset { endpoint: String, cause: String },
+}
+
+/// The protocol to speak to one upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+impl UpstreamProtocol {
+    /// A service's protocol, with `auto` resolved to what the downstream spoke.
+    pub fn resolve(protocol: Protocol, downstream: Version) -> Self {
+        match protocol {
+            Protocol::Http1 => Self::Http1,
+            Protocol::Http2 | Protocol::Grpc => Self::Http2,
+            Protocol::Auto if downstream == Version::HTTP_2 => Self::Http2,
+            Protocol::Auto => Self::Http1,
+        }
+    }
+}
+
+/// The shared upstream clients. Cheap to clone (the pools are behind `Arc`s).
+#[derive(Clone)]
+pub struct Upstream {
+    http1: Client<HttpConnector, Incoming>,
+    http2: Client<HttpConnector, Incoming>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let build = |http2_only: bool| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                // The proxy keeps the Host the client sent; never invent one from the endpoint.
+                .set_host(false)
+                .http2_only(http2_only)
+                .build(connector.clone())
+        };
+        Self {
+            http1: build(false),
+            http2: build(true),
+        }
+    }
+
+    /// Sends `req` to `endpoint` and returns the upstream's response, bodies streamed both ways.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        endpoint: Authority,
+        protocol: UpstreamProtocol,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let downstream_version = req.version();
+        let (mut parts, body) = req.into_parts();
+
+        // Keep the authority the client asked for. The URI is about to be rewritten to the
+        // endpoint, so an authority carried there (HTTP/2 `:authority`, HTTP/1 absolute-form,
+        // which RFC 9112 §3.2.2 says wins over Host) moves into Host.
+        if let Some(value) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, value);
+        }
+        strip_hop_by_hop(&mut parts.headers);
+
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        uri.authority = Some(endpoint.clone());
+        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
+
+        let client = match protocol {
+            UpstreamProtocol::Http1 => {
+                parts.version = Version::HTTP_11;
+                &self.http1
+            }
+            UpstreamProtocol::Http2 => {
+                parts.version = Version::HTTP_2;
+                &self.http2
+            }
+        };
+        let resp = client
+            .request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| classify(&e, endpoint.as_str()))?;
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        // hyper frames the response for the downstream connection; the version says which.
+        parts.version = downstream_version;
+        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+    }
+}
+
+fn classify(err: &hyper_util::client::legacy::Error, endpoint: &str) -> UpstreamError {
+    let endpoint = endpoint.to_owned();
+    let cause = root_cause(err);
+    if err.is_connect() {
+        UpstreamError::Connect { endpoint, cause }
+    } else {
+        UpstreamError::Reset { endpoint, cause }
+    }
+}
+
+/// The innermost error's message (e.g. `Connection refused (os error 111)`), prefixed by the
+/// outer ones that add something, so a reader sees the OS error without a debug dump.
+fn root_cause(err: &(dyn StdError + 'static)) -> String {
+    let mut messages: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let msg = e.to_string();
+        if !msg.is_empty() && messages.last() != Some(&msg) {
+            messages.push(msg);
+        }
+        next = e.source();
+    }
+    // The outermost message of a legacy client error is generic ("client error (Connect)").
+    if messages.len() > 1 {
+        messages.remove(0);
+    }
+    messages.join(": ")
+}
+
+/// Headers that describe one connection, not the message, and so never cross a proxy
+/// (RFC 9110 §7.6.1), plus any header the `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path: most requests carry none of these.
+    let any =
+        HOP_BY_HOP.iter().any(|h| headers.contains_key(h)) || headers.contains_key(header::TE);
+    if !any {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    // `te: trailers` is the one TE value that is end-to-end: gRPC needs it.
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    if headers.remove(header::TE).is_some() && trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-private", "1"),
+            ("te", "gzip, trailers"),
+            ("x-kept", "yes"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h["te"], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn auto_follows_the_downstream() {
+        use UpstreamProtocol::*;
+        assert_eq!(
+            UpstreamProtocol::resolve(Protocol::Auto, Version::HTTP_2),
+            Http2
+        );
+        assert_eq!(
+            UpstreamProtocol::resolve(Protocol::Auto, Version::HTTP_11),
+            Http1
+        );
+        assert_eq!(
+            UpstreamProtocol::resolve(Protocol::Grpc, Version::HTTP_11),
+            Http2
+        );
+        assert_eq!(
+            UpstreamProtocol::resolve(Protocol::Http1, Version::HTTP_2),
+            Http1
+        );
+    }
+}
