@@ -165,7 +165,7 @@ admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {free_port
         with open(os.path.join(work, "haproxy.cfg"), "w") as f:
             f.write(f"""global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 1s
@@ -179,8 +179,13 @@ backend be
   server up 127.0.0.1:{up}
 """)
         haproxy = procs.start("haproxy", ["haproxy", "-f", os.path.join(work, "haproxy.cfg")], work)
-        for p in ports.values():
-            wait_port(p)
+        for name, p in ports.items():
+            try:
+                wait_port(p)
+            except RuntimeError:
+                log = os.path.join(work, f"{name}.log")
+                print(open(log).read()[-3000:] if os.path.exists(log) else "(no log)", file=sys.stderr)
+                raise
         pids = {"weft": weft.pid, "envoy": envoy.pid, "haproxy": haproxy.pid}
         time.sleep(1)  # let the proxies settle before the idle RSS reading
         raw["idle_rss_kb"] = {k: rss_kb(p) for k, p in pids.items()}
