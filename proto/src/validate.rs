@@ -486,9 +486,21 @@ fn check_address(addr: &str) -> Result<(), String> {
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err(format!("invalid address {addr:?}: expected host:port"));
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("invalid address {addr:?}: empty host"));
+    // The proxy turns this into a URI authority: the host must be a DNS name, an IPv4 literal
+    // or a bracketed IPv6 literal, nothing a URI would refuse (found by the fuzzer).
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        }
+    };
+    if !host_ok {
+        return Err(format!(
+            "invalid address {addr:?}: the host must be a DNS name, an IPv4 address or [IPv6]"
+        ));
     }
     match port.parse::<u16>() {
         Ok(p) if p != 0 => Ok(()),
@@ -590,5 +602,16 @@ routes:
         let err = errors(&bad);
         assert!(err.contains("already served by route \"reviews\""), "{err}");
         assert!(err.contains("expected host:port"), "{err}");
+        for bad in ["127.0 .0.1:80", "[::1:80", "[zz]:80", "a(b):80", ":80"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "127.0.0.1:80",
+            "[::1]:9002",
+            "reviews.default.svc:8080",
+            "my_host:1",
+        ] {
+            assert!(check_address(good).is_ok(), "{good}");
+        }
     }
 }
