@@ -1,0 +1,203 @@
+//! Golden tests of sidecar injection: every `tests/data/inject/<case>.yaml` pod is injected, the
+//! patch applied with a real RFC 6902 implementation, and the result compared with
+//! `<case>.golden.yaml`; injecting the result again must change nothing. Regenerate the golden
+//! files after an intended change with `WEFT_UPDATE_GOLDEN=1 cargo test -p weft-control --test
+//! inject` and review the diff.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use weft_control::inject::{Decision, InjectConfig, InjectError, inject, review};
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/inject")
+}
+
+fn read_yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Injects `pod` and applies the patch; returns the result and whether anything changed.
+fn injected(pod: &Value) -> (Value, bool) {
+    match inject(pod, &InjectConfig::default()).expect("a pod injects") {
+        Decision::Skip(_) => (pod.clone(), false),
+        Decision::Patch(ops) => {
+            let patch: json_patch::Patch =
+                serde_json::from_value(Value::Array(ops)).expect("valid JSON Patch");
+            let mut out = pod.clone();
+            json_patch::patch(&mut out, &patch).expect("the patch applies to its pod");
+            (out, true)
+        }
+    }
+}
+
+#[test]
+fn golden_pods() {
+    let update = std::env::var_os("WEFT_UPDATE_GOLDEN").is_some();
+    let mut cases = 0;
+    for entry in std::fs::read_dir(data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".golden.yaml") || !name.ends_with(".yaml") {
+            continue;
+        }
+        cases += 1;
+        let pod = read_yaml(&path);
+        let (out, _) = injected(&pod);
+        let golden = path.with_file_name(name.replace(".yaml", ".golden.yaml"));
+        if update {
+            std::fs::write(&golden, serde_yaml_ng::to_string(&out).unwrap()).unwrap();
+        }
+        assert_eq!(
+            out,
+            read_yaml(&golden),
+            "{name}: injected pod differs from {}",
+            golden.display()
+        );
+        let (again, changed) = injected(&out);
+        assert!(
+            !changed && again == out,
+            "{name}: injecting twice changed the pod"
+        );
+        assert_eq!(
+            out["metadata"].get("managedFields"),
+            pod["metadata"].get("managedFields"),
+            "{name}"
+        );
+    }
+    assert!(cases >= 7, "the golden directory holds the cases ({cases})");
+}
+
+#[test]
+fn decisions_say_why() {
+    let dir = data_dir();
+    let skip =
+        |case: &str| match inject(&read_yaml(&dir.join(case)), &InjectConfig::default()).unwrap() {
+            Decision::Skip(reason) => reason,
+            Decision::Patch(_) => panic!("{case} was injected"),
+        };
+    assert!(skip("host-network.yaml").contains("hostNetwork"));
+    assert!(skip("opt-out-label.yaml").contains("opted out"));
+    assert!(skip("opt-out-annotation.yaml").contains("opted out"));
+    assert!(skip("already-injected.yaml").contains("already injected"));
+
+    let (pod, _) = injected(&read_yaml(&dir.join("plain.yaml")));
+    let init = pod["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(init[0]["name"], "weft-init");
+    assert_eq!(init[1]["name"], "weft-proxy");
+    assert_eq!(
+        init[1]["restartPolicy"], "Always",
+        "native sidecar by default"
+    );
+
+    let (pod, _) = injected(&read_yaml(&dir.join("init-containers.yaml")));
+    let names: Vec<_> = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        [json!("weft-init"), json!("weft-proxy"), json!("migrate")],
+        "the pod's own init containers run in the mesh"
+    );
+
+    let (pod, _) = injected(&read_yaml(&dir.join("legacy-sidecar.yaml")));
+    assert_eq!(pod["spec"]["containers"][0]["name"], "weft-proxy");
+    assert!(pod["spec"]["containers"][0]["lifecycle"]["postStart"].is_object());
+    assert_eq!(
+        pod["spec"]["containers"][1]["readinessProbe"]["httpGet"]["port"], 15020,
+        "probe indices follow the insertion"
+    );
+
+    let (pod, _) = injected(&read_yaml(&dir.join("probes-volumes-annotations.yaml")));
+    let probes: Value = serde_json::from_str(
+        pod["metadata"]["annotations"]["weft.io/app-probes"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        probes["ratings/readyz"],
+        json!({"path": "/health", "port": 9080})
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"],
+        "/app-health/ratings/livez"
+    );
+    assert!(
+        pod["spec"]["containers"][1]["startupProbe"]["tcpSocket"].is_object(),
+        "TCP probes are left alone"
+    );
+    assert_eq!(pod["metadata"]["annotations"]["team"], "ratings");
+}
+
+fn admission_review(uid: &str, object: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE", "object": object},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn admission_review_round_trip() {
+    let pod = read_yaml(&data_dir().join("plain.yaml"));
+    let answer = review(
+        &admission_review("1234-abcd", pod.clone()),
+        &InjectConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let resp = &answer["response"];
+    assert_eq!(resp["uid"], "1234-abcd");
+    assert_eq!(resp["allowed"], true);
+    assert_eq!(resp["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(resp["patch"].as_str().unwrap())
+        .unwrap();
+    let Decision::Patch(ops) = inject(&pod, &InjectConfig::default()).unwrap() else {
+        panic!("plain pod is injected")
+    };
+    assert_eq!(
+        serde_json::from_slice::<Value>(&patch).unwrap(),
+        Value::Array(ops)
+    );
+
+    let skipped = review(
+        &admission_review("u2", read_yaml(&data_dir().join("host-network.yaml"))),
+        &InjectConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(skipped["response"]["allowed"], true);
+    assert!(skipped["response"].get("patch").is_none());
+
+    let not_a_pod = review(
+        &admission_review("u3", json!({"spec": {"containers": 3}})),
+        &InjectConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(not_a_pod["response"]["allowed"], false);
+    assert!(
+        not_a_pod["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.containers")
+    );
+
+    for bad in [
+        &b"{"[..],
+        br#"{"apiVersion":"admission.k8s.io/v1beta1","request":{}}"#,
+        br#"{"apiVersion":"admission.k8s.io/v1"}"#,
+    ] {
+        assert!(matches!(
+            review(bad, &InjectConfig::default()),
+            Err(InjectError::BadReview(_))
+        ));
+    }
+}
