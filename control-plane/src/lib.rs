@@ -15,6 +15,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod discovery;
 pub mod inject;
 pub mod registry;
 pub mod server;

@@ -1,0 +1,405 @@
+//! Kubernetes discovery: Services, EndpointSlices and Gateway API HTTPRoutes (GAMMA: a route
+//! whose parentRef is a Service) translated into weft's mesh model.
+//!
+//! The translation is a pure function over real Kubernetes types (`k8s-openapi`,
+//! `gateway-api`), so it is tested with the objects a cluster would return. Watching the API
+//! server is I/O behind [`ClusterSource`]; the translation never fails as a whole: what weft
+//! cannot express (filters, unknown backends, all-zero weights) is left out with a warning that
+//! names the object, and the result is validated like any other configuration.
+//!
+//! Mapping:
+//! - Service `reviews` in `bookinfo` → weft service `reviews.bookinfo` (first port; its
+//!   `appProtocol` picks the upstream protocol) with the ready addresses of its EndpointSlices.
+//! - Every Service gets one route answering `reviews.bookinfo[.svc[.cluster.local]]` (and
+//!   `reviews` when no other namespace has a Service of that name). With no HTTPRoute attached
+//!   it sends everything to the Service itself; otherwise its rules come from the attached
+//!   HTTPRoutes in Gateway API precedence order, one weft rule per HTTPRoute match (matches are
+//!   OR'ed there, AND'ed in weft), with weighted `backendRefs` as weighted backends.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+
+use futures_util::future::BoxFuture;
+use gateway_api::apis::standard::httproutes::{
+    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
+    HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
+};
+use k8s_openapi::api::core::v1::Service as K8sService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use weft_proto::model::{self, MeshConfig, NamedMatch, Protocol, StringMatch};
+
+/// Everything discovery reads from a cluster at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSnapshot {
+    pub services: Vec<K8sService>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub http_routes: Vec<HttpRoute>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("watching {resource} failed: {reason}")]
+    Watch {
+        resource: &'static str,
+        reason: String,
+    },
+}
+
+/// Where cluster snapshots come from (the API server in production). Each call resolves when
+/// the cluster changed.
+pub trait ClusterSource: Send {
+    fn next(&mut self) -> BoxFuture<'_, Result<ClusterSnapshot, DiscoveryError>>;
+}
+
+/// The model derived from a cluster, with what could not be translated.
+#[derive(Debug, Clone, Default)]
+pub struct Translation {
+    pub config: MeshConfig,
+    pub warnings: Vec<String>,
+}
+
+/// weft's name for a Kubernetes Service.
+pub fn service_name(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}")
+}
+
+fn meta_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    let ns = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    (meta.name.clone().unwrap_or_default(), ns)
+}
+
+pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
+    let mut warnings = Vec::new();
+    let mut name_count: HashMap<String, usize> = HashMap::new();
+    for svc in &snapshot.services {
+        *name_count.entry(meta_name(&svc.metadata).0).or_default() += 1;
+    }
+    let mut services = Vec::new();
+    let mut routes = Vec::new();
+    for svc in &snapshot.services {
+        let (name, ns) = meta_name(&svc.metadata);
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            warnings.push(format!(
+                "Service {ns}/{name}: ExternalName services are not meshed"
+            ));
+            continue;
+        }
+        let ports = spec.ports.clone().unwrap_or_default();
+        let Some(port) = ports.first() else {
+            warnings.push(format!("Service {ns}/{name}: no ports, not meshed"));
+            continue;
+        };
+        if ports.len() > 1 {
+            warnings.push(format!(
+                "Service {ns}/{name}: only its first port ({}) is meshed",
+                port.port
+            ));
+        }
+        let protocol = match port.app_protocol.as_deref() {
+            Some("kubernetes.io/h2c" | "http2") => Protocol::Http2,
+            Some("grpc") => Protocol::Grpc,
+            Some("http") => Protocol::Http1,
+            _ => Protocol::Auto,
+        };
+        let weft_name = service_name(&name, &ns);
+        let mut endpoints = BTreeMap::new();
+        for slice in snapshot.endpoint_slices.iter().filter(|s| {
+            s.metadata.namespace.as_deref().unwrap_or("default") == ns
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    == Some(&name)
+        }) {
+            let Some(target) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| {
+                    p.name == port.name || (port.name.is_none() && p.name.as_deref() == Some(""))
+                })
+                .and_then(|p| p.port)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                // Unset `ready` means ready (the API's documented default).
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for addr in &ep.addresses {
+                    let address = if addr.contains(':') {
+                        format!("[{addr}]:{target}")
+                    } else {
+                        format!("{addr}:{target}")
+                    };
+                    let mut labels = BTreeMap::new();
+                    if let Some(zone) = &ep.zone {
+                        labels.insert("zone".to_owned(), zone.clone());
+                    }
+                    endpoints.insert(
+                        address.clone(),
+                        model::Endpoint {
+                            address,
+                            labels,
+                            weight: None,
+                        },
+                    );
+                }
+            }
+        }
+        services.push(model::Service {
+            name: weft_name.clone(),
+            namespace: ns.clone(),
+            protocol,
+            ports: u16::try_from(port.port).ok().into_iter().collect(),
+            endpoints: endpoints.into_values().collect(),
+            subsets: BTreeMap::new(),
+            policy: model::ClusterPolicy::default(),
+        });
+        let mut hosts = vec![
+            weft_name.clone(),
+            format!("{weft_name}.svc"),
+            format!("{weft_name}.svc.cluster.local"),
+        ];
+        if name_count.get(&name) == Some(&1) {
+            hosts.insert(0, name.clone());
+        }
+        routes.push(model::Route {
+            name: weft_name.clone(),
+            hosts,
+            rules: vec![model::Rule {
+                backends: vec![backend(&weft_name, 1)],
+                ..model::Rule::default()
+            }],
+        });
+    }
+
+    // Attach HTTPRoutes to the routes of their parent Services.
+    let known: HashMap<String, usize> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.name.clone(), i))
+        .collect();
+    let mut attached: BTreeMap<usize, Vec<(RuleKey, model::Rule)>> = BTreeMap::new();
+    let mut ordered: Vec<&HttpRoute> = snapshot.http_routes.iter().collect();
+    // Precedence ties go to the oldest route, then to namespace/name.
+    ordered.sort_by_key(|r| {
+        (
+            r.metadata.creation_timestamp.clone().map(|t| t.0),
+            meta_name(&r.metadata),
+        )
+    });
+    for (route_rank, hr) in ordered.into_iter().enumerate() {
+        let (rname, rns) = meta_name(&hr.metadata);
+        for parent in hr.spec.parent_refs.iter().flatten() {
+            if parent.kind.as_deref() != Some("Service")
+                || !matches!(parent.group.as_deref(), None | Some("") | Some("core"))
+            {
+                continue; // A Gateway parent: not for the mesh.
+            }
+            let pns = parent.namespace.clone().unwrap_or_else(|| rns.clone());
+            let Some(&index) = known.get(&service_name(&parent.name, &pns)) else {
+                warnings.push(format!(
+                    "HTTPRoute {rns}/{rname}: parent Service {pns}/{} not found",
+                    parent.name
+                ));
+                continue;
+            };
+            for (rule_index, rule) in hr.spec.rules.iter().flatten().enumerate() {
+                let Some(backends) = backends_of(rule, &rns, &rname, &known, &mut warnings) else {
+                    continue;
+                };
+                if rule.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                    warnings.push(format!("HTTPRoute {rns}/{rname} rule {rule_index}: filters are not supported yet and were ignored"));
+                }
+                let matches = rule
+                    .matches
+                    .clone()
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| vec![HttpRouteRulesMatches::default()]);
+                for (match_index, m) in matches.iter().enumerate() {
+                    let key = RuleKey::of(m, route_rank, rule_index, match_index);
+                    let rule = model::Rule {
+                        name: format!("{rns}/{rname}#{rule_index}.{match_index}"),
+                        matches: route_match(m),
+                        backends: backends.clone(),
+                        ..model::Rule::default()
+                    };
+                    attached.entry(index).or_default().push((key, rule));
+                }
+            }
+        }
+    }
+    for (index, mut rules) in attached {
+        rules.sort_by(|a, b| a.0.cmp(&b.0));
+        routes[index].rules = rules.into_iter().map(|(_, r)| r).collect();
+    }
+    Translation {
+        config: MeshConfig { services, routes },
+        warnings,
+    }
+}
+
+fn backend(service: &str, weight: u32) -> model::Backend {
+    model::Backend {
+        service: service.to_owned(),
+        subset: String::new(),
+        weight: Some(weight),
+    }
+}
+
+/// The weighted backends of one HTTPRoute rule; `None` (with a warning) when it has none usable.
+fn backends_of(
+    rule: &HttpRouteRules,
+    rns: &str,
+    rname: &str,
+    known: &HashMap<String, usize>,
+    warnings: &mut Vec<String>,
+) -> Option<Vec<model::Backend>> {
+    let mut out = Vec::new();
+    for b in rule.backend_refs.iter().flatten() {
+        if !matches!(b.kind.as_deref(), None | Some("Service"))
+            || !matches!(b.group.as_deref(), None | Some("") | Some("core"))
+        {
+            warnings.push(format!(
+                "HTTPRoute {rns}/{rname}: backend {} of kind {:?} is not supported",
+                b.name, b.kind
+            ));
+            continue;
+        }
+        let svc = service_name(&b.name, b.namespace.as_deref().unwrap_or(rns));
+        if !known.contains_key(&svc) {
+            warnings.push(format!(
+                "HTTPRoute {rns}/{rname}: backend Service {svc} not found, left out"
+            ));
+            continue;
+        }
+        out.push(backend(
+            &svc,
+            u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
+        ));
+    }
+    if out.iter().all(|b| b.weight() == 0) {
+        // The Gateway API answers 500 here; weft has no such backend, so the rule is skipped.
+        warnings.push(format!(
+            "HTTPRoute {rns}/{rname}: a rule has no backend with a positive weight, skipped"
+        ));
+        return None;
+    }
+    Some(out)
+}
+
+fn route_match(m: &HttpRouteRulesMatches) -> model::RouteMatch {
+    let path = m.path.as_ref().and_then(|p| {
+        let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+        match p
+            .r#type
+            .clone()
+            .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+        {
+            HttpRouteRulesMatchesPathType::Exact => Some(StringMatch::exact(value)),
+            // Prefix "/" matches everything: no condition at all.
+            HttpRouteRulesMatchesPathType::PathPrefix if value == "/" => None,
+            HttpRouteRulesMatchesPathType::PathPrefix => Some(StringMatch::prefix(value)),
+            HttpRouteRulesMatchesPathType::RegularExpression => Some(StringMatch::regex(value)),
+        }
+    });
+    let headers = m
+        .headers
+        .iter()
+        .flatten()
+        .map(|h| NamedMatch {
+            name: h.name.to_ascii_lowercase(),
+            value: match h.r#type {
+                Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => {
+                    StringMatch::regex(h.value.clone())
+                }
+                _ => StringMatch::exact(h.value.clone()),
+            },
+            invert: false,
+        })
+        .collect();
+    let query = m
+        .query_params
+        .iter()
+        .flatten()
+        .map(|q| NamedMatch {
+            name: q.name.clone(),
+            value: match q.r#type {
+                Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => {
+                    StringMatch::regex(q.value.clone())
+                }
+                _ => StringMatch::exact(q.value.clone()),
+            },
+            invert: false,
+        })
+        .collect();
+    let methods = m
+        .method
+        .as_ref()
+        .map(|method| {
+            vec![
+                serde_json::to_value(method)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            ]
+        })
+        .unwrap_or_default();
+    model::RouteMatch {
+        path,
+        methods,
+        headers,
+        query,
+    }
+}
+
+/// Gateway API match precedence: exact path, then the longest prefix, then a method, then more
+/// header matches, then more query matches; ties keep route, rule and match order.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RuleKey {
+    path_kind: u8,
+    prefix_len: Reverse<usize>,
+    no_method: bool,
+    headers: Reverse<usize>,
+    query: Reverse<usize>,
+    route_rank: usize,
+    rule: usize,
+    matched: usize,
+}
+
+impl RuleKey {
+    fn of(m: &HttpRouteRulesMatches, route_rank: usize, rule: usize, matched: usize) -> Self {
+        let (path_kind, len) = match m.path.as_ref() {
+            Some(p) => match p
+                .r#type
+                .clone()
+                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+            {
+                HttpRouteRulesMatchesPathType::Exact => (0, 0),
+                HttpRouteRulesMatchesPathType::RegularExpression => (1, 0),
+                HttpRouteRulesMatchesPathType::PathPrefix => {
+                    (2, p.value.as_deref().unwrap_or("/").len())
+                }
+            },
+            None => (2, 1),
+        };
+        RuleKey {
+            path_kind,
+            prefix_len: Reverse(len),
+            no_method: m.method.is_none(),
+            headers: Reverse(m.headers.as_ref().map_or(0, Vec::len)),
+            query: Reverse(m.query_params.as_ref().map_or(0, Vec::len)),
+            route_rank,
+            rule,
+            matched,
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Discovery translation tested with the objects a cluster returns: Services, EndpointSlices
+//! and Gateway API HTTPRoutes as Kubernetes YAML, deserialized into the real API types.
+
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use weft_control::discovery::{ClusterSnapshot, translate};
+use weft_proto::model::StringMatch;
+use weft_proto::{Limits, validate};
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, appProtocol: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec:
+  selector: {app: reviews, version: v1}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec:
+  selector: {app: reviews, version: v2}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: other}
+spec:
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: bookinfo}
+spec:
+  type: ExternalName
+  externalName: legacy.example
+"#;
+
+/// Slices for `service` with one ready and one unready endpoint per address.
+pub fn slices(service: &str, ready: &[&str], port: u16) -> String {
+    let eps: Vec<String> = ready
+        .iter()
+        .map(|a| format!("  - {{addresses: [\"{a}\"], conditions: {{ready: true}}, zone: z1}}"))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-x1\n  namespace: bookinfo\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n{}\n  - {{addresses: [\"127.0.0.99\"], conditions: {{ready: false}}}}\n",
+        eps.join("\n")
+    )
+}
+
+fn docs<T: serde::de::DeserializeOwned>(yaml: &str) -> Vec<T> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| T::deserialize(d).expect("a valid Kubernetes object"))
+        .collect()
+}
+
+
+fn snapshot(routes_yaml: &str) -> ClusterSnapshot {
+    ClusterSnapshot {
+        services: docs::<Service>(SERVICES),
+        endpoint_slices: [
+            slices("reviews-v1", &["127.0.0.11", "127.0.0.12"], 9080),
+            slices("reviews-v2", &["127.0.0.21"], 9080),
+        ]
+        .iter()
+        .flat_map(|y| docs::<EndpointSlice>(y))
+        .collect(),
+        http_routes: docs::<HttpRoute>(routes_yaml),
+    }
+}
+
+const CANARY_80_20: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-canary, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+    - backendRefs:
+        - {name: reviews-v1, port: 9080, weight: 80}
+        - {name: reviews-v2, port: 9080, weight: 20}
+    - matches:
+        - headers: [{name: X-User-Group, value: beta}]
+        - path: {type: PathPrefix, value: /beta}
+      backendRefs: [{name: reviews-v2, port: 9080}]
+"#;
+
+#[test]
+fn httproute_weights_and_header_match_become_weft_rules() {
+    let t = translate(&snapshot(CANARY_80_20));
+    validate(&t.config, &Limits::default()).expect("the translation validates");
+
+    let svc = t
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "reviews-v1.bookinfo")
+        .unwrap();
+    let addrs: Vec<_> = svc.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(
+        addrs,
+        ["127.0.0.11:9080", "127.0.0.12:9080"],
+        "ready endpoints only"
+    );
+    assert_eq!(svc.endpoints[0].labels["zone"], "z1");
+
+    let route = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .unwrap();
+    assert!(
+        route
+            .hosts
+            .contains(&"reviews.bookinfo.svc.cluster.local".to_owned())
+    );
+    assert!(
+        !route.hosts.contains(&"reviews".to_owned()),
+        "short name is ambiguous: reviews exists in two namespaces"
+    );
+    // Header and path matches are more specific than the catch-all, whatever the YAML order;
+    // the two OR'ed matches become two rules.
+    assert_eq!(route.rules.len(), 3, "{:#?}", route.rules);
+    assert_eq!(
+        route.rules[0].matches.path,
+        Some(StringMatch::prefix("/beta"))
+    );
+    assert_eq!(route.rules[1].matches.headers[0].name, "x-user-group");
+    assert_eq!(
+        route.rules[1].matches.headers[0].value,
+        StringMatch::exact("beta")
+    );
+    for r in &route.rules[..2] {
+        assert_eq!(r.backends.len(), 1);
+        assert_eq!(r.backends[0].service, "reviews-v2.bookinfo");
+    }
+    let split: Vec<_> = route.rules[2]
+        .backends
+        .iter()
+        .map(|b| (b.service.as_str(), b.weight()))
+        .collect();
+    assert_eq!(
+        split,
+        [("reviews-v1.bookinfo", 80), ("reviews-v2.bookinfo", 20)]
+    );
+    assert!(route.rules[2].matches.is_any());
+
+    // Services without an HTTPRoute route to themselves; ExternalName is reported, not meshed.
+    let own = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews-v1.bookinfo")
+        .unwrap();
+    assert_eq!(own.rules[0].backends[0].service, "reviews-v1.bookinfo");
+    assert!(
+        t.warnings.iter().any(|w| w.contains("ExternalName")),
+        "{:?}",
+        t.warnings
+    );
+}
+
+#[test]
+fn the_deploy_example_translates_cleanly() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/canary/httproute.yaml"
+    ))
+    .unwrap();
+    let t = translate(&snapshot(&example));
+    validate(&t.config, &Limits::default()).expect("valid");
+    let route = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .unwrap();
+    let weights: Vec<_> = route
+        .rules
+        .last()
+        .unwrap()
+        .backends
+        .iter()
+        .map(|b| b.weight())
+        .collect();
+    assert_eq!(weights, [90, 10]);
+    assert!(
+        t.warnings.iter().all(|w| w.contains("ExternalName")),
+        "{:?}",
+        t.warnings
+    );
+}
+
+#[test]
+fn what_weft_cannot_express_is_left_out_with_a_reason() {
+    let bad = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: odd, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}, {group: "", kind: Service, name: ghost}]
+  rules:
+    - backendRefs: [{name: reviews-v1, weight: 0}, {name: reviews-v2, weight: 0}]
+    - backendRefs: [{name: nowhere}, {name: reviews-v1}]
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: y}]}}]
+"#;
+    let t = translate(&snapshot(bad));
+    validate(&t.config, &Limits::default()).expect("still a valid configuration");
+    let w = t.warnings.join("\n");
+    assert!(w.contains("parent Service bookinfo/ghost not found"), "{w}");
+    assert!(w.contains("no backend with a positive weight"), "{w}");
+    assert!(
+        w.contains("backend Service nowhere.bookinfo not found"),
+        "{w}"
+    );
+    assert!(w.contains("filters are not supported"), "{w}");
+    let route = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .unwrap();
+    assert_eq!(route.rules.len(), 1);
+    assert_eq!(route.rules[0].backends[0].service, "reviews-v1.bookinfo");
+}
