@@ -263,14 +263,20 @@ pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
         .unwrap_or_else(|e| panic!("/metrics is not Prometheus text: {e}\n{text}"));
     // Strict: every sample line names a metric the parser returned (none silently skipped).
-    for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
         let name = line.split(['{', ' ']).next().unwrap_or("");
         let base = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s))
             .unwrap_or(name);
         assert!(
-            scrape.samples.iter().any(|s| s.metric == name || s.metric == base),
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == name || s.metric == base),
             "/metrics line not understood by the parser: {line}"
         );
     }

@@ -89,11 +89,17 @@ async fn call(hops: &TwoHops, headers: &[(&str, &str)]) -> serde_json::Value {
 }
 
 fn trace_id_of(traceparent: &str) -> &str {
-    traceparent.split('-').nth(1).expect("traceparent has a trace id")
+    traceparent
+        .split('-')
+        .nth(1)
+        .expect("traceparent has a trace id")
 }
 
 fn span_id_of(traceparent: &str) -> &str {
-    traceparent.split('-').nth(2).expect("traceparent has a span id")
+    traceparent
+        .split('-')
+        .nth(2)
+        .expect("traceparent has a span id")
 }
 
 /// Waits until the collector holds the client and server spans of `trace`.
@@ -135,21 +141,45 @@ async fn spans_of_two_sidecars_share_the_trace_and_link_parents() {
         ],
     )
     .await;
-    let tp = seen["traceparent"].as_str().expect("the app got a traceparent");
+    let tp = seen["traceparent"]
+        .as_str()
+        .expect("the app got a traceparent");
     assert_eq!(trace_id_of(tp), trace, "the app sees the caller's trace id");
     assert!(tp.ends_with("-01"), "sampled: {tp}");
-    assert_eq!(seen["tracestate"], "vendor=opaque", "tracestate passes through");
+    assert_eq!(
+        seen["tracestate"], "vendor=opaque",
+        "tracestate passes through"
+    );
 
     let (client, server) = spans_of(&collector, trace).await;
-    assert_eq!(client.parent_id, caller_span, "client span is a child of the caller");
-    assert_eq!(server.parent_id, client.span_id, "server span is a child of the client span");
-    assert_eq!(span_id_of(tp), server.span_id, "the app's parent is the server span");
+    assert_eq!(
+        client.parent_id, caller_span,
+        "client span is a child of the caller"
+    );
+    assert_eq!(
+        server.parent_id, client.span_id,
+        "server span is a child of the client span"
+    );
+    assert_eq!(
+        span_id_of(tp),
+        server.span_id,
+        "the app's parent is the server span"
+    );
     assert_eq!(client.service, "productpage");
     assert_eq!(server.service, "reviews");
-    assert_eq!(client.attributes.get("weft.route").map(String::as_str), Some("reviews"));
-    assert_eq!(client.attributes.get("weft.subset").map(String::as_str), Some("v1"));
     assert_eq!(
-        server.attributes.get("http.response.status_code").map(String::as_str),
+        client.attributes.get("weft.route").map(String::as_str),
+        Some("reviews")
+    );
+    assert_eq!(
+        client.attributes.get("weft.subset").map(String::as_str),
+        Some("v1")
+    );
+    assert_eq!(
+        server
+            .attributes
+            .get("http.response.status_code")
+            .map(String::as_str),
         Some("200")
     );
 
@@ -157,16 +187,17 @@ async fn spans_of_two_sidecars_share_the_trace_and_link_parents() {
     let seen = call(&hops, &[]).await;
     let tp = seen["traceparent"].as_str().unwrap().to_owned();
     let (client, server) = spans_of(&collector, trace_id_of(&tp)).await;
-    assert!(client.parent_id.is_empty(), "a root client span: {client:?}");
+    assert!(
+        client.parent_id.is_empty(),
+        "a root client span: {client:?}"
+    );
     assert_eq!(server.parent_id, client.span_id);
 
     // The access log has the request with its trace id.
     let log = dir.path().join("client-access.log");
     let line = eventually(Duration::from_secs(5), "the access log line", || async {
         let text = std::fs::read_to_string(&log).ok()?;
-        text.lines()
-            .find(|l| l.contains(trace))
-            .map(str::to_owned)
+        text.lines().find(|l| l.contains(trace)).map(str::to_owned)
     })
     .await;
     let entry: serde_json::Value = serde_json::from_str(&line).expect("one JSON object a line");
@@ -198,7 +229,9 @@ async fn b3_in_w3c_out_and_back_keep_the_trace_id() {
     )
     .await;
     let trace = "0000000000000000a3ce929d0e0e4736";
-    let tp = seen["traceparent"].as_str().expect("W3C injected for a B3 caller");
+    let tp = seen["traceparent"]
+        .as_str()
+        .expect("W3C injected for a B3 caller");
     assert_eq!(trace_id_of(tp), trace);
     assert_eq!(seen["x-b3-traceid"], trace, "B3 out, same trace");
     assert_eq!(seen["x-b3-spanid"].as_str(), Some(span_id_of(tp)));
@@ -281,10 +314,14 @@ async fn a_dead_or_stuck_collector_never_slows_requests() {
         "median {median:?} vs {base_median:?} with the collector up"
     );
     assert!(max < Duration::from_millis(500), "max {max:?}");
-    eventually(Duration::from_secs(10), "failed exports counted as dropped", || async {
-        let m = scrape(proxy.admin).await;
-        (value(&m, "weft_proxy_trace_spans_dropped_total", &[]) > 0.0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "failed exports counted as dropped",
+        || async {
+            let m = scrape(proxy.admin).await;
+            (value(&m, "weft_proxy_trace_spans_dropped_total", &[]) > 0.0).then_some(())
+        },
+    )
     .await;
 
     // A collector that accepts connections and never answers: the exporter waits on it, the
@@ -317,7 +354,10 @@ async fn a_dead_or_stuck_collector_never_slows_requests() {
     let dropped = value(&m, "weft_proxy_trace_spans_dropped_total", &[]);
     assert!(queued <= 2048.0, "queue bounded: {queued}");
     // 3100 spans: at most one batch (512) in flight plus a full queue (2048) are kept.
-    assert!(dropped >= 3100.0 - 512.0 - 2048.0, "dropped {dropped}, queued {queued}");
+    assert!(
+        dropped >= 3100.0 - 512.0 - 2048.0,
+        "dropped {dropped}, queued {queued}"
+    );
     drop(stuck);
 }
 
@@ -338,9 +378,15 @@ async fn metrics_parse_and_count_requests_exactly_by_subset() {
     let split = weft_tests::mesh::drive(&client, proxy.outbound, "reviews", &[], 400, 4).await;
     assert_eq!(split.failed, 0, "{:?}", split.failures);
     // The beta rule sends these to v2 whatever the weights.
-    let beta =
-        weft_tests::mesh::drive(&client, proxy.outbound, "reviews", &[("x-user-group", "beta")], 50, 2)
-            .await;
+    let beta = weft_tests::mesh::drive(
+        &client,
+        proxy.outbound,
+        "reviews",
+        &[("x-user-group", "beta")],
+        50,
+        2,
+    )
+    .await;
     assert_eq!(beta.by_version.get("v2"), Some(&50));
 
     let m = scrape(proxy.admin).await;
@@ -358,7 +404,9 @@ async fn metrics_parse_and_count_requests_exactly_by_subset() {
             ],
         )
     };
-    let seen = |v: &str| split.by_version.get(v).copied().unwrap_or(0) + beta.by_version.get(v).copied().unwrap_or(0);
+    let seen = |v: &str| {
+        split.by_version.get(v).copied().unwrap_or(0) + beta.by_version.get(v).copied().unwrap_or(0)
+    };
     assert!(seen("v1") > 100 && seen("v2") > 100, "{split:?}");
     assert_eq!(ok("v1") as u64, seen("v1"), "v1 counter = v1 answers");
     assert_eq!(ok("v2") as u64, seen("v2"), "v2 counter = v2 answers");
@@ -382,8 +430,20 @@ async fn metrics_parse_and_count_requests_exactly_by_subset() {
     };
     assert_eq!(count("v1") + count("v2"), 450);
     assert_eq!(value(&m, "weft_proxy_requests_in_flight", &[]), 0.0);
-    assert!(value(&m, "weft_proxy_tcp_connections_opened_total", &[("listener", "outbound")]) >= 1.0);
-    assert!(value(&m, "weft_proxy_response_body_bytes_total", &[("direction", "outbound")]) >= 450.0 * 3.0);
+    assert!(
+        value(
+            &m,
+            "weft_proxy_tcp_connections_opened_total",
+            &[("listener", "outbound")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &m,
+            "weft_proxy_response_body_bytes_total",
+            &[("direction", "outbound")]
+        ) >= 450.0 * 3.0
+    );
     assert_eq!(value(&m, "weft_proxy_config_version", &[]), 1.0);
 }
 
@@ -392,7 +452,10 @@ async fn proxy_errors_carry_their_reason_in_header_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let app = VersionApp::start("v1").await;
     // A port with nothing listening: bind, note it, release it.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let yaml = format!(
         r#"services:
   - name: ok
@@ -437,12 +500,20 @@ routes:
     for (_, status, reason) in cases {
         let code = status.to_string();
         assert_eq!(
-            value(&m, "weft_proxy_local_responses_total", &[("direction", "outbound"), ("reason", reason)]),
+            value(
+                &m,
+                "weft_proxy_local_responses_total",
+                &[("direction", "outbound"), ("reason", reason)]
+            ),
             3.0,
             "{reason}"
         );
         assert_eq!(
-            value(&m, "weft_proxy_requests_total", &[("reason", reason), ("code", &code)]),
+            value(
+                &m,
+                "weft_proxy_requests_total",
+                &[("reason", reason), ("code", &code)]
+            ),
             3.0,
             "{reason}"
         );
@@ -455,7 +526,183 @@ routes:
         .text();
     assert!(!text.contains("nowhere"), "no host labels");
     assert_eq!(
-        value(&m, "weft_proxy_requests_total", &[("reason", "no_endpoints"), ("service", "ok"), ("subset", "v9")]),
+        value(
+            &m,
+            "weft_proxy_requests_total",
+            &[
+                ("reason", "no_endpoints"),
+                ("service", "ok"),
+                ("subset", "v9")
+            ]
+        ),
         3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weftctl_top_control_plane_metrics_and_runtime_log_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = weft_tests::mesh::SidecarMesh::start(dir.path(), 50, 50).await;
+    let client = HttpClient::http1();
+
+    // Every proxy announced its admin address; the control plane lists it.
+    let status = mesh.cp.status().await;
+    let admins: Vec<&str> = status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["admin_addr"].as_str())
+        .collect();
+    assert_eq!(admins.len(), 3, "{status}");
+    assert!(admins.contains(&mesh.client_proxy.admin.to_string().as_str()));
+
+    // `weftctl top --once -o json` while traffic flows (bounded: until it exits, 20 s max).
+    let mut top = std::process::Command::new(weft_tests::bins::bin("weftctl"))
+        .args([
+            "--server",
+            &format!("http://{}", mesh.cp.admin),
+            "-o",
+            "json",
+            "top",
+            "--once",
+            "--interval",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start weftctl top");
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while top.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "weftctl top did not finish"
+        );
+        let r = client
+            .get(mesh.client_proxy.outbound, "reviews", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        sent += 1;
+    }
+    let out = top.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("top -o json");
+    assert_eq!(v["proxies"], 3, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    for subset in ["v1", "v2"] {
+        let row = rows
+            .iter()
+            .find(|r| r["service"] == "reviews" && r["subset"] == subset)
+            .unwrap_or_else(|| panic!("no row for reviews/{subset}: {v}"));
+        assert!(row["rps"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["success_percent"], 100.0, "{row}");
+        assert!(row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let total: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    assert!(
+        total > 0 && total <= sent,
+        "{total} of {sent} in the window"
+    );
+
+    // Control-plane metrics: a weight change converges on all three proxies.
+    let version = mesh
+        .cp
+        .set_weights("reviews", &[("v1", 90), ("v2", 10)])
+        .await;
+    mesh.cp.wait_acked(version, 3, Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(5), "convergence observed", || async {
+        let m = scrape_cp(mesh.cp.admin).await;
+        let converged = value(&m, "weft_control_convergence_ms_count", &[]);
+        let ok = converged >= 1.0
+            && value(&m, "weft_control_proxies_connected", &[]) == 3.0
+            && value(&m, "weft_control_config_version", &[]) == version as f64
+            && value(&m, "weft_control_pushes_total", &[("kind", "delta")]) >= 3.0;
+        ok.then_some(())
+    })
+    .await;
+
+    // Runtime log level on a proxy's admin port.
+    let admin = mesh.client_proxy.admin;
+    let (status, _) = post_text(admin, "/log-level", "debug").await;
+    assert_eq!(status, 200);
+    let r = client.get(admin, "admin", "/log-level", &[]).await.unwrap();
+    assert_eq!(r.text().trim(), "debug");
+    let (status, body) = post_text(admin, "/log-level", "info,[[").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid log filter"), "{body}");
+}
+
+async fn post_text(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let r = HttpClient::http1()
+        .send(
+            http::Method::POST,
+            addr,
+            "admin",
+            path,
+            &[],
+            body.to_owned(),
+        )
+        .await
+        .unwrap();
+    (r.status.as_u16(), r.text())
+}
+
+async fn scrape_cp(admin: SocketAddr) -> prometheus_parse::Scrape {
+    // The control plane's /metrics is the same format; reuse the strict scrape.
+    scrape(admin).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_turns_ready_off_and_stops_accepting() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = VersionApp::start("v1").await;
+    let proxy = Proxy::start(
+        dir.path(),
+        "proxy",
+        ProxyOpts {
+            config_yaml: Some(one_service(app.addr)),
+            ..ProxyOpts::default()
+        },
+    )
+    .await;
+    let client = HttpClient::http1();
+    assert_eq!(
+        client
+            .get(proxy.outbound, "reviews", "/", &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let (status, _) = post_text(proxy.admin, "/drain", "").await;
+    assert_eq!(status, 200);
+    let r = client
+        .get(proxy.admin, "admin", "/ready", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text().trim()),
+        (503, "not ready: draining")
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the outbound listener to close",
+        || async {
+            tokio::net::TcpStream::connect(proxy.outbound)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    // The admin port stays up for scraping.
+    assert_eq!(
+        client
+            .get(proxy.admin, "admin", "/live", &[])
+            .await
+            .unwrap()
+            .status,
+        200
     );
 }
