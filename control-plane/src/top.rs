@@ -70,7 +70,7 @@ pub fn parse_samples(text: &str) -> Result<Vec<Sample>, String> {
 }
 
 fn parse_line(line: &str) -> Option<Sample> {
-    let name_end = line.find(|c: char| c == '{' || c == ' ')?;
+    let name_end = line.find(['{', ' '])?;
     let name = line[..name_end].to_owned();
     let mut rest = &line[name_end..];
     let mut labels = Vec::new();

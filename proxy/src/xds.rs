@@ -84,7 +84,6 @@ impl Client {
             labels: node.labels,
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
             admin_addr: node.admin_addr,
-            ..Default::default()
         };
         Self {
             addresses,
