@@ -313,7 +313,10 @@ async fn a_dead_or_stuck_collector_never_slows_requests() {
         median <= base_median * 3 + Duration::from_millis(2),
         "median {median:?} vs {base_median:?} with the collector up"
     );
-    assert!(max < Duration::from_millis(500), "max {max:?}");
+    assert!(
+        max < Duration::from_secs(1),
+        "max {max:?} (an export blocks for up to 5 s)"
+    );
     eventually(
         Duration::from_secs(10),
         "failed exports counted as dropped",
@@ -348,7 +351,10 @@ async fn a_dead_or_stuck_collector_never_slows_requests() {
         median <= base_median * 3 + Duration::from_millis(2),
         "median {median:?} vs {base_median:?} with the collector up"
     );
-    assert!(max < Duration::from_millis(500), "max {max:?}");
+    assert!(
+        max < Duration::from_secs(1),
+        "max {max:?} (an export blocks for up to 5 s)"
+    );
     let m = scrape(stuck_proxy.admin).await;
     let queued = value(&m, "weft_proxy_trace_queue_spans", &[]);
     let dropped = value(&m, "weft_proxy_trace_spans_dropped_total", &[]);
