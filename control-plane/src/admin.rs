@@ -42,6 +42,7 @@ pub fn router(registry: Registry) -> Router {
         .route("/api/v1/config", get(config))
         .route("/api/v1/routes/{route}/weights", post(set_weights))
         .route("/api/v1/apply", post(apply))
+        .route("/metrics", get(metrics))
         .route("/ready", get(ok))
         .route("/live", get(ok))
         .fallback(not_found)
@@ -87,6 +88,17 @@ impl IntoResponse for AdminError {
         };
         (code, Json(body)).into_response()
     }
+}
+
+async fn metrics(State(registry): State<Registry>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        registry.encode_metrics(),
+    )
+        .into_response()
 }
 
 async fn ok() -> &'static str {

@@ -36,6 +36,9 @@ pub struct ProxyStatus {
     pub last_nack: Option<LastNack>,
     pub connected_at_unix_ms: u64,
     pub last_ack_at_unix_ms: Option<u64>,
+    /// The proxy's admin listener (`/metrics`, `/config`), as it announced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

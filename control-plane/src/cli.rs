@@ -236,6 +236,7 @@ mod tests {
             }),
             connected_at_unix_ms: 1,
             last_ack_at_unix_ms: None,
+            admin_addr: None,
         }
     }
 

@@ -20,6 +20,7 @@ use weft_proto::ops::{self, OpError};
 use weft_proto::{Issue, Limits, MeshConfig, Resources, pb, to_resources, validate};
 
 use crate::api;
+use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError, StoredState};
 
 /// How many NACKs `/api/v1/status` keeps over all proxies.
@@ -89,6 +90,7 @@ struct Inner {
     /// which is persisted with every save (see [`StoredState::source_hash`]).
     writer: tokio::sync::Mutex<u64>,
     book: Mutex<Book>,
+    metrics: ControlMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -176,8 +178,30 @@ impl Registry {
                 current,
                 writer: tokio::sync::Mutex::new(source_hash),
                 book: Mutex::default(),
+                metrics: ControlMetrics::new(),
             }),
         })
+    }
+
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.inner.metrics
+    }
+
+    /// `/metrics`: gauges mirroring state are set here, at scrape time.
+    pub fn encode_metrics(&self) -> String {
+        let m = &self.inner.metrics;
+        let version = self.current().version;
+        m.config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        let connected = self
+            .book()
+            .proxies
+            .values()
+            .filter(|p| p.status.connected)
+            .count();
+        m.connected
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+        m.encode()
     }
 
     /// The live configuration.
@@ -269,6 +293,13 @@ impl Registry {
         self.inner
             .current
             .send_replace(Arc::new(Versioned::new(version, config)));
+        let connected = self
+            .book()
+            .proxies
+            .values()
+            .filter(|p| p.status.connected)
+            .count();
+        self.inner.metrics.published(version, connected);
         info!(version, cause, "new configuration version published");
         Ok(Outcome {
             version,
@@ -320,6 +351,7 @@ impl Registry {
             last_nack,
             connected_at_unix_ms: now_unix_ms(),
             last_ack_at_unix_ms: None,
+            admin_addr: (!node.admin_addr.is_empty()).then(|| node.admin_addr.clone()),
         };
         book.proxies.insert(
             node.id.clone(),
@@ -378,6 +410,16 @@ impl ProxyConn {
                 if let Some(p) = book.proxies.get_mut(id) {
                     p.status.acked_version = Some(version);
                     p.status.last_ack_at_unix_ms = Some(now_unix_ms());
+                }
+                // The oldest version every connected proxy runs has converged.
+                let min_acked = book
+                    .proxies
+                    .values()
+                    .filter(|p| p.status.connected)
+                    .map(|p| p.status.acked_version.unwrap_or(0))
+                    .min();
+                if let Some(v) = min_acked {
+                    self.registry.inner.metrics.converged_up_to(v);
                 }
             });
     }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -159,13 +159,19 @@ impl Session {
             let current = updates.borrow_and_update().clone();
             if let Some(resp) = state.next_response(&current, || self.nonce()) {
                 debug!(node = conn.node_id(), version = resp.version, full = resp.full, nonce = %resp.nonce, "sending config");
+                let full = resp.full;
                 if self.tx.send(Ok(resp)).await.is_err() {
                     return "client went away";
                 }
+                self.registry.metrics().pushed(full);
             }
             tokio::select! {
                 req = inbound.next() => match req {
-                    Some(Ok(req)) => state.on_request(conn, req),
+                    Some(Ok(req)) => {
+                        if let Some((sent_at, nack)) = state.on_request(conn, req) {
+                            self.registry.metrics().answered(sent_at.elapsed(), nack);
+                        }
+                    }
                     Some(Err(status)) => {
                         debug!(%status, "stream error");
                         return "stream error";
@@ -206,6 +212,7 @@ struct StreamState {
 struct InFlight {
     nonce: String,
     sent: Arc<Versioned>,
+    sent_at: Instant,
 }
 
 impl StreamState {
@@ -240,29 +247,30 @@ impl StreamState {
         self.in_flight = Some(InFlight {
             nonce: resp.nonce.clone(),
             sent: current.clone(),
+            sent_at: Instant::now(),
         });
         Some(resp)
     }
 
     /// Handles an ACK or NACK; anything not answering the in-flight nonce is ignored.
-    fn on_request(&mut self, conn: &ProxyConn, req: ConfigRequest) {
+    /// Returns when the answered response was sent and whether it was a NACK.
+    fn on_request(&mut self, conn: &ProxyConn, req: ConfigRequest) -> Option<(Instant, bool)> {
         let answers_in_flight = self
             .in_flight
             .as_ref()
             .is_some_and(|f| f.nonce == req.response_nonce);
         if !answers_in_flight {
             debug!(nonce = %req.response_nonce, "ignoring request for a stale or unknown nonce");
-            return;
+            return None;
         }
-        let Some(InFlight { sent, .. }) = self.in_flight.take() else {
-            return;
-        };
+        let InFlight { sent, sent_at, .. } = self.in_flight.take()?;
         match req.error_detail {
             None => {
                 debug!(node = conn.node_id(), version = sent.version, "ACK");
                 conn.ack(sent.version);
                 self.acked = Some(sent);
                 self.rejected = None;
+                Some((sent_at, false))
             }
             Some(pb::ErrorDetail { message }) => {
                 let message = if message.is_empty() {
@@ -273,6 +281,7 @@ impl StreamState {
                 warn!(node = conn.node_id(), version = sent.version, error = %message, "NACK: proxy refused the config");
                 conn.nack(sent.version, &message);
                 self.rejected = Some(sent.version);
+                Some((sent_at, true))
             }
         }
     }

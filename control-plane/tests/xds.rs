@@ -69,6 +69,7 @@ fn node(id: &str) -> Option<Node> {
         namespace: "default".into(),
         labels: [("app".to_owned(), "productpage".to_owned())].into(),
         proxy_version: "test".into(),
+        ..Default::default()
     })
 }
 

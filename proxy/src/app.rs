@@ -16,11 +16,15 @@ use tokio::task::JoinHandle;
 use weft_proto::validate::ConfigError;
 use weft_proto::{parse_yaml, to_resources};
 
-use crate::admin;
+use crate::access_log::AccessLog;
+use crate::admin::{self, Admin};
 use crate::cli::Args;
 use crate::forward::{Forwarder, Mode};
+use crate::metrics::{ProxyMetrics, TargetLabels};
+use crate::observe::Telemetry;
 use crate::server::{self, Shutdown};
 use crate::state::{ApplyError, ProxyState, Source};
+use crate::trace::{ExportConfig, Exporter, Tracer};
 use crate::upstream::Upstream;
 use crate::xds::{self, NodeInfo};
 
@@ -47,6 +51,14 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("invalid --otlp-endpoint {0:?}")]
+    OtlpEndpoint(String),
+    #[error("cannot open the access log {path}: {source}")]
+    AccessLog {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write the address file {path}: {source}")]
     AddrFile {
         path: PathBuf,
@@ -63,6 +75,8 @@ impl StartError {
             StartError::ReadConfig { .. }
                 | StartError::InvalidConfig(_)
                 | StartError::ApplyConfig(..)
+                | StartError::OtlpEndpoint(_)
+                | StartError::AccessLog { .. }
         )
     }
 }
@@ -80,6 +94,10 @@ pub struct BoundAddrs {
 pub struct Proxy {
     pub addrs: BoundAddrs,
     pub state: Arc<ProxyState>,
+    pub telemetry: Arc<Telemetry>,
+    /// Stops the traffic listeners (also what `POST /drain` triggers).
+    traffic: Arc<Shutdown>,
+    /// Stops the admin listener, last.
     shutdown: Shutdown,
     servers: Vec<JoinHandle<()>>,
     config_client: Option<JoinHandle<()>>,
@@ -105,20 +123,28 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     };
     let (outbound, inbound, admin) = (outbound.0, inbound.map(|l| l.0), admin.0);
 
-    let (shutdown, signal) = Shutdown::new();
+    let telemetry = telemetry(args)?;
+    let (shutdown, admin_signal) = Shutdown::new();
+    let (traffic, signal) = Shutdown::new();
+    let traffic = Arc::new(traffic);
     let upstream = Upstream::new();
     let mut servers = Vec::new();
 
-    let outbound_svc = Forwarder::new(Mode::Outbound(state.clone()), upstream.clone());
-    servers.push(tokio::spawn(server::serve(
+    let outbound_svc = Forwarder::with_telemetry(
+        Mode::Outbound(state.clone()),
+        upstream.clone(),
+        telemetry.clone(),
+    );
+    servers.push(tokio::spawn(server::serve_counted(
         "outbound",
         outbound,
         service_fn(move |req| {
             let fwd = outbound_svc.clone();
-            async move { Ok::<_, std::convert::Infallible>(fwd.handle(req).await) }
+            async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
         }),
         signal.clone(),
         SHUTDOWN_GRACE,
+        telemetry.metrics.conn_counters("outbound"),
     )));
 
     if let (Some(listener), Some(app)) = (inbound, args.app_addr) {
@@ -130,25 +156,30 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             app,
             protocol: args.app_protocol.into(),
         };
-        let inbound_svc = Forwarder::new(mode, upstream);
-        servers.push(tokio::spawn(server::serve(
+        let inbound_svc = Forwarder::with_telemetry(mode, upstream, telemetry.clone());
+        servers.push(tokio::spawn(server::serve_counted(
             "inbound",
             listener,
             service_fn(move |req| {
                 let fwd = inbound_svc.clone();
-                async move { Ok::<_, std::convert::Infallible>(fwd.handle(req).await) }
+                async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
             }),
             signal.clone(),
             SHUTDOWN_GRACE,
+            telemetry.metrics.conn_counters("inbound"),
         )));
     }
 
-    let admin_state = state.clone();
+    let admin_ctx = Arc::new(Admin::new(
+        state.clone(),
+        telemetry.clone(),
+        Some(traffic.clone()),
+    ));
     servers.push(tokio::spawn(server::serve(
         "admin",
         admin,
-        service_fn(move |req| admin::handle(admin_state.clone(), req)),
-        signal,
+        service_fn(move |req| admin::handle(admin_ctx.clone(), req)),
+        admin_signal,
         SHUTDOWN_GRACE,
     )));
 
@@ -158,6 +189,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             service: args.service.clone(),
             namespace: args.namespace.clone(),
             labels: args.labels.iter().cloned().collect(),
+            admin_addr: addrs.admin.to_string(),
         };
         let client = xds::Client::new(args.control_plane.clone(), node, state.clone());
         tokio::spawn(client.run())
@@ -179,6 +211,8 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     Ok(Proxy {
         addrs,
         state,
+        telemetry,
+        traffic,
         shutdown,
         servers,
         config_client,
@@ -189,6 +223,7 @@ impl Proxy {
     /// Stops accepting, lets in-flight connections finish (up to [`SHUTDOWN_GRACE`]) and
     /// stops the config client.
     pub async fn shutdown(self) {
+        self.traffic.trigger();
         self.shutdown.trigger();
         if let Some(client) = &self.config_client {
             client.abort();
@@ -197,6 +232,53 @@ impl Proxy {
             let _ = server.await;
         }
     }
+}
+
+/// Metrics always; tracing with `--otlp-endpoint`; access logs with `--access-log`.
+fn telemetry(args: &Args) -> Result<Arc<Telemetry>, StartError> {
+    let metrics = Arc::new(ProxyMetrics::new());
+    let tracer = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let mut config = ExportConfig::new(endpoint.clone());
+            let service = if args.service.is_empty() {
+                "weft-proxy".to_owned()
+            } else {
+                args.service.clone()
+            };
+            config.resource = vec![
+                ("service.name", service),
+                ("service.namespace", args.namespace.clone()),
+                ("service.instance.id", args.node_id()),
+                ("telemetry.sdk.name", "weft-proxy".to_owned()),
+            ];
+            let exporter = Exporter::spawn(config, metrics.clone())
+                .map_err(|_| StartError::OtlpEndpoint(endpoint.clone()))?;
+            Some(Tracer::new(args.trace_sample_ratio, exporter))
+        }
+        None => None,
+    };
+    let access_log = match &args.access_log {
+        Some(target) => Some(
+            AccessLog::start(target, args.access_log_sample, metrics.clone()).map_err(
+                |source| StartError::AccessLog {
+                    path: format!("{target:?}"),
+                    source,
+                },
+            )?,
+        ),
+        None => None,
+    };
+    // Inbound requests are labelled with the local service and its `version` label, so a
+    // canary's server side is visible as its own subset.
+    let version = args
+        .labels
+        .iter()
+        .find(|(k, _)| k == "version")
+        .map_or("", |(_, v)| v.as_str());
+    let inbound = TargetLabels::new("", &args.service, version);
+    Ok(Arc::new(Telemetry::new(
+        metrics, tracer, access_log, inbound,
+    )))
 }
 
 /// Reads and applies a static configuration through the same path as streamed ones.

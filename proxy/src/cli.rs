@@ -70,6 +70,25 @@ pub struct Args {
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
 
+    /// Export trace spans over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is appended). Without it the proxy neither
+    /// starts spans nor touches trace headers.
+    #[arg(long, value_name = "URL", value_parser = parse_otlp_url)]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of new traces (requests without a sampling decision) to sample, 0..=1;
+    /// a caller's decision is always followed.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
+
+    /// Write one JSON line per request to `stdout` or to this file (appended). Off by default.
+    #[arg(long, value_name = "stdout|PATH")]
+    pub access_log: Option<crate::access_log::Target>,
+
+    /// Share of requests written to the access log, 0..=1.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub access_log_sample: f64,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
@@ -125,6 +144,21 @@ fn parse_url(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_otlp_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(s.to_owned()),
+        _ => Err("expected an OTLP/HTTP URL like http://127.0.0.1:4318".into()),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -177,5 +211,31 @@ mod tests {
         );
         assert!(parse(&["--config", "m", "--label", "novalue"]).is_err());
         assert!(a.node_id().ends_with(&format!("-{}", std::process::id())));
+        assert_eq!(
+            (a.otlp_endpoint.as_deref(), a.trace_sample_ratio),
+            (None, 1.0)
+        );
+        assert!(a.access_log.is_none());
+    }
+
+    #[test]
+    fn observability_flags() {
+        let a = parse(&[
+            "--config",
+            "m",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+            "--trace-sample-ratio",
+            "0.5",
+            "--access-log",
+            "stdout",
+            "--access-log-sample",
+            "0.1",
+        ])
+        .unwrap();
+        assert_eq!(a.trace_sample_ratio, 0.5);
+        assert_eq!(a.access_log, Some(crate::access_log::Target::Stdout));
+        assert!(parse(&["--config", "m", "--trace-sample-ratio", "2"]).is_err());
+        assert!(parse(&["--config", "m", "--otlp-endpoint", "127.0.0.1:4318"]).is_err());
     }
 }

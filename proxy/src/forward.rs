@@ -13,6 +13,9 @@ use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, is_grpc};
+use crate::metrics::{Direction, TargetLabels};
+use crate::observe::{Observation, ObservedBody, RequestMeta, Telemetry};
+use crate::routing::RouteError;
 use crate::state::ProxyState;
 use crate::upstream::{Upstream, UpstreamProtocol};
 
@@ -37,30 +40,61 @@ struct Inner {
     upstream: Upstream,
     /// `outbound` or `inbound`, for logs.
     side: &'static str,
+    direction: Direction,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Forwarder {
     pub fn new(mode: Mode, upstream: Upstream) -> Self {
-        let side = match mode {
-            Mode::Outbound(_) => "outbound",
-            Mode::Inbound { .. } => "inbound",
+        Self::with_telemetry(mode, upstream, Telemetry::disabled())
+    }
+
+    /// A forwarder that reports metrics, spans and access logs to `telemetry`.
+    pub fn with_telemetry(mode: Mode, upstream: Upstream, telemetry: Arc<Telemetry>) -> Self {
+        let direction = match mode {
+            Mode::Outbound(_) => Direction::Outbound,
+            Mode::Inbound { .. } => Direction::Inbound,
         };
         Self {
             inner: Arc::new(Inner {
                 mode,
                 upstream,
-                side,
+                side: direction.as_str(),
+                direction,
+                telemetry,
             }),
         }
     }
 
+    /// [`Self::handle`], observed: metrics, trace span and access log around it.
+    pub async fn serve(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
+        let inner = &self.inner;
+        let obs = Observation::start(&inner.telemetry, inner.direction, &mut req);
+        let mut meta = RequestMeta::default();
+        let resp = self.handle_with(req, &mut meta).await;
+        obs.respond(resp, meta)
+    }
+
     /// Never fails: errors become responses, so the connection stays up for the next request.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        self.handle_with(req, &mut RequestMeta::default()).await
+    }
+
+    async fn handle_with(
+        &self,
+        req: Request<Incoming>,
+        meta: &mut RequestMeta,
+    ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let version = req.version();
-        match self.forward(req).await {
+        match self.forward(req, meta).await {
             Ok(resp) => resp,
             Err(err) => {
+                meta.reason = Some(err.reason());
+                if let ProxyError::Route(RouteError::NoEndpoints { service, subset }) = &err {
+                    // Error path only: the target is known by name, not by compiled labels.
+                    meta.target = Some(Arc::new(TargetLabels::new("", service, subset)));
+                }
                 tracing::debug!(
                     side = self.inner.side,
                     reason = err.reason(),
@@ -72,7 +106,11 @@ impl Forwarder {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        meta: &mut RequestMeta,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (endpoint, protocol) = match &self.inner.mode {
             Mode::Outbound(state) => {
                 // Route while holding the snapshot, then let go of it before any `.await`:
@@ -80,10 +118,15 @@ impl Forwarder {
                 // disturb it.
                 let snapshot = state.load();
                 let target = snapshot.table.route(&req)?;
+                meta.target = Some(target.labels.clone());
                 (target.endpoint.authority.clone(), target.set.protocol)
             }
-            Mode::Inbound { app, protocol } => (app.clone(), *protocol),
+            Mode::Inbound { app, protocol } => {
+                meta.target = Some(self.inner.telemetry.inbound_target.clone());
+                (app.clone(), *protocol)
+            }
         };
+        meta.upstream = Some(endpoint.clone());
         let protocol = UpstreamProtocol::resolve(protocol, req.version());
         Ok(self.inner.upstream.forward(req, endpoint, protocol).await?)
     }

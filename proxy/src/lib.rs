@@ -3,17 +3,25 @@
 //! Request path: [`server`] accepts HTTP/1.1 and h2c → [`forward`] routes with the running
 //! [`routing::Table`] (held by [`state`], swapped by [`xds`]) → [`balance`] picks backend and
 //! endpoint → [`upstream`] forwards on a pooled connection → failures become responses in
-//! [`error`]. [`admin`] serves `/ready`, `/live` and `/config`; [`app`] wires it all from [`cli`].
+//! [`error`]. [`observe`] wraps each request for [`metrics`], [`trace`] and [`access_log`].
+//! [`admin`] serves `/metrics`, `/config`, `/ready`, `/live`, `/log-level` and `/drain`; [`app`]
+//! wires it all from [`cli`].
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod body;
 pub mod cli;
+pub mod counting;
 pub mod error;
 pub mod forward;
+pub mod log_level;
+pub mod metrics;
+pub mod observe;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod trace;
 pub mod upstream;
 pub mod xds;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
 use weft_proxy::app;
 use weft_proxy::cli::Args;
 
@@ -59,13 +58,9 @@ async fn run(args: Args) -> ExitCode {
 }
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid --log {filter:?}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init()
-        .map_err(|e| anyhow::anyhow!(e))
+    // Through `log_level`, which keeps the reload handle for `POST /log-level`.
+    weft_proxy::log_level::init(filter, std::io::stderr().is_terminal())
+        .with_context(|| format!("--log {filter:?}"))
 }
 
 /// Resolves on ctrl-c or, on Unix, SIGTERM.

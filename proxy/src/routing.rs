@@ -16,6 +16,7 @@ use weft_proto::model::{self, MeshConfig, NamedMatch, StringMatch};
 use weft_proto::validate::{Issue, Limits, compile_regex, validate};
 
 use crate::balance::{BalanceError, Endpoint, EndpointSet, WeightedIndex};
+use crate::metrics::TargetLabels;
 
 /// Why a configuration could not be compiled.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,8 @@ struct Rule {
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
     backends: Vec<Arc<EndpointSet>>,
+    /// Metric labels of each backend (route, service, subset), parallel to `backends`.
+    labels: Vec<Arc<TargetLabels>>,
     /// `None` only if every backend weighs 0, which validation refuses.
     weights: Option<WeightedIndex>,
 }
@@ -109,7 +112,9 @@ impl Table {
                 .rules
                 .iter()
                 .enumerate()
-                .map(|(i, rule)| compiler.rule(rule, &format!("routes[{ri}].rules[{i}]")))
+                .map(|(i, rule)| {
+                    compiler.rule(rule, &route.name, &format!("routes[{ri}].rules[{i}]"))
+                })
                 .collect::<Result<_, _>>()?;
             let index = table.routes.len();
             table.routes.push(Route { rules });
@@ -142,15 +147,22 @@ impl Table {
             .iter()
             .find(|rule| rule.matches(req))
             .ok_or_else(no_route)?;
-        let set = match &rule.weights {
-            Some(weights) => &rule.backends[weights.pick()],
+        let (set, labels) = match &rule.weights {
+            Some(weights) => {
+                let i = weights.pick();
+                (&rule.backends[i], &rule.labels[i])
+            }
             None => return Err(no_route()),
         };
         let endpoint = set.pick().ok_or_else(|| RouteError::NoEndpoints {
             service: set.service.clone(),
             subset: set.subset.clone(),
         })?;
-        Ok(Target { set, endpoint })
+        Ok(Target {
+            set,
+            endpoint,
+            labels,
+        })
     }
 }
 
@@ -159,6 +171,8 @@ impl Table {
 pub struct Target<'a> {
     pub set: &'a EndpointSet,
     pub endpoint: &'a Endpoint,
+    /// Route, service and subset as metric labels.
+    pub labels: &'a Arc<TargetLabels>,
 }
 
 /// State shared while compiling one configuration.
@@ -170,7 +184,7 @@ struct Compiler<'a> {
 }
 
 impl<'a> Compiler<'a> {
-    fn rule(&mut self, rule: &'a model::Rule, at: &str) -> Result<Rule, CompileError> {
+    fn rule(&mut self, rule: &'a model::Rule, route: &str, at: &str) -> Result<Rule, CompileError> {
         let backends = rule
             .backends
             .iter()
@@ -210,6 +224,11 @@ impl<'a> Compiler<'a> {
                 })
                 .collect::<Result<_, CompileError>>()?,
             weights: WeightedIndex::new(rule.backends.iter().map(model::Backend::weight)),
+            labels: rule
+                .backends
+                .iter()
+                .map(|b| Arc::new(TargetLabels::new(route, &b.service, &b.subset)))
+                .collect(),
             backends,
         })
     }

@@ -18,6 +18,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::counting::CountingIo;
+use crate::metrics::ConnCounters;
+
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -53,8 +56,35 @@ pub async fn serve<S, B>(
     name: &'static str,
     listener: TcpListener,
     service: S,
+    signal: ShutdownSignal,
+    grace: Duration,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    serve_counted(
+        name,
+        listener,
+        service,
+        signal,
+        grace,
+        ConnCounters::default(),
+    )
+    .await;
+}
+
+/// [`serve`], counting connections opened and closed and their bytes into `counters`.
+pub async fn serve_counted<S, B>(
+    name: &'static str,
+    listener: TcpListener,
+    service: S,
     mut signal: ShutdownSignal,
     grace: Duration,
+    counters: ConnCounters,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -76,14 +106,18 @@ pub async fn serve<S, B>(
                 Ok((stream, peer)) => {
                     // Proxied requests are latency-sensitive and small; don't batch them.
                     let _ = stream.set_nodelay(true);
+                    counters.opened.inc();
+                    let stream = CountingIo::new(stream, &counters);
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service.clone())
                         .into_owned();
                     let conn = graceful.watch(conn);
+                    let closed = counters.closed.clone();
                     tokio::spawn(async move {
                         if let Err(error) = conn.await {
                             tracing::debug!(listener = name, %peer, %error, "connection ended with an error");
                         }
+                        closed.inc();
                     });
                 }
                 Err(error) => {

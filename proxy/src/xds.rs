@@ -62,6 +62,8 @@ pub struct NodeInfo {
     pub service: String,
     pub namespace: String,
     pub labels: HashMap<String, String>,
+    /// The admin listener's address, announced so `weftctl top` can scrape `/metrics`.
+    pub admin_addr: String,
 }
 
 /// Streams configuration from `addresses` into `state` until the task is dropped.
@@ -81,6 +83,7 @@ impl Client {
             namespace: node.namespace,
             labels: node.labels,
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            admin_addr: node.admin_addr,
         };
         Self {
             addresses,
@@ -275,6 +278,7 @@ routes:
             service: String::new(),
             namespace: "default".into(),
             labels: HashMap::new(),
+            admin_addr: String::new(),
         };
         Client::new(
             vec!["http://127.0.0.1:1".into()],

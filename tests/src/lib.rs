@@ -7,6 +7,7 @@ pub mod bins;
 pub mod demo;
 pub mod http;
 pub mod mesh;
+pub mod observe;
 pub mod procs;
 pub mod scale;
 

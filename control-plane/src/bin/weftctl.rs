@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use weft_control::client::AdminClient;
-use weft_control::{api, cli};
+use weft_control::{api, cli, top};
 
 /// Inspect and change the weft mesh through weft-control's admin API.
 #[derive(Debug, Parser)]
@@ -48,6 +48,19 @@ enum Command {
         /// Rule index; by default the rule whose backends are exactly the names given.
         #[arg(long, value_name = "N")]
         rule: Option<usize>,
+    },
+    /// Live request rate, success rate and p99 per service and subset, from every connected
+    /// proxy's /metrics (outbound side), refreshed every interval until interrupted.
+    Top {
+        /// Print one measurement (two scrapes one interval apart) and exit.
+        #[arg(long, conflicts_with = "iterations")]
+        once: bool,
+        /// Print this many measurements, then exit.
+        #[arg(long, value_name = "N")]
+        iterations: Option<u64>,
+        /// Seconds between scrapes.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
     },
     /// Replace the whole configuration with a mesh YAML file (`-` reads stdin).
     Apply {
@@ -100,6 +113,42 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 cli::json(&resp)
             } else {
                 cli::set_weight(&resp, &weights)
+            }
+        }
+        Command::Top {
+            once,
+            iterations,
+            interval,
+        } => {
+            let interval = std::time::Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--interval must be a positive number of seconds")?;
+            let iterations = if once { Some(1) } else { iterations };
+            let scraper = top::Scraper::new();
+            let mut done = 0u64;
+            loop {
+                // The proxy list is re-read every round: proxies come and go.
+                let targets = top::Scraper::targets(&client.status().await?);
+                let (rows, errors) = top::measure(&scraper, &targets, interval).await;
+                let out = if json {
+                    cli::json(&serde_json::json!({
+                        "proxies": targets.len(),
+                        "errors": errors,
+                        "rows": rows,
+                    }))
+                } else {
+                    top::render(&rows, targets.len(), &errors)
+                };
+                done += 1;
+                if iterations.is_some_and(|n| done >= n) {
+                    break out;
+                }
+                if !json {
+                    // Clear the screen and home the cursor, like top(1).
+                    print!("\x1b[2J\x1b[H");
+                }
+                println!("{}", out.trim_end());
             }
         }
         Command::Apply { file } => {
