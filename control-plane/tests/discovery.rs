@@ -62,7 +62,6 @@ fn docs<T: serde::de::DeserializeOwned>(yaml: &str) -> Vec<T> {
         .collect()
 }
 
-
 fn snapshot(routes_yaml: &str) -> ClusterSnapshot {
     ClusterSnapshot {
         services: docs::<Service>(SERVICES),
