@@ -9,6 +9,7 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::body::ProxyBody;
+use crate::resilience::ResilienceError;
 use crate::routing::RouteError;
 use crate::upstream::UpstreamError;
 
@@ -22,12 +23,15 @@ pub enum ProxyError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Resilience(#[from] ResilienceError),
 }
 
 /// gRPC status codes the proxy produces (see `grpc/doc/statuscodes.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum GrpcStatus {
+    DeadlineExceeded = 4,
     Unimplemented = 12,
     Unavailable = 14,
 }
@@ -40,6 +44,8 @@ impl ProxyError {
             ProxyError::Route(RouteError::NoEndpoints { .. }) => "no_endpoints",
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "upstream_connect_failed",
             ProxyError::Upstream(UpstreamError::Reset { .. }) => "upstream_reset",
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect_timeout",
+            ProxyError::Resilience(e) => e.reason(),
         }
     }
 
@@ -51,13 +57,21 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Upstream(UpstreamError::Reset { .. }) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Resilience(e) => e.status(),
         }
     }
 
-    fn grpc_status(&self) -> GrpcStatus {
+    fn grpc_status(&self) -> u16 {
         match self {
-            ProxyError::Route(RouteError::NoRoute { .. }) => GrpcStatus::Unimplemented,
-            _ => GrpcStatus::Unavailable,
+            ProxyError::Route(RouteError::NoRoute { .. }) => GrpcStatus::Unimplemented as u16,
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+                GrpcStatus::DeadlineExceeded as u16
+            }
+            ProxyError::Resilience(e) => e.grpc_status(),
+            _ => GrpcStatus::Unavailable as u16,
         }
     }
 
@@ -70,7 +84,7 @@ impl ProxyError {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             h.insert(
                 "grpc-status",
-                HeaderValue::from(self.grpc_status() as u8 as u16),
+                HeaderValue::from(self.grpc_status()),
             );
             h.insert("grpc-message", grpc_message(&message));
             resp
@@ -85,6 +99,12 @@ impl ProxyError {
         };
         resp.headers_mut()
             .insert(REASON_HEADER, HeaderValue::from_static(self.reason()));
+        if let ProxyError::Resilience(e) = self
+            && let Some(secs) = e.retry_after()
+        {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         *resp.version_mut() = version;
         resp
     }

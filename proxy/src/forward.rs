@@ -76,15 +76,18 @@ impl Forwarder {
         let (endpoint, protocol) = match &self.inner.mode {
             Mode::Outbound(state) => {
                 // Route while holding the snapshot, then let go of it before any `.await`:
-                // the request keeps only the endpoint it was given, so a config swap cannot
-                // disturb it.
-                let snapshot = state.load();
-                let target = snapshot.table.route(&req)?;
-                (target.endpoint.authority.clone(), target.set.protocol)
+                // the request keeps only its backend set and rule policy, so a config swap
+                // cannot disturb it.
+                let (set, policy) = state.load().table.resolve(&req)?;
+                return crate::resilience::call::forward(set, policy, req).await;
             }
             Mode::Inbound { app, protocol } => (app.clone(), *protocol),
         };
         let protocol = UpstreamProtocol::resolve(protocol, req.version());
-        Ok(self.inner.upstream.forward(req, endpoint, protocol).await?)
+        Ok(self
+            .inner
+            .upstream
+            .forward(req.map(Into::into), endpoint, protocol)
+            .await?)
     }
 }

@@ -12,6 +12,7 @@ pub mod body;
 pub mod cli;
 pub mod error;
 pub mod forward;
+pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod state;

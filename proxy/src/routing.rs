@@ -16,6 +16,8 @@ use weft_proto::model::{self, MeshConfig, NamedMatch, StringMatch};
 use weft_proto::validate::{Issue, Limits, compile_regex, validate};
 
 use crate::balance::{BalanceError, Endpoint, EndpointSet, WeightedIndex};
+use crate::resilience::Registry;
+use crate::resilience::call::{RulePolicy, ServiceRuntime};
 
 /// Why a configuration could not be compiled.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,8 @@ struct Rule {
     backends: Vec<Arc<EndpointSet>>,
     /// `None` only if every backend weighs 0, which validation refuses.
     weights: Option<WeightedIndex>,
+    /// Timeouts, retries, rate limit, fault, mirror.
+    policy: Arc<RulePolicy>,
 }
 
 #[derive(Debug)]
@@ -97,11 +101,23 @@ impl Table {
     /// Validates `cfg` with `limits`, then compiles it. Validation runs here, not only in the
     /// callers, so that an unvalidated configuration can never reach the request path.
     pub fn compile(cfg: &MeshConfig, limits: &Limits) -> Result<Self, CompileError> {
+        Self::compile_shared(cfg, limits, &Registry::default())
+    }
+
+    /// [`Table::compile`] with resilience state (endpoint stats, pools, buckets) taken from
+    /// `registry`, so that it survives the swap.
+    pub fn compile_shared(
+        cfg: &MeshConfig,
+        limits: &Limits,
+        registry: &Registry,
+    ) -> Result<Self, CompileError> {
         validate(cfg, limits).map_err(CompileError::Invalid)?;
         let mut compiler = Compiler {
             limits,
             services: cfg.services.iter().map(|s| (s.name.as_str(), s)).collect(),
             sets: HashMap::new(),
+            registry,
+            runtimes: HashMap::new(),
         };
         let mut table = Table::default();
         for (ri, route) in cfg.routes.iter().enumerate() {
@@ -109,7 +125,9 @@ impl Table {
                 .rules
                 .iter()
                 .enumerate()
-                .map(|(i, rule)| compiler.rule(rule, &format!("routes[{ri}].rules[{i}]")))
+                .map(|(i, rule)| {
+                    compiler.rule(rule, &format!("routes[{ri}].rules[{i}]"), &route.name, i)
+                })
                 .collect::<Result<_, _>>()?;
             let index = table.routes.len();
             table.routes.push(Route { rules });
@@ -127,6 +145,34 @@ impl Table {
     /// Routes a request to one endpoint: route by host, first matching rule, backend by weight,
     /// endpoint by weight.
     pub fn route<B>(&self, req: &Request<B>) -> Result<Target<'_>, RouteError> {
+        let (_, set) = self.select(req)?;
+        let endpoint = set
+            .choose(req.headers(), None)
+            .map(|i| set.endpoint(i))
+            .ok_or_else(|| RouteError::NoEndpoints {
+                service: set.service.clone(),
+                subset: set.subset.clone(),
+            })?;
+        Ok(Target { set, endpoint })
+    }
+
+    /// The backend set and the rule's policy for a request; the endpoint is chosen per attempt.
+    pub fn resolve<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<(Arc<EndpointSet>, Arc<RulePolicy>), RouteError> {
+        let (rule, set) = self.select(req)?;
+        if set.endpoints().is_empty() {
+            return Err(RouteError::NoEndpoints {
+                service: set.service.clone(),
+                subset: set.subset.clone(),
+            });
+        }
+        Ok((set.clone(), rule.policy.clone()))
+    }
+
+    /// Route by host, first matching rule, backend by weight.
+    fn select<B>(&self, req: &Request<B>) -> Result<(&Rule, &Arc<EndpointSet>), RouteError> {
         let host = request_host(req);
         let no_route = || RouteError::NoRoute {
             host: host.clone().into_owned(),
@@ -146,11 +192,7 @@ impl Table {
             Some(weights) => &rule.backends[weights.pick()],
             None => return Err(no_route()),
         };
-        let endpoint = set.pick().ok_or_else(|| RouteError::NoEndpoints {
-            service: set.service.clone(),
-            subset: set.subset.clone(),
-        })?;
-        Ok(Target { set, endpoint })
+        Ok((rule, set))
     }
 }
 
@@ -167,15 +209,30 @@ struct Compiler<'a> {
     services: HashMap<&'a str, &'a model::Service>,
     /// One endpoint set per (service, subset), shared by every rule that names it.
     sets: HashMap<(&'a str, &'a str), Arc<EndpointSet>>,
+    registry: &'a Registry,
+    /// One runtime per service, shared by its subsets.
+    runtimes: HashMap<&'a str, Arc<ServiceRuntime>>,
 }
 
 impl<'a> Compiler<'a> {
-    fn rule(&mut self, rule: &'a model::Rule, at: &str) -> Result<Rule, CompileError> {
+    fn rule(
+        &mut self,
+        rule: &'a model::Rule,
+        at: &str,
+        route: &str,
+        index: usize,
+    ) -> Result<Rule, CompileError> {
         let backends = rule
             .backends
             .iter()
-            .map(|b| self.endpoint_set(b, at))
+            .map(|b| self.endpoint_set(&b.service, &b.subset, at))
             .collect::<Result<_, _>>()?;
+        let mirror = rule
+            .mirror
+            .as_ref()
+            .map(|m| self.endpoint_set(&m.service, &m.subset, at))
+            .transpose()?;
+        let policy = Arc::new(RulePolicy::build(route, index, rule, self.registry, mirror));
         let m = &rule.matches;
         let limits = self.limits;
         Ok(Rule {
@@ -211,15 +268,17 @@ impl<'a> Compiler<'a> {
                 .collect::<Result<_, CompileError>>()?,
             weights: WeightedIndex::new(rule.backends.iter().map(model::Backend::weight)),
             backends,
+            policy,
         })
     }
 
     fn endpoint_set(
         &mut self,
-        b: &'a model::Backend,
+        service: &'a str,
+        subset: &'a str,
         at: &str,
     ) -> Result<Arc<EndpointSet>, CompileError> {
-        let key = (b.service.as_str(), b.subset.as_str());
+        let key = (service, subset);
         if let Some(set) = self.sets.get(&key) {
             return Ok(set.clone());
         }
@@ -231,16 +290,24 @@ impl<'a> Compiler<'a> {
         let svc = *self
             .services
             .get(key.0)
-            .ok_or_else(|| unknown(format!("service {:?}", b.service)))?;
+            .ok_or_else(|| unknown(format!("service {service:?}")))?;
         let no_selector = BTreeMap::new();
-        let selector = if b.subset.is_empty() {
+        let selector = if subset.is_empty() {
             &no_selector
         } else {
             svc.subsets
-                .get(&b.subset)
-                .ok_or_else(|| unknown(format!("subset {:?}", b.subset)))?
+                .get(subset)
+                .ok_or_else(|| unknown(format!("subset {subset:?}")))?
         };
-        let set = Arc::new(EndpointSet::build(svc, &b.subset, selector)?);
+        let registry = self.registry;
+        let runtime = self
+            .runtimes
+            .entry(service)
+            .or_insert_with(|| Arc::new(ServiceRuntime::build(svc, registry)))
+            .clone();
+        let set = Arc::new(EndpointSet::build_shared(
+            svc, subset, selector, registry, runtime,
+        )?);
         self.sets.insert(key, set.clone());
         Ok(set)
     }
