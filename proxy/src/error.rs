@@ -82,10 +82,7 @@ impl ProxyError {
             let mut resp = Response::new(ProxyBody::empty());
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            h.insert(
-                "grpc-status",
-                HeaderValue::from(self.grpc_status()),
-            );
+            h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
             h.insert("grpc-message", grpc_message(&message));
             resp
         } else {

@@ -4,11 +4,13 @@
 
 pub mod apps;
 pub mod bins;
+pub mod chaos;
 pub mod demo;
 pub mod http;
 pub mod mesh;
 pub mod procs;
 
 pub use apps::{GrpcApp, VersionApp};
+pub use chaos::ChaosApp;
 pub use http::{HttpClient, eventually};
 pub use procs::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts};

@@ -59,7 +59,10 @@ pub struct ServiceRuntime {
 impl ServiceRuntime {
     pub fn build(svc: &model::Service, registry: &Registry) -> Self {
         let p = &svc.policy;
-        let lb = p.load_balancer.clone().unwrap_or_else(LoadBalancer::default);
+        let lb = p
+            .load_balancer
+            .clone()
+            .unwrap_or_else(LoadBalancer::default);
         let shared = registry.service(&svc.name);
         let limits = p.limits.clone().unwrap_or_default();
         let upstream = shared.upstream(PoolKey {
@@ -201,9 +204,9 @@ async fn attempts(
     let (parts, body) = req.into_parts();
     let retry = policy.retry.as_ref();
     let mirror = policy.mirror.as_ref().filter(|(_, pct)| fault::roll(*pct));
-    let cap = retry.map(|r| r.max_body_bytes).or(mirror.map(|_| {
-        retry_defaults::MAX_BODY_BYTES as usize
-    }));
+    let cap = retry
+        .map(|r| r.max_body_bytes)
+        .or(mirror.map(|_| retry_defaults::MAX_BODY_BYTES as usize));
     // The client's body: kept for replay (up to the cap) when a retry or mirror may need it.
     let (mut stream, replay) = match cap {
         Some(cap) => match ReplayBody::new(body, cap) {
@@ -243,7 +246,9 @@ async fn attempts(
         let inflight = stats.start();
         let endpoint = set.endpoint(idx).authority.clone();
         let started = Instant::now();
-        let send = rt.upstream.send(request(&parts, body), endpoint.clone(), protocol);
+        let send = rt
+            .upstream
+            .send(request(&parts, body), endpoint.clone(), protocol);
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let result: Result<Response<Incoming>, ProxyError> = match per_try {
             None => send.await.map_err(Into::into),
@@ -265,17 +270,16 @@ async fn attempts(
                 resp.status().is_server_error()
             }
             Err(_) => {
-                // A fast failure must not look like a fast endpoint to peak-EWMA.
-                stats.observe_latency(elapsed.max(Duration::from_secs(1)));
+                // A fast failure (refused connection) must not look like a fast endpoint to
+                // peak-EWMA; outlier ejection does the rest.
+                stats.observe_latency(elapsed.max(Duration::from_millis(100)));
                 true
             }
         };
         if let Some(o) = &rt.outlier {
             outlier::report(o, &set.stats, idx, failed, now);
         }
-        if !mirrored
-            && let (Some((mset, _)), Some(r)) = (mirror, &replay)
-        {
+        if !mirrored && let (Some((mset, _)), Some(r)) = (mirror, &replay) {
             // The first attempt has the body (or never will): mirror now or not at all.
             mirrored = true;
             if r.is_complete() {
@@ -304,7 +308,8 @@ async fn attempts(
                 Err(ProxyError::Upstream(UpstreamError::Reset { cause, .. }))
                     if safe
                         && (r.on.reset
-                            || (r.on.refused_stream && cause.to_ascii_lowercase().contains("refused"))) =>
+                            || (r.on.refused_stream
+                                && cause.to_ascii_lowercase().contains("refused"))) =>
                 {
                     Some(Duration::ZERO)
                 }

@@ -20,10 +20,13 @@ impl FaultConfig {
                 .delay
                 .as_ref()
                 .map(|d| (d.percent, d.duration.as_duration())),
-            abort: f
-                .abort
-                .as_ref()
-                .map(|a| (a.percent, a.http_status_or_default(), a.grpc_status_or_default())),
+            abort: f.abort.as_ref().map(|a| {
+                (
+                    a.percent,
+                    a.http_status_or_default(),
+                    a.grpc_status_or_default(),
+                )
+            }),
         }
     }
 

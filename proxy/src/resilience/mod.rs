@@ -73,9 +73,9 @@ impl ResilienceError {
     /// The gRPC status for gRPC callers.
     pub fn grpc_status(&self) -> u16 {
         match self {
-            ResilienceError::Timeout { .. } => 4,       // DEADLINE_EXCEEDED
-            ResilienceError::Overflow { .. } => 14,     // UNAVAILABLE
-            ResilienceError::RateLimited { .. } => 8,   // RESOURCE_EXHAUSTED
+            ResilienceError::Timeout { .. } => 4,     // DEADLINE_EXCEEDED
+            ResilienceError::Overflow { .. } => 14,   // UNAVAILABLE
+            ResilienceError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
             ResilienceError::FaultInjected { grpc_status, .. } => *grpc_status as u16,
         }
     }

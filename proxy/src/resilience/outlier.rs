@@ -66,10 +66,12 @@ pub fn report(
     let mut mult = ep.ejections.load(Relaxed);
     if last_end != 0 && cfg.interval_ms > 0 {
         let healthy_for = now_ms.saturating_sub(last_end);
-        mult = mult.saturating_sub(u32::try_from(healthy_for / cfg.interval_ms).unwrap_or(u32::MAX));
+        mult =
+            mult.saturating_sub(u32::try_from(healthy_for / cfg.interval_ms).unwrap_or(u32::MAX));
     }
     mult = mult.saturating_add(1);
-    let duration = (cfg.base_ms.saturating_mul(u64::from(mult))).min(MAX_EJECTION_MS.max(cfg.base_ms));
+    let duration =
+        (cfg.base_ms.saturating_mul(u64::from(mult))).min(MAX_EJECTION_MS.max(cfg.base_ms));
     let until = now_ms + duration;
     ep.ejections.store(mult, Relaxed);
     ep.ejected_until_ms.store(until, Relaxed);
@@ -109,7 +111,10 @@ mod tests {
         let s = set(3);
         let c = cfg();
         assert!(!report(&c, &s, 0, true, 1000));
-        assert!(!report(&c, &s, 0, false, 1000), "a success resets the streak");
+        assert!(
+            !report(&c, &s, 0, false, 1000),
+            "a success resets the streak"
+        );
         assert!(!report(&c, &s, 0, true, 1000));
         assert!(!report(&c, &s, 0, true, 1000));
         assert!(report(&c, &s, 0, true, 1000));

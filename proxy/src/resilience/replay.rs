@@ -156,6 +156,12 @@ impl Body for ReplayBody {
                                 this.pos = usize::MAX;
                             }
                         }
+                        // hyper stops polling once `content-length` bytes are read: notice
+                        // the end here, or the body would never count as complete.
+                        if s.source.as_ref().is_some_and(Body::is_end_stream) {
+                            s.done = true;
+                            s.source = None;
+                        }
                         Frame::data(data)
                     }
                     Err(frame) => match frame.into_trailers() {

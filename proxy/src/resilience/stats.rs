@@ -59,17 +59,25 @@ impl EndpointStats {
         self.inflight.load(Relaxed)
     }
 
-    /// The latency estimate in ns (0 before the first sample).
+    /// The latency estimate in ns (0 before the first sample), decayed toward 0 by the time
+    /// since the last sample (as tower's and Finagle's peak EWMA), so an endpoint that was slow
+    /// once is tried again eventually.
     pub fn ewma_ns(&self) -> f64 {
-        f64::from_bits(self.ewma_ns.load(Relaxed))
+        self.ewma_at(now_ns())
+    }
+
+    fn ewma_at(&self, now: u64) -> f64 {
+        let raw = f64::from_bits(self.ewma_ns.load(Relaxed));
+        let elapsed = now.saturating_sub(self.ewma_at_ns.load(Relaxed)) as f64;
+        raw * (-elapsed / EWMA_DECAY_NS).exp()
     }
 
     /// Peak EWMA: a slower sample is taken at once, a faster one blends in with a weight that
     /// depends on the time since the last sample.
     pub fn observe_latency(&self, rtt: Duration) {
-        let rtt = rtt.as_nanos() as f64;
+        let rtt = (rtt.as_nanos() as f64).max(1.0);
         let now = now_ns();
-        let prev = self.ewma_ns();
+        let prev = self.ewma_at(now);
         let last = self.ewma_at_ns.swap(now, Relaxed);
         let next = if prev == 0.0 || rtt > prev {
             rtt
@@ -115,9 +123,9 @@ mod tests {
     fn peak_ewma_jumps_up_and_decays_down() {
         let s = EndpointStats::default();
         s.observe_latency(Duration::from_millis(1));
-        assert!((s.ewma_ns() - 1e6).abs() < 1.0);
+        assert!((s.ewma_ns() - 1e6).abs() < 1e3);
         s.observe_latency(Duration::from_millis(50));
-        assert!((s.ewma_ns() - 50e6).abs() < 1.0, "peak is taken at once");
+        assert!((s.ewma_ns() - 50e6).abs() < 1e4, "peak is taken at once");
         // A fast sample right after barely moves it (decay is 10 s).
         s.observe_latency(Duration::from_millis(1));
         assert!(s.ewma_ns() > 40e6, "{}", s.ewma_ns());
@@ -129,7 +137,7 @@ mod tests {
         s.observe_latency(Duration::from_millis(2));
         let idle = s.cost();
         let g = s.start();
-        assert!((s.cost() - 2.0 * idle).abs() < 1.0);
+        assert!((s.cost() - 2.0 * idle).abs() < 1e3);
         drop(g);
         assert_eq!(s.inflight(), 0);
     }
