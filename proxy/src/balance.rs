@@ -398,4 +398,99 @@ mod tests {
             EndpointSet::build(&svc, "v9", &[("version".into(), "v9".into())].into()).unwrap();
         assert!(none.pick().is_none());
     }
+
+    fn hashed_service(addrs: &[&str]) -> model::Service {
+        let mut svc = service();
+        svc.endpoints = addrs
+            .iter()
+            .map(|a| model::Endpoint {
+                address: (*a).into(),
+                labels: BTreeMap::new(),
+                weight: None,
+            })
+            .collect();
+        svc.policy.load_balancer = Some(weft_proto::policy::LoadBalancer {
+            algorithm: LbAlgorithm::ConsistentHash,
+            hash_header: Some("x-user".into()),
+            hash_cookie: Some("user".into()),
+        });
+        svc
+    }
+
+    fn owner(set: &EndpointSet, user: &str, cookie: bool) -> String {
+        let mut h = HeaderMap::new();
+        if cookie {
+            h.insert(COOKIE, format!("a=b; user={user}").parse().unwrap());
+        } else {
+            h.insert("x-user", user.parse().unwrap());
+        }
+        set.endpoint(set.choose(&h, None).unwrap())
+            .authority
+            .to_string()
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_moves_few_keys() {
+        let three = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"];
+        let a = EndpointSet::build(&hashed_service(&three), "", &BTreeMap::new()).unwrap();
+        let again = EndpointSet::build(&hashed_service(&three), "", &BTreeMap::new()).unwrap();
+        let four = [three[0], three[1], three[2], "10.0.0.4:80"];
+        let more = EndpointSet::build(&hashed_service(&four), "", &BTreeMap::new()).unwrap();
+        let mut moved = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for u in 0..1000 {
+            let user = format!("user-{u}");
+            let first = owner(&a, &user, false);
+            assert_eq!(first, owner(&a, &user, false), "same key, same endpoint");
+            assert_eq!(first, owner(&again, &user, false), "stable across rebuilds");
+            assert_eq!(
+                first,
+                owner(&a, &user, true),
+                "cookie and header hash alike"
+            );
+            seen.insert(first.clone());
+            if owner(&more, &user, false) != first {
+                moved += 1;
+            }
+        }
+        assert_eq!(seen.len(), 3, "keys spread over every endpoint");
+        // Ideal: 1/4 of the keys move to the new endpoint, none between the old ones.
+        assert!((150..=350).contains(&moved), "{moved} of 1000 keys moved");
+    }
+
+    #[test]
+    fn p2c_ewma_prefers_the_fast_endpoint_and_skips_ejected_ones() {
+        let svc = hashed_service(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+        let mut svc = svc;
+        svc.policy.load_balancer = None;
+        let set = EndpointSet::build(&svc, "", &BTreeMap::new()).unwrap();
+        set.stats[0].observe_latency(std::time::Duration::from_millis(1));
+        set.stats[1].observe_latency(std::time::Duration::from_millis(1));
+        set.stats[2].observe_latency(std::time::Duration::from_millis(50));
+        let mut slow = 0;
+        for _ in 0..3000 {
+            slow += usize::from(set.choose(&HeaderMap::new(), None) == Some(2));
+        }
+        assert!(slow < 100, "slow endpoint picked {slow}/3000");
+        // An ejected endpoint is skipped; with all ejected, traffic still flows (panic mode).
+        set.stats[0]
+            .ejected_until_ms
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..200 {
+            assert_ne!(set.choose(&HeaderMap::new(), None), Some(0));
+        }
+        for s in set.stats.iter() {
+            s.ejected_until_ms
+                .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        }
+        assert!(set.choose(&HeaderMap::new(), None).is_some());
+        // A retry avoids the endpoint that just failed.
+        for s in set.stats.iter() {
+            s.ejected_until_ms
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        for _ in 0..200 {
+            assert_ne!(set.choose(&HeaderMap::new(), Some(1)), Some(1));
+        }
+    }
 }

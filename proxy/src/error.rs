@@ -223,6 +223,53 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn resilience_errors_name_the_policy() {
+        use crate::resilience::{ResilienceError, TimeoutKind};
+        let t: ProxyError = ResilienceError::Timeout {
+            kind: TimeoutKind::PerTry,
+            after_ms: 50,
+            target: "endpoint e:1".into(),
+        }
+        .into();
+        let resp = t.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(resp.headers()[REASON_HEADER], "per_try_timeout");
+        let resp = t.to_response(true, Version::HTTP_2);
+        assert_eq!(resp.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+
+        let limited: ProxyError = ResilienceError::RateLimited {
+            rule: "r/0".into(),
+            retry_after_secs: 3,
+        }
+        .into();
+        let resp = limited.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()["retry-after"], "3");
+
+        let fault: ProxyError = ResilienceError::FaultInjected {
+            rule: "r/0".into(),
+            status: 418,
+            grpc_status: 9,
+        }
+        .into();
+        assert_eq!(
+            fault.to_response(false, Version::HTTP_11).status().as_u16(),
+            418
+        );
+        assert_eq!(
+            fault.to_response(true, Version::HTTP_2).headers()["grpc-status"],
+            "9"
+        );
+        let timeout: ProxyError = UpstreamError::ConnectTimeout {
+            endpoint: "e:1".into(),
+            cause: "timed out".into(),
+        }
+        .into();
+        assert_eq!(timeout.reason(), "connect_timeout");
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
     #[test]
     fn grpc_is_detected_by_content_type() {
         let mut h = HeaderMap::new();

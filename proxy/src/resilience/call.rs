@@ -12,7 +12,7 @@ use http::request::Parts;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use weft_proto::model;
-use weft_proto::policy::{LbAlgorithm, LoadBalancer, RetryBudget, retry_defaults};
+use weft_proto::policy::{LbAlgorithm, RetryBudget, retry_defaults};
 
 use super::budget::BudgetConfig;
 use super::fault::{self, FaultConfig};
@@ -59,10 +59,7 @@ pub struct ServiceRuntime {
 impl ServiceRuntime {
     pub fn build(svc: &model::Service, registry: &Registry) -> Self {
         let p = &svc.policy;
-        let lb = p
-            .load_balancer
-            .clone()
-            .unwrap_or_else(LoadBalancer::default);
+        let lb = p.load_balancer.clone().unwrap_or_default();
         let shared = registry.service(&svc.name);
         let limits = p.limits.clone().unwrap_or_default();
         let upstream = shared.upstream(PoolKey {

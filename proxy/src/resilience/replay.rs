@@ -186,7 +186,7 @@ impl Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.lock().hint.clone()
+        self.lock().hint
     }
 }
 
