@@ -45,6 +45,7 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "upstream_connect_failed",
             ProxyError::Upstream(UpstreamError::Reset { .. }) => "upstream_reset",
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect_timeout",
+            ProxyError::Upstream(UpstreamError::ConnectionLimit { .. }) => "overflow",
             ProxyError::Resilience(e) => e.reason(),
         }
     }
@@ -53,9 +54,9 @@ impl ProxyError {
         match self {
             ProxyError::Route(RouteError::NoRoute { .. }) => StatusCode::NOT_FOUND,
             ProxyError::Route(RouteError::NoEndpoints { .. })
-            | ProxyError::Upstream(UpstreamError::Connect { .. }) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | ProxyError::Upstream(
+                UpstreamError::Connect { .. } | UpstreamError::ConnectionLimit { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Reset { .. }) => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
                 StatusCode::GATEWAY_TIMEOUT

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
+use crate::resilience::connector::{Connector, TooManyConnections};
 use crate::resilience::registry::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, PoolKey};
 use crate::resilience::replay::RequestBody;
 
@@ -26,6 +27,8 @@ pub enum UpstreamError {
     Connect { endpoint: String, cause: String },
     #[error("connect to upstream {endpoint} timed out: {cause}")]
     ConnectTimeout { endpoint: String, cause: String },
+    #[error("no new connection to upstream {endpoint}: {cause}")]
+    ConnectionLimit { endpoint: String, cause: String },
     #[error("upstream {endpoint} failed the request: {cause}")]
     Reset { endpoint: String, cause: String },
 }
@@ -52,8 +55,8 @@ impl UpstreamProtocol {
 /// The shared upstream clients. Cheap to clone (the pools are behind `Arc`s).
 #[derive(Clone)]
 pub struct Upstream {
-    http1: Client<HttpConnector, RequestBody>,
-    http2: Client<HttpConnector, RequestBody>,
+    http1: Client<Connector, RequestBody>,
+    http2: Client<Connector, RequestBody>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -82,6 +85,8 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(key.connect_timeout));
+        // One connection cap shared by both pools of the service.
+        let connector = Connector::new(connector, key.max_connections);
         let build = |http2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -169,13 +174,26 @@ impl Upstream {
 fn classify(err: &hyper_util::client::legacy::Error, endpoint: &str) -> UpstreamError {
     let endpoint = endpoint.to_owned();
     let cause = root_cause(err);
-    if err.is_connect() && timed_out(err) {
+    if err.is_connect() && in_chain::<TooManyConnections>(err) {
+        UpstreamError::ConnectionLimit { endpoint, cause }
+    } else if err.is_connect() && timed_out(err) {
         UpstreamError::ConnectTimeout { endpoint, cause }
     } else if err.is_connect() {
         UpstreamError::Connect { endpoint, cause }
     } else {
         UpstreamError::Reset { endpoint, cause }
     }
+}
+
+fn in_chain<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<E>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Whether an `io::ErrorKind::TimedOut` (the connector's connect timeout) is in the chain.

@@ -303,6 +303,37 @@ async fn bulkhead_refuses_the_eleventh_concurrent_request_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_refuses_a_third_connection() {
+    let app = ChaosApp::start("slow").await;
+    app.latency(Duration::from_millis(1500));
+    let e = Arc::new(env(&yaml(&[app.addr], "limits: {max_connections: 2}", "", "")).await);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let e = e.clone();
+        held.push(tokio::spawn(async move { e.get().await.status }));
+    }
+    eventually(Duration::from_secs(5), "2 requests in flight", || async {
+        (app.active() == 2).then_some(())
+    })
+    .await;
+    // HTTP/1.1 upstream: a third concurrent request needs a third connection.
+    let start = Instant::now();
+    let r = e.get().await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(reason(&r), "overflow");
+    assert!(start.elapsed() < Duration::from_millis(500));
+    for h in held {
+        assert_eq!(h.await.unwrap(), StatusCode::OK);
+    }
+    app.latency(Duration::ZERO);
+    assert_eq!(
+        e.get().await.status,
+        StatusCode::OK,
+        "pooled connections are reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_ewma_avoids_the_slow_endpoint() {
     let apps = [
         ChaosApp::start("fast1").await,

@@ -12,6 +12,7 @@
 pub mod budget;
 pub mod bulkhead;
 pub mod call;
+pub mod connector;
 pub mod fault;
 pub mod health;
 pub mod mirror;
