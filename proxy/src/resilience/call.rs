@@ -199,6 +199,7 @@ async fn attempts(
     };
     let protocol = UpstreamProtocol::resolve(set.protocol, req.version());
     let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
     let retry = policy.retry.as_ref();
     let mirror = policy.mirror.as_ref().filter(|(_, pct)| fault::roll(*pct));
     let cap = retry
@@ -213,6 +214,10 @@ async fn attempts(
         None => (Some(body), None),
     };
     let mut mirrored = mirror.is_none();
+    // A request that is sent once keeps its own head; others copy it per attempt.
+    let single = retry.is_none() && mirror.is_none();
+    let mut head = Some(parts);
+    let no_headers = http::HeaderMap::new();
     let now = now_ms();
     rt.shared.budget.deposit(&rt.budget, now);
     let mut exclude = None;
@@ -229,12 +234,13 @@ async fn attempts(
         if !mirrored
             && let (Some((mset, _)), Some(r)) = (mirror, &replay)
             && r.is_complete()
+            && let Some(parts) = &head
         {
             mirrored = true;
-            mirror::spawn(mset.clone(), &parts, r);
+            mirror::spawn(mset.clone(), parts, r);
         }
         let idx = set
-            .choose(&parts.headers, exclude)
+            .choose(head.as_ref().map_or(&no_headers, |p| &p.headers), exclude)
             .ok_or_else(|| RouteError::NoEndpoints {
                 service: set.service.clone(),
                 subset: set.subset.clone(),
@@ -243,9 +249,14 @@ async fn attempts(
         let inflight = stats.start();
         let endpoint = set.endpoint(idx).authority.clone();
         let started = Instant::now();
-        let send = rt
-            .upstream
-            .send(request(&parts, body), endpoint.clone(), protocol);
+        let send = rt.upstream.send(
+            match head.as_ref() {
+                Some(parts) if !single => request(parts, body),
+                _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
+            },
+            endpoint.clone(),
+            protocol,
+        );
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let result: Result<Response<Incoming>, ProxyError> = match per_try {
             None => send.await.map_err(Into::into),
@@ -279,8 +290,10 @@ async fn attempts(
         if !mirrored && let (Some((mset, _)), Some(r)) = (mirror, &replay) {
             // The first attempt has the body (or never will): mirror now or not at all.
             mirrored = true;
-            if r.is_complete() {
-                mirror::spawn(mset.clone(), &parts, r);
+            if r.is_complete()
+                && let Some(parts) = &head
+            {
+                mirror::spawn(mset.clone(), parts, r);
             }
         }
 
@@ -289,7 +302,7 @@ async fn attempts(
         if let Some(r) = retry
             && retries < r.attempts
         {
-            let safe = r.allow_non_idempotent || retry::idempotent(&parts.method);
+            let safe = r.allow_non_idempotent || retry::idempotent(&method);
             let wanted = match &result {
                 Ok(resp) if safe && r.retry_response(resp.status(), resp.headers()) => {
                     match retry::retry_after(resp.headers()) {
@@ -342,12 +355,16 @@ async fn attempts(
     }
 }
 
-/// The body is consumed by an attempt before the next one is made only when it was
-/// replayable; this is the error should that invariant ever break.
+/// The body (and, for a single attempt, the head) is consumed by an attempt; another attempt
+/// is made only when it can be replayed. This is the error should that invariant ever break.
 fn unreachable_replay() -> Result<RequestBody, ProxyError> {
-    Err(UpstreamError::Reset {
+    Err(gone())
+}
+
+fn gone() -> ProxyError {
+    UpstreamError::Reset {
         endpoint: "-".into(),
-        cause: "request body cannot be replayed".into(),
+        cause: "request cannot be replayed".into(),
     }
-    .into())
+    .into()
 }

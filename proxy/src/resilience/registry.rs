@@ -186,3 +186,66 @@ impl Drop for Registry {
 pub fn rule_key(route: &str, index: usize) -> String {
     format!("{route}#{index}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::Table;
+    use std::time::Duration as D;
+    use weft_proto::validate::{Limits, parse_yaml};
+
+    fn cfg(extra_endpoint: bool, rate: u32) -> MeshConfig {
+        let extra = if extra_endpoint {
+            ", {address: \"127.0.0.1:3\"}"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "services:\n  - {{name: a, endpoints: [{{address: \"127.0.0.1:1\"}}, {{address: \"127.0.0.1:2\"}}{extra}]}}\n\
+             routes:\n  - name: a\n    hosts: [a]\n    rules:\n      - {{backends: [{{service: a}}], rate_limit: {{requests: {rate}}}}}\n"
+        );
+        parse_yaml("m", &yaml, &Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn endpoint_state_survives_a_swap_and_is_dropped_with_the_endpoint() {
+        let reg = Registry::default();
+        let v1 = cfg(true, 10);
+        let _t1 = Table::compile_shared(&v1, &Limits::default(), &reg).unwrap();
+        reg.commit(&v1);
+        let stats = reg.endpoint("a", "127.0.0.1:1");
+        stats.observe_latency(D::from_millis(7));
+        let bucket = reg.bucket(
+            &rule_key("a", 0),
+            RateConfig::from_model(&weft_proto::policy::RateLimit {
+                requests: 10,
+                interval: None,
+                burst: None,
+            }),
+        );
+
+        // Same endpoints and rate, one endpoint fewer: state is kept for those that stay.
+        let v2 = cfg(false, 10);
+        let _t2 = Table::compile_shared(&v2, &Limits::default(), &reg).unwrap();
+        reg.commit(&v2);
+        let again = reg.endpoint("a", "127.0.0.1:1");
+        assert!(
+            Arc::ptr_eq(&stats, &again),
+            "EWMA and in-flight survive the swap"
+        );
+        assert!(again.ewma_ns() > 6e6);
+        let gone = lock(&reg.endpoints).contains_key(&("a".into(), "127.0.0.1:3".into()));
+        assert!(!gone, "a removed endpoint's state is dropped");
+        let b2 = lock(&reg.buckets).get(&rule_key("a", 0)).cloned().unwrap();
+        assert!(
+            Arc::ptr_eq(&bucket, &b2),
+            "an unchanged rate keeps its bucket"
+        );
+
+        // A changed rate gets a fresh bucket.
+        let v3 = cfg(false, 20);
+        let _t3 = Table::compile_shared(&v3, &Limits::default(), &reg).unwrap();
+        let b3 = lock(&reg.buckets).get(&rule_key("a", 0)).cloned().unwrap();
+        assert!(!Arc::ptr_eq(&bucket, &b3));
+    }
+}
