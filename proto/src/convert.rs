@@ -68,9 +68,14 @@ fn cluster_to_pb(s: &model::Service) -> pb::Cluster {
                 labels: labels.clone().into_iter().collect(),
             })
             .collect(),
-        policy: Some(pb::ClusterPolicy {
-            connect_timeout_ms: ms(s.policy.connect_timeout),
-            idle_timeout_ms: ms(s.policy.idle_timeout),
+        policy: Some({
+            let mut p = pb::ClusterPolicy {
+                connect_timeout_ms: ms(s.policy.connect_timeout),
+                idle_timeout_ms: ms(s.policy.idle_timeout),
+                ..Default::default()
+            };
+            crate::policy::cluster_policy_to_pb(&s.policy, &mut p);
+            p
         }),
     }
 }
@@ -131,17 +136,22 @@ fn rule_to_pb(rule: &model::Rule) -> pb::Rule {
                 weight: b.weight(),
             })
             .collect(),
-        policy: Some(pb::RoutePolicy {
-            timeout_ms: ms(rule.timeout),
-            retries: rule.retries.as_ref().map(|r| pb::RetryPolicy {
-                attempts: r.attempts,
-                per_try_timeout_ms: ms(r.per_try_timeout),
-                retry_on: r.retry_on.clone(),
-                backoff_base_ms: ms(r.backoff_base),
-                backoff_max_ms: ms(r.backoff_max),
-                allow_non_idempotent: r.allow_non_idempotent,
-                max_body_bytes: r.max_body_bytes.unwrap_or(0),
-            }),
+        policy: Some({
+            let mut p = pb::RoutePolicy {
+                timeout_ms: ms(rule.timeout),
+                retries: rule.retries.as_ref().map(|r| pb::RetryPolicy {
+                    attempts: r.attempts,
+                    per_try_timeout_ms: ms(r.per_try_timeout),
+                    retry_on: r.retry_on.clone(),
+                    backoff_base_ms: ms(r.backoff_base),
+                    backoff_max_ms: ms(r.backoff_max),
+                    allow_non_idempotent: r.allow_non_idempotent,
+                    max_body_bytes: r.max_body_bytes.unwrap_or(0),
+                }),
+                ..Default::default()
+            };
+            crate::policy::route_policy_to_pb(rule, &mut p);
+            p
         }),
     }
 }
@@ -183,7 +193,13 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
         .iter()
         .map(|p| u16::try_from(*p).map_err(|_| err(format!("port {p} is out of range"))))
         .collect::<Result<_, _>>()?;
-    let policy = c.policy.unwrap_or_default();
+    let policy = c.policy.clone().unwrap_or_default();
+    let mut model_policy = model::ClusterPolicy {
+        connect_timeout: opt_ms(policy.connect_timeout_ms),
+        idle_timeout: opt_ms(policy.idle_timeout_ms),
+        ..Default::default()
+    };
+    crate::policy::cluster_policy_from_pb(&policy, &mut model_policy).map_err(err)?;
     Ok(model::Service {
         name: c.name.clone(),
         namespace: c.namespace.clone(),
@@ -208,10 +224,7 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
                 )
             })
             .collect(),
-        policy: model::ClusterPolicy {
-            connect_timeout: opt_ms(policy.connect_timeout_ms),
-            idle_timeout: opt_ms(policy.idle_timeout_ms),
-        },
+        policy: model_policy,
     })
 }
 
@@ -239,7 +252,7 @@ fn route_from_pb(r: &pb::Route) -> Result<model::Route, ConvertError> {
             .map(|rule| {
                 let m = rule.r#match.clone().unwrap_or_default();
                 let policy = rule.policy.clone().unwrap_or_default();
-                model::Rule {
+                let mut out = model::Rule {
                     name: rule.name.clone(),
                     matches: model::RouteMatch {
                         path: m.path.as_ref().map(string_match_from_pb),
@@ -281,7 +294,7 @@ fn route_from_pb(r: &pb::Route) -> Result<model::Route, ConvertError> {
                         })
                         .collect(),
                     timeout: opt_ms(policy.timeout_ms),
-                    retries: policy.retries.map(|r| model::RetryPolicy {
+                    retries: policy.retries.clone().map(|r| model::RetryPolicy {
                         attempts: r.attempts,
                         per_try_timeout: opt_ms(r.per_try_timeout_ms),
                         retry_on: r.retry_on,
@@ -290,7 +303,10 @@ fn route_from_pb(r: &pb::Route) -> Result<model::Route, ConvertError> {
                         allow_non_idempotent: r.allow_non_idempotent,
                         max_body_bytes: (r.max_body_bytes != 0).then_some(r.max_body_bytes),
                     }),
-                }
+                    ..Default::default()
+                };
+                crate::policy::route_policy_from_pb(&policy, &mut out);
+                out
             })
             .collect(),
     })

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod locate;
 pub mod model;
 pub mod ops;
+pub mod policy;
 pub mod validate;
 
 /// Generated protobuf and tonic code for `weft.config.v1`.

@@ -9,6 +9,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::policy;
+
 /// The whole mesh: services (with their endpoints and subsets) and the routes over them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +70,17 @@ pub struct ClusterPolicy {
     pub connect_timeout: Option<Millis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Millis>,
+    // Resilience (see crate::policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<policy::LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<policy::OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<policy::ConnectionLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<policy::HealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<policy::RetryBudget>,
 }
 
 impl ClusterPolicy {
@@ -98,6 +111,16 @@ pub struct Rule {
     pub timeout: Option<Millis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetryPolicy>,
+    // Resilience (see crate::policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<policy::RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<policy::Fault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<policy::Mirror>,
+    /// A response body (or a stream) that sends nothing for this long is cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

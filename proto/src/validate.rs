@@ -235,6 +235,10 @@ impl Validator<'_> {
                     );
                 }
             }
+            let pp = at(&p, [key("policy")]);
+            for (path, reason) in crate::policy::check_cluster_policy(&pp, &svc.policy) {
+                self.fail(path, reason);
+            }
         }
 
         let mut hosts: HashMap<String, &str> = HashMap::new();
@@ -358,6 +362,9 @@ impl Validator<'_> {
         }
         if let Some(r) = &rule.retries {
             self.retries(&at(p, [key("retries")]), r);
+        }
+        for (path, reason) in crate::policy::check_rule(p, rule, services) {
+            self.fail(path, reason);
         }
     }
 

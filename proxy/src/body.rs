@@ -13,10 +13,14 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::resilience::timeout::{BoxError, TrackedBody};
+
 #[derive(Debug)]
 pub enum ProxyBody {
     Upstream(Incoming),
     Local(Full<Bytes>),
+    /// An upstream body under a resilience policy (slots held, stream idle timeout).
+    Tracked(TrackedBody),
 }
 
 impl ProxyBody {
@@ -33,14 +37,15 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Tracked(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Local(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|never: Infallible| match never {}),
@@ -50,6 +55,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Tracked(body) => body.is_end_stream(),
             ProxyBody::Local(body) => body.is_end_stream(),
         }
     }
@@ -57,6 +63,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Tracked(body) => body.size_hint(),
             ProxyBody::Local(body) => body.size_hint(),
         }
     }

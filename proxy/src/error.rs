@@ -9,6 +9,7 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::body::ProxyBody;
+use crate::resilience::ResilienceError;
 use crate::routing::RouteError;
 use crate::upstream::UpstreamError;
 
@@ -22,12 +23,15 @@ pub enum ProxyError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Resilience(#[from] ResilienceError),
 }
 
 /// gRPC status codes the proxy produces (see `grpc/doc/statuscodes.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum GrpcStatus {
+    DeadlineExceeded = 4,
     Unimplemented = 12,
     Unavailable = 14,
 }
@@ -40,6 +44,9 @@ impl ProxyError {
             ProxyError::Route(RouteError::NoEndpoints { .. }) => "no_endpoints",
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "upstream_connect_failed",
             ProxyError::Upstream(UpstreamError::Reset { .. }) => "upstream_reset",
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect_timeout",
+            ProxyError::Upstream(UpstreamError::ConnectionLimit { .. }) => "overflow",
+            ProxyError::Resilience(e) => e.reason(),
         }
     }
 
@@ -47,17 +54,25 @@ impl ProxyError {
         match self {
             ProxyError::Route(RouteError::NoRoute { .. }) => StatusCode::NOT_FOUND,
             ProxyError::Route(RouteError::NoEndpoints { .. })
-            | ProxyError::Upstream(UpstreamError::Connect { .. }) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | ProxyError::Upstream(
+                UpstreamError::Connect { .. } | UpstreamError::ConnectionLimit { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(UpstreamError::Reset { .. }) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Resilience(e) => e.status(),
         }
     }
 
-    fn grpc_status(&self) -> GrpcStatus {
+    fn grpc_status(&self) -> u16 {
         match self {
-            ProxyError::Route(RouteError::NoRoute { .. }) => GrpcStatus::Unimplemented,
-            _ => GrpcStatus::Unavailable,
+            ProxyError::Route(RouteError::NoRoute { .. }) => GrpcStatus::Unimplemented as u16,
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+                GrpcStatus::DeadlineExceeded as u16
+            }
+            ProxyError::Resilience(e) => e.grpc_status(),
+            _ => GrpcStatus::Unavailable as u16,
         }
     }
 
@@ -68,10 +83,7 @@ impl ProxyError {
             let mut resp = Response::new(ProxyBody::empty());
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            h.insert(
-                "grpc-status",
-                HeaderValue::from(self.grpc_status() as u8 as u16),
-            );
+            h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
             h.insert("grpc-message", grpc_message(&message));
             resp
         } else {
@@ -85,6 +97,12 @@ impl ProxyError {
         };
         resp.headers_mut()
             .insert(REASON_HEADER, HeaderValue::from_static(self.reason()));
+        if let ProxyError::Resilience(e) = self
+            && let Some(secs) = e.retry_after()
+        {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         *resp.version_mut() = version;
         resp
     }
@@ -204,6 +222,53 @@ mod tests {
                 .unwrap()
                 .ends_with("100%25 gone")
         );
+    }
+
+    #[tokio::test]
+    async fn resilience_errors_name_the_policy() {
+        use crate::resilience::{ResilienceError, TimeoutKind};
+        let t: ProxyError = ResilienceError::Timeout {
+            kind: TimeoutKind::PerTry,
+            after_ms: 50,
+            target: "endpoint e:1".into(),
+        }
+        .into();
+        let resp = t.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(resp.headers()[REASON_HEADER], "per_try_timeout");
+        let resp = t.to_response(true, Version::HTTP_2);
+        assert_eq!(resp.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+
+        let limited: ProxyError = ResilienceError::RateLimited {
+            rule: "r/0".into(),
+            retry_after_secs: 3,
+        }
+        .into();
+        let resp = limited.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()["retry-after"], "3");
+
+        let fault: ProxyError = ResilienceError::FaultInjected {
+            rule: "r/0".into(),
+            status: 418,
+            grpc_status: 9,
+        }
+        .into();
+        assert_eq!(
+            fault.to_response(false, Version::HTTP_11).status().as_u16(),
+            418
+        );
+        assert_eq!(
+            fault.to_response(true, Version::HTTP_2).headers()["grpc-status"],
+            "9"
+        );
+        let timeout: ProxyError = UpstreamError::ConnectTimeout {
+            endpoint: "e:1".into(),
+            cause: "timed out".into(),
+        }
+        .into();
+        assert_eq!(timeout.reason(), "connect_timeout");
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
     }
 
     #[test]

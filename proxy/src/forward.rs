@@ -114,12 +114,19 @@ impl Forwarder {
         let (endpoint, protocol) = match &self.inner.mode {
             Mode::Outbound(state) => {
                 // Route while holding the snapshot, then let go of it before any `.await`:
-                // the request keeps only the endpoint it was given, so a config swap cannot
-                // disturb it.
-                let snapshot = state.load();
-                let target = snapshot.table.route(&req)?;
-                meta.target = Some(target.labels.clone());
-                (target.endpoint.authority.clone(), target.set.protocol)
+                // the request keeps only its backend set and rule policy (the endpoint is
+                // chosen per attempt), so a config swap cannot disturb it.
+                let (set, policy, labels) = state.load().table.resolve(&req)?;
+                meta.target = Some(labels);
+                let resp = crate::resilience::call::forward(set, policy, req).await?;
+                if let Some(a) = resp
+                    .extensions()
+                    .get::<crate::resilience::call::Attempted>()
+                {
+                    meta.upstream = Some(a.endpoint.clone());
+                    meta.retries = a.retries;
+                }
+                return Ok(resp);
             }
             Mode::Inbound { app, protocol } => {
                 meta.target = Some(self.inner.telemetry.inbound_target.clone());
@@ -128,6 +135,10 @@ impl Forwarder {
         };
         meta.upstream = Some(endpoint.clone());
         let protocol = UpstreamProtocol::resolve(protocol, req.version());
-        Ok(self.inner.upstream.forward(req, endpoint, protocol).await?)
+        Ok(self
+            .inner
+            .upstream
+            .forward(req.map(Into::into), endpoint, protocol)
+            .await?)
     }
 }

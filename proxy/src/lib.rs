@@ -19,6 +19,7 @@ pub mod forward;
 pub mod log_level;
 pub mod metrics;
 pub mod observe;
+pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod state;

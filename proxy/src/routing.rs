@@ -17,6 +17,8 @@ use weft_proto::validate::{Issue, Limits, compile_regex, validate};
 
 use crate::balance::{BalanceError, Endpoint, EndpointSet, WeightedIndex};
 use crate::metrics::TargetLabels;
+use crate::resilience::Registry;
+use crate::resilience::call::{RulePolicy, ServiceRuntime};
 
 /// Why a configuration could not be compiled.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,8 @@ struct Rule {
     labels: Vec<Arc<TargetLabels>>,
     /// `None` only if every backend weighs 0, which validation refuses.
     weights: Option<WeightedIndex>,
+    /// Timeouts, retries, rate limit, fault, mirror.
+    policy: Arc<RulePolicy>,
 }
 
 #[derive(Debug)]
@@ -100,11 +104,23 @@ impl Table {
     /// Validates `cfg` with `limits`, then compiles it. Validation runs here, not only in the
     /// callers, so that an unvalidated configuration can never reach the request path.
     pub fn compile(cfg: &MeshConfig, limits: &Limits) -> Result<Self, CompileError> {
+        Self::compile_shared(cfg, limits, &Registry::default())
+    }
+
+    /// [`Table::compile`] with resilience state (endpoint stats, pools, buckets) taken from
+    /// `registry`, so that it survives the swap.
+    pub fn compile_shared(
+        cfg: &MeshConfig,
+        limits: &Limits,
+        registry: &Registry,
+    ) -> Result<Self, CompileError> {
         validate(cfg, limits).map_err(CompileError::Invalid)?;
         let mut compiler = Compiler {
             limits,
             services: cfg.services.iter().map(|s| (s.name.as_str(), s)).collect(),
             sets: HashMap::new(),
+            registry,
+            runtimes: HashMap::new(),
         };
         let mut table = Table::default();
         for (ri, route) in cfg.routes.iter().enumerate() {
@@ -113,7 +129,7 @@ impl Table {
                 .iter()
                 .enumerate()
                 .map(|(i, rule)| {
-                    compiler.rule(rule, &route.name, &format!("routes[{ri}].rules[{i}]"))
+                    compiler.rule(rule, &format!("routes[{ri}].rules[{i}]"), &route.name, i)
                 })
                 .collect::<Result<_, _>>()?;
             let index = table.routes.len();
@@ -132,6 +148,39 @@ impl Table {
     /// Routes a request to one endpoint: route by host, first matching rule, backend by weight,
     /// endpoint by weight.
     pub fn route<B>(&self, req: &Request<B>) -> Result<Target<'_>, RouteError> {
+        let (_, set, labels) = self.select(req)?;
+        let endpoint = set
+            .choose(req.headers(), None)
+            .map(|i| set.endpoint(i))
+            .ok_or_else(|| RouteError::NoEndpoints {
+                service: set.service.clone(),
+                subset: set.subset.clone(),
+            })?;
+        Ok(Target {
+            set,
+            endpoint,
+            labels,
+        })
+    }
+
+    /// The backend set, the rule's policy and the metric labels for a request; the endpoint is
+    /// chosen per attempt.
+    pub fn resolve<B>(&self, req: &Request<B>) -> Result<Resolved, RouteError> {
+        let (rule, set, labels) = self.select(req)?;
+        if set.endpoints().is_empty() {
+            return Err(RouteError::NoEndpoints {
+                service: set.service.clone(),
+                subset: set.subset.clone(),
+            });
+        }
+        Ok((set.clone(), rule.policy.clone(), labels.clone()))
+    }
+
+    /// Route by host, first matching rule, backend by weight.
+    fn select<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<(&Rule, &Arc<EndpointSet>, &Arc<TargetLabels>), RouteError> {
         let host = request_host(req);
         let no_route = || RouteError::NoRoute {
             host: host.clone().into_owned(),
@@ -154,17 +203,12 @@ impl Table {
             }
             None => return Err(no_route()),
         };
-        let endpoint = set.pick().ok_or_else(|| RouteError::NoEndpoints {
-            service: set.service.clone(),
-            subset: set.subset.clone(),
-        })?;
-        Ok(Target {
-            set,
-            endpoint,
-            labels,
-        })
+        Ok((rule, set, labels))
     }
 }
+
+/// What [`Table::resolve`] gives a request: its backend set, its rule's policy, its labels.
+pub type Resolved = (Arc<EndpointSet>, Arc<RulePolicy>, Arc<TargetLabels>);
 
 /// Where a request goes: the chosen endpoint and the set (service, subset, protocol) it is in.
 #[derive(Debug, Clone, Copy)]
@@ -181,15 +225,30 @@ struct Compiler<'a> {
     services: HashMap<&'a str, &'a model::Service>,
     /// One endpoint set per (service, subset), shared by every rule that names it.
     sets: HashMap<(&'a str, &'a str), Arc<EndpointSet>>,
+    registry: &'a Registry,
+    /// One runtime per service, shared by its subsets.
+    runtimes: HashMap<&'a str, Arc<ServiceRuntime>>,
 }
 
 impl<'a> Compiler<'a> {
-    fn rule(&mut self, rule: &'a model::Rule, route: &str, at: &str) -> Result<Rule, CompileError> {
+    fn rule(
+        &mut self,
+        rule: &'a model::Rule,
+        at: &str,
+        route: &str,
+        index: usize,
+    ) -> Result<Rule, CompileError> {
         let backends = rule
             .backends
             .iter()
-            .map(|b| self.endpoint_set(b, at))
+            .map(|b| self.endpoint_set(&b.service, &b.subset, at))
             .collect::<Result<_, _>>()?;
+        let mirror = rule
+            .mirror
+            .as_ref()
+            .map(|m| self.endpoint_set(&m.service, &m.subset, at))
+            .transpose()?;
+        let policy = Arc::new(RulePolicy::build(route, index, rule, self.registry, mirror));
         let m = &rule.matches;
         let limits = self.limits;
         Ok(Rule {
@@ -230,15 +289,17 @@ impl<'a> Compiler<'a> {
                 .map(|b| Arc::new(TargetLabels::new(route, &b.service, &b.subset)))
                 .collect(),
             backends,
+            policy,
         })
     }
 
     fn endpoint_set(
         &mut self,
-        b: &'a model::Backend,
+        service: &'a str,
+        subset: &'a str,
         at: &str,
     ) -> Result<Arc<EndpointSet>, CompileError> {
-        let key = (b.service.as_str(), b.subset.as_str());
+        let key = (service, subset);
         if let Some(set) = self.sets.get(&key) {
             return Ok(set.clone());
         }
@@ -250,16 +311,24 @@ impl<'a> Compiler<'a> {
         let svc = *self
             .services
             .get(key.0)
-            .ok_or_else(|| unknown(format!("service {:?}", b.service)))?;
+            .ok_or_else(|| unknown(format!("service {service:?}")))?;
         let no_selector = BTreeMap::new();
-        let selector = if b.subset.is_empty() {
+        let selector = if subset.is_empty() {
             &no_selector
         } else {
             svc.subsets
-                .get(&b.subset)
-                .ok_or_else(|| unknown(format!("subset {:?}", b.subset)))?
+                .get(subset)
+                .ok_or_else(|| unknown(format!("subset {subset:?}")))?
         };
-        let set = Arc::new(EndpointSet::build(svc, &b.subset, selector)?);
+        let registry = self.registry;
+        let runtime = self
+            .runtimes
+            .entry(service)
+            .or_insert_with(|| Arc::new(ServiceRuntime::build(svc, registry)))
+            .clone();
+        let set = Arc::new(EndpointSet::build_shared(
+            svc, subset, selector, registry, runtime,
+        )?);
         self.sets.insert(key, set.clone());
         Ok(set)
     }

@@ -12,6 +12,7 @@ use arc_swap::{ArcSwap, Guard};
 use weft_proto::validate::Limits;
 use weft_proto::{ConvertError, MeshConfig, Resources, from_resources};
 
+use crate::resilience::Registry;
 use crate::routing::{CompileError, Table};
 
 /// Why a configuration was not applied; the message goes into the NACK.
@@ -73,6 +74,8 @@ pub struct Status {
 pub struct ProxyState {
     snapshot: ArcSwap<Snapshot>,
     limits: Limits,
+    /// Resilience state that survives configuration swaps.
+    registry: Registry,
     /// Rarely written, read by `/config`; never held across an `.await`.
     status: Mutex<Status>,
 }
@@ -82,6 +85,7 @@ impl ProxyState {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             limits,
+            registry: Registry::default(),
             status: Mutex::new(Status::default()),
         }
     }
@@ -113,7 +117,9 @@ impl ProxyState {
         source: Source,
     ) -> Result<(), ApplyError> {
         let config = from_resources(resources)?;
-        let table = Table::compile(&config, &self.limits)?;
+        let table = Table::compile_shared(&config, &self.limits, &self.registry)?;
+        // Nothing can fail from here on.
+        self.registry.commit(&config);
         let applied_at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

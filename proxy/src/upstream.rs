@@ -5,7 +5,6 @@
 //! connections per endpoint authority; the HTTP/2 one multiplexes requests over them.
 
 use std::error::Error as StdError;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -17,17 +16,19 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
-
-/// Connect attempts give up after this long (cluster policies are carried, not yet enforced).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+use crate::resilience::connector::{Connector, TooManyConnections};
+use crate::resilience::registry::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, PoolKey};
+use crate::resilience::replay::RequestBody;
 
 /// How a request failed on the upstream side.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect to upstream {endpoint} failed: {cause}")]
     Connect { endpoint: String, cause: String },
+    #[error("connect to upstream {endpoint} timed out: {cause}")]
+    ConnectTimeout { endpoint: String, cause: String },
+    #[error("no new connection to upstream {endpoint}: {cause}")]
+    ConnectionLimit { endpoint: String, cause: String },
     #[error("upstream {endpoint} failed the request: {cause}")]
     Reset { endpoint: String, cause: String },
 }
@@ -54,8 +55,8 @@ impl UpstreamProtocol {
 /// The shared upstream clients. Cheap to clone (the pools are behind `Arc`s).
 #[derive(Clone)]
 pub struct Upstream {
-    http1: Client<HttpConnector, Incoming>,
-    http2: Client<HttpConnector, Incoming>,
+    http1: Client<Connector, RequestBody>,
+    http2: Client<Connector, RequestBody>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -72,14 +73,25 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Self {
+        Self::with_policy(PoolKey {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: None,
+        })
+    }
+
+    /// Pools with a service's connect timeout and idle timeout.
+    pub fn with_policy(key: PoolKey) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(key.connect_timeout));
+        // One connection cap shared by both pools of the service.
+        let connector = Connector::new(connector, key.max_connections);
         let build = |http2_only: bool| {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_idle_timeout(key.idle_timeout)
                 // The proxy keeps the Host the client sent; never invent one from the endpoint.
                 .set_host(false)
                 .http2_only(http2_only)
@@ -94,10 +106,21 @@ impl Upstream {
     /// Sends `req` to `endpoint` and returns the upstream's response, bodies streamed both ways.
     pub async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         endpoint: Authority,
         protocol: UpstreamProtocol,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let resp = self.send(req, endpoint, protocol).await?;
+        Ok(resp.map(ProxyBody::Upstream))
+    }
+
+    /// [`Upstream::forward`] with the upstream's body as it is.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        endpoint: Authority,
+        protocol: UpstreamProtocol,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let downstream_version = req.version();
         let (mut parts, body) = req.into_parts();
 
@@ -144,18 +167,47 @@ impl Upstream {
         strip_hop_by_hop(&mut parts.headers);
         // hyper frames the response for the downstream connection; the version says which.
         parts.version = downstream_version;
-        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+        Ok(Response::from_parts(parts, body))
     }
 }
 
 fn classify(err: &hyper_util::client::legacy::Error, endpoint: &str) -> UpstreamError {
     let endpoint = endpoint.to_owned();
     let cause = root_cause(err);
-    if err.is_connect() {
+    if err.is_connect() && in_chain::<TooManyConnections>(err) {
+        UpstreamError::ConnectionLimit { endpoint, cause }
+    } else if err.is_connect() && timed_out(err) {
+        UpstreamError::ConnectTimeout { endpoint, cause }
+    } else if err.is_connect() {
         UpstreamError::Connect { endpoint, cause }
     } else {
         UpstreamError::Reset { endpoint, cause }
     }
+}
+
+fn in_chain<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<E>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Whether an `io::ErrorKind::TimedOut` (the connector's connect timeout) is in the chain.
+fn timed_out(err: &(dyn StdError + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The innermost error's message (e.g. `Connection refused (os error 111)`), prefixed by the

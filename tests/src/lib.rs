@@ -4,6 +4,7 @@
 
 pub mod apps;
 pub mod bins;
+pub mod chaos;
 pub mod demo;
 pub mod http;
 pub mod mesh;
@@ -12,5 +13,6 @@ pub mod procs;
 pub mod scale;
 
 pub use apps::{GrpcApp, VersionApp};
+pub use chaos::ChaosApp;
 pub use http::{HttpClient, eventually};
 pub use procs::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts};

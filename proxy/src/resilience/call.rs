@@ -1,0 +1,380 @@
+//! The outbound request path under policy: rate limit → fault → (request timeout:
+//! bulkhead → attempts) → response. Each attempt picks an endpoint (a retry avoids the one
+//! that just failed), counts it in flight, applies the per-try timeout, feeds the outcome to
+//! peak-EWMA and outlier ejection, and is retried when the rule's conditions, the method, the
+//! replay buffer and the service's retry budget all allow it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::HeaderName;
+use http::request::Parts;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use weft_proto::model;
+use weft_proto::policy::{LbAlgorithm, RetryBudget, retry_defaults};
+
+use super::budget::BudgetConfig;
+use super::fault::{self, FaultConfig};
+use super::outlier::{self, OutlierConfig};
+use super::ratelimit::{RateConfig, TokenBucket};
+use super::registry::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, PoolKey, Registry, ServiceShared, rule_key,
+};
+use super::replay::{ReplayBody, RequestBody};
+use super::retry::{self, RetryConfig};
+use super::stats::now_ms;
+use super::timeout::{TimeoutKind, TrackedBody};
+use super::{ResilienceError, mirror};
+use crate::balance::EndpointSet;
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::routing::RouteError;
+use crate::upstream::{Upstream, UpstreamError, UpstreamProtocol};
+
+/// A `Retry-After` longer than this is not waited for: the answer goes back instead.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The load balancer of a service, compiled.
+#[derive(Debug, Clone)]
+pub struct LbRuntime {
+    pub algorithm: LbAlgorithm,
+    pub hash_header: Option<HeaderName>,
+    pub hash_cookie: Option<String>,
+}
+
+/// A service's policy for one configuration version, with its state shared across versions.
+#[derive(Debug)]
+pub struct ServiceRuntime {
+    pub name: String,
+    pub lb: LbRuntime,
+    pub outlier: Option<OutlierConfig>,
+    pub max_requests: Option<u32>,
+    pub max_pending: u32,
+    pub budget: BudgetConfig,
+    pub shared: Arc<ServiceShared>,
+    pub upstream: Upstream,
+}
+
+impl ServiceRuntime {
+    pub fn build(svc: &model::Service, registry: &Registry) -> Self {
+        let p = &svc.policy;
+        let lb = p.load_balancer.clone().unwrap_or_default();
+        let shared = registry.service(&svc.name);
+        let limits = p.limits.clone().unwrap_or_default();
+        let upstream = shared.upstream(PoolKey {
+            connect_timeout: p
+                .connect_timeout
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |m| m.as_duration()),
+            idle_timeout: p
+                .idle_timeout
+                .map_or(DEFAULT_IDLE_TIMEOUT, |m| m.as_duration()),
+            max_connections: limits.max_connections,
+        });
+        Self {
+            name: svc.name.clone(),
+            lb: LbRuntime {
+                algorithm: lb.algorithm,
+                // Validation checked the name.
+                hash_header: lb
+                    .hash_header
+                    .as_deref()
+                    .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                hash_cookie: lb.hash_cookie,
+            },
+            outlier: p.outlier_detection.as_ref().map(OutlierConfig::from_model),
+            max_requests: limits.max_requests,
+            max_pending: limits.max_pending.unwrap_or(0),
+            // Always a budget: the default one when the service sets none (as Linkerd).
+            budget: BudgetConfig::from_model(
+                p.retry_budget.as_ref().unwrap_or(&RetryBudget::default()),
+            ),
+            shared,
+            upstream,
+        }
+    }
+}
+
+/// A rule's request policy, compiled.
+#[derive(Debug, Default)]
+pub struct RulePolicy {
+    /// `route/rule`, for messages.
+    pub name: String,
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryConfig>,
+    pub rate_limit: Option<Arc<TokenBucket>>,
+    pub fault: Option<FaultConfig>,
+    pub mirror: Option<(Arc<EndpointSet>, u32)>,
+    pub stream_idle_timeout: Option<Duration>,
+}
+
+impl RulePolicy {
+    pub fn build(
+        route: &str,
+        index: usize,
+        rule: &model::Rule,
+        registry: &Registry,
+        mirror: Option<Arc<EndpointSet>>,
+    ) -> Self {
+        let name = if rule.name.is_empty() {
+            format!("{route}/{index}")
+        } else {
+            format!("{route}/{}", rule.name)
+        };
+        Self {
+            name,
+            timeout: rule.timeout.map(|m| m.as_duration()),
+            retry: rule.retries.as_ref().map(RetryConfig::from_model),
+            rate_limit: rule
+                .rate_limit
+                .as_ref()
+                .map(|r| registry.bucket(&rule_key(route, index), RateConfig::from_model(r))),
+            fault: rule.fault.as_ref().map(FaultConfig::from_model),
+            mirror: mirror.zip(rule.mirror.as_ref().map(|m| m.percent_or_default())),
+            stream_idle_timeout: rule.stream_idle_timeout.map(|m| m.as_duration()),
+        }
+    }
+}
+
+/// Forwards `req` to `set` under `policy`.
+pub async fn forward(
+    set: Arc<EndpointSet>,
+    policy: Arc<RulePolicy>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Some(bucket) = &policy.rate_limit
+        && let Err(wait) = bucket.try_take()
+    {
+        return Err(ResilienceError::RateLimited {
+            rule: policy.name.clone(),
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        }
+        .into());
+    }
+    if let Some(f) = &policy.fault {
+        f.apply(&policy.name).await?;
+    }
+    let attempts = attempts(&set, &policy, req);
+    match policy.timeout {
+        None => attempts.await,
+        Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
+            Err(ResilienceError::Timeout {
+                kind: TimeoutKind::Request,
+                after_ms: t.as_millis() as u64,
+                target: format!("service {:?}", set.service),
+            }
+            .into())
+        }),
+    }
+}
+
+/// Which endpoint finally answered and after how many retries, carried on the response for the
+/// access log and metrics (the endpoint is chosen per attempt, so only this loop knows it).
+#[derive(Debug, Clone)]
+pub struct Attempted {
+    pub endpoint: http::uri::Authority,
+    pub retries: u32,
+}
+
+/// A copy of the request head with `body` (extensions are per-connection and not copied).
+pub fn request(parts: &Parts, body: RequestBody) -> Request<RequestBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+async fn attempts(
+    set: &Arc<EndpointSet>,
+    policy: &RulePolicy,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let rt = &set.runtime;
+    let mut permit = match rt.max_requests {
+        None => None,
+        Some(max) => Some(
+            rt.shared
+                .bulkhead
+                .acquire(max, rt.max_pending)
+                .await
+                .ok_or_else(|| ResilienceError::Overflow {
+                    service: set.service.clone(),
+                    limit: max,
+                })?,
+        ),
+    };
+    let protocol = UpstreamProtocol::resolve(set.protocol, req.version());
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let retry = policy.retry.as_ref();
+    let mirror = policy.mirror.as_ref().filter(|(_, pct)| fault::roll(*pct));
+    let cap = retry
+        .map(|r| r.max_body_bytes)
+        .or(mirror.map(|_| retry_defaults::MAX_BODY_BYTES as usize));
+    // The client's body: kept for replay (up to the cap) when a retry or mirror may need it.
+    let (mut stream, replay) = match cap {
+        Some(cap) => match ReplayBody::new(body, cap) {
+            Ok(r) => (None, Some(r)),
+            Err(body) => (Some(body), None),
+        },
+        None => (Some(body), None),
+    };
+    let mut mirrored = mirror.is_none();
+    // A request that is sent once keeps its own head; others copy it per attempt.
+    let single = retry.is_none() && mirror.is_none();
+    let mut head = Some(parts);
+    let no_headers = http::HeaderMap::new();
+    let now = now_ms();
+    rt.shared.budget.deposit(&rt.budget, now);
+    let mut exclude = None;
+    let mut retries = 0u32;
+    loop {
+        let body = match (&replay, stream.take()) {
+            (_, Some(b)) => RequestBody::Stream(b),
+            (Some(r), None) => match r.replay() {
+                Some(b) => RequestBody::Replay(b),
+                None => unreachable_replay()?,
+            },
+            (None, None) => unreachable_replay()?,
+        };
+        if !mirrored
+            && let (Some((mset, _)), Some(r)) = (mirror, &replay)
+            && r.is_complete()
+            && let Some(parts) = &head
+        {
+            mirrored = true;
+            mirror::spawn(mset.clone(), parts, r);
+        }
+        let idx = set
+            .choose(head.as_ref().map_or(&no_headers, |p| &p.headers), exclude)
+            .ok_or_else(|| RouteError::NoEndpoints {
+                service: set.service.clone(),
+                subset: set.subset.clone(),
+            })?;
+        let stats = &set.stats[idx];
+        let inflight = stats.start();
+        let endpoint = set.endpoint(idx).authority.clone();
+        let started = Instant::now();
+        let send = rt.upstream.send(
+            match head.as_ref() {
+                Some(parts) if !single => request(parts, body),
+                _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
+            },
+            endpoint.clone(),
+            protocol,
+        );
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let result: Result<Response<Incoming>, ProxyError> = match per_try {
+            None => send.await.map_err(Into::into),
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(ResilienceError::Timeout {
+                    kind: TimeoutKind::PerTry,
+                    after_ms: t.as_millis() as u64,
+                    target: format!("endpoint {endpoint}"),
+                }
+                .into()),
+            },
+        };
+        let elapsed = started.elapsed();
+        let now = now_ms();
+        let failed = match &result {
+            Ok(resp) => {
+                stats.observe_latency(elapsed);
+                resp.status().is_server_error()
+            }
+            Err(_) => {
+                // A fast failure (refused connection) must not look like a fast endpoint to
+                // peak-EWMA; outlier ejection does the rest.
+                stats.observe_latency(elapsed.max(Duration::from_millis(100)));
+                true
+            }
+        };
+        if let Some(o) = &rt.outlier {
+            outlier::report(o, &set.stats, idx, failed, now);
+        }
+        if !mirrored && let (Some((mset, _)), Some(r)) = (mirror, &replay) {
+            // The first attempt has the body (or never will): mirror now or not at all.
+            mirrored = true;
+            if r.is_complete()
+                && let Some(parts) = &head
+            {
+                mirror::spawn(mset.clone(), parts, r);
+            }
+        }
+
+        // Should this outcome be tried again?
+        let mut wait = None;
+        if let Some(r) = retry
+            && retries < r.attempts
+        {
+            let safe = r.allow_non_idempotent || retry::idempotent(&method);
+            let wanted = match &result {
+                Ok(resp) if safe && r.retry_response(resp.status(), resp.headers()) => {
+                    match retry::retry_after(resp.headers()) {
+                        Some(ra) if ra > MAX_RETRY_AFTER => None,
+                        ra => Some(ra.unwrap_or_default()),
+                    }
+                }
+                Ok(_) => None,
+                // Nothing reached the upstream: safe for every method.
+                Err(ProxyError::Upstream(
+                    UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. },
+                )) if r.on.connect_failure => Some(Duration::ZERO),
+                Err(ProxyError::Upstream(UpstreamError::Reset { cause, .. }))
+                    if safe
+                        && (r.on.reset
+                            || (r.on.refused_stream
+                                && cause.to_ascii_lowercase().contains("refused"))) =>
+                {
+                    Some(Duration::ZERO)
+                }
+                Err(ProxyError::Resilience(ResilienceError::Timeout { .. })) if safe => {
+                    Some(Duration::ZERO)
+                }
+                Err(_) => None,
+            };
+            let replayable = replay.as_ref().is_some_and(|r| r.replay().is_some());
+            if let Some(retry_after) = wanted
+                && replayable
+                && rt.shared.budget.try_withdraw(&rt.budget, now)
+            {
+                retries += 1;
+                wait = Some(r.backoff(retries).max(retry_after));
+            }
+        }
+        match wait {
+            Some(pause) => {
+                drop(result);
+                drop(inflight);
+                exclude = (set.stats.len() > 1).then_some(idx);
+                tokio::time::sleep(pause).await;
+            }
+            None => {
+                let mut resp = result?;
+                resp.extensions_mut()
+                    .insert(Attempted { endpoint, retries });
+                let idle = policy.stream_idle_timeout;
+                return Ok(resp.map(|b| {
+                    ProxyBody::Tracked(TrackedBody::new(b, Some(inflight), permit.take(), idle))
+                }));
+            }
+        }
+    }
+}
+
+/// The body (and, for a single attempt, the head) is consumed by an attempt; another attempt
+/// is made only when it can be replayed. This is the error should that invariant ever break.
+fn unreachable_replay() -> Result<RequestBody, ProxyError> {
+    Err(gone())
+}
+
+fn gone() -> ProxyError {
+    UpstreamError::Reset {
+        endpoint: "-".into(),
+        cause: "request cannot be replayed".into(),
+    }
+    .into()
+}
