@@ -143,6 +143,10 @@ fn rule_to_pb(rule: &model::Rule) -> pb::Rule {
                 max_body_bytes: r.max_body_bytes.unwrap_or(0),
             }),
         }),
+        sticky: rule.sticky.as_ref().map(|s| pb::StickySplit {
+            cookie: s.cookie.clone().unwrap_or_default(),
+            header: s.header.clone().unwrap_or_default(),
+        }),
     }
 }
 
@@ -158,7 +162,11 @@ pub fn from_resources(res: &Resources) -> Result<MeshConfig, ConvertError> {
         .iter()
         .map(route_from_pb)
         .collect::<Result<_, _>>()?;
-    Ok(MeshConfig { services, routes })
+    Ok(MeshConfig {
+        services,
+        routes,
+        ..MeshConfig::default()
+    })
 }
 
 fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
@@ -290,6 +298,13 @@ fn route_from_pb(r: &pb::Route) -> Result<model::Route, ConvertError> {
                         allow_non_idempotent: r.allow_non_idempotent,
                         max_body_bytes: (r.max_body_bytes != 0).then_some(r.max_body_bytes),
                     }),
+                    sticky: rule
+                        .sticky
+                        .as_ref()
+                        .map(|s| crate::experiment::StickySplit {
+                            cookie: (!s.cookie.is_empty()).then(|| s.cookie.clone()),
+                            header: (!s.header.is_empty()).then(|| s.header.clone()),
+                        }),
                 }
             })
             .collect(),

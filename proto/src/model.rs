@@ -17,6 +17,9 @@ pub struct MeshConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Traffic-shifting experiments the control plane drives (never sent to proxies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experiments: Vec<crate::experiment::ExperimentSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +101,9 @@ pub struct Rule {
     pub timeout: Option<Millis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetryPolicy>,
+    /// Pick the backend by a hash of a cookie or header instead of at random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<crate::experiment::StickySplit>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -57,6 +57,12 @@ impl WeightedIndex {
         self.cumulative[self.cumulative.len() - 1]
     }
 
+    /// The index for a hash: `hash % total` placed on the weights, so equal hashes always
+    /// pick the same item (sticky splits).
+    pub fn pick_hashed(&self, hash: u64) -> usize {
+        self.index_of(hash % self.total())
+    }
+
     /// A random index, distributed by weight.
     pub fn pick(&self) -> usize {
         if self.cumulative.len() == 1 {
@@ -89,6 +95,8 @@ pub struct EndpointSet {
     endpoints: Box<[Endpoint]>,
     /// `None` when the subset selects no endpoint.
     index: Option<WeightedIndex>,
+    /// Outbound counters of this (service, subset), kept across config swaps.
+    pub stats: std::sync::Arc<crate::stats::Counters>,
 }
 
 impl EndpointSet {
@@ -124,6 +132,7 @@ impl EndpointSet {
             protocol: service.protocol,
             endpoints: endpoints.into_boxed_slice(),
             index: WeightedIndex::new(weights),
+            stats: crate::stats::global().handle(&service.name, subset),
         })
     }
 

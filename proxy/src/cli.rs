@@ -70,6 +70,11 @@ pub struct Args {
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
 
+    /// How often outbound traffic counters are reported to the control plane (for
+    /// experiments), e.g. 1s or 100ms.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_stats_interval)]
+    pub stats_interval: std::time::Duration,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
@@ -123,6 +128,14 @@ fn parse_url(s: &str) -> Result<String, String> {
         }
         _ => Err("expected a URL like http://127.0.0.1:15010".into()),
     }
+}
+
+fn parse_stats_interval(s: &str) -> Result<std::time::Duration, String> {
+    let ms: weft_proto::model::Millis = s.parse()?;
+    if ms.0 < 100 {
+        return Err("the stats interval must be at least 100ms".into());
+    }
+    Ok(ms.as_duration())
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -73,18 +73,31 @@ impl Forwarder {
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let (endpoint, protocol) = match &self.inner.mode {
+        let (endpoint, protocol, stats) = match &self.inner.mode {
             Mode::Outbound(state) => {
                 // Route while holding the snapshot, then let go of it before any `.await`:
                 // the request keeps only the endpoint it was given, so a config swap cannot
                 // disturb it.
                 let snapshot = state.load();
                 let target = snapshot.table.route(&req)?;
-                (target.endpoint.authority.clone(), target.set.protocol)
+                let stats = Some(target.set.stats.clone());
+                (
+                    target.endpoint.authority.clone(),
+                    target.set.protocol,
+                    stats,
+                )
             }
-            Mode::Inbound { app, protocol } => (app.clone(), *protocol),
+            Mode::Inbound { app, protocol } => (app.clone(), *protocol, None),
         };
         let protocol = UpstreamProtocol::resolve(protocol, req.version());
-        Ok(self.inner.upstream.forward(req, endpoint, protocol).await?)
+        let started = std::time::Instant::now();
+        let result = self.inner.upstream.forward(req, endpoint, protocol).await;
+        if let Some(stats) = stats {
+            let failed = result
+                .as_ref()
+                .map_or(true, |r| r.status().is_server_error());
+            stats.record(failed, started.elapsed());
+        }
+        Ok(result?)
     }
 }

@@ -15,5 +15,7 @@ pub mod forward;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod stats;
+pub mod sticky;
 pub mod upstream;
 pub mod xds;

@@ -70,6 +70,8 @@ struct Rule {
     backends: Vec<Arc<EndpointSet>>,
     /// `None` only if every backend weighs 0, which validation refuses.
     weights: Option<WeightedIndex>,
+    /// Pick the backend by a hash of this cookie or header (experiments' sticky splits).
+    sticky: Option<crate::sticky::Key>,
 }
 
 #[derive(Debug)]
@@ -143,7 +145,10 @@ impl Table {
             .find(|rule| rule.matches(req))
             .ok_or_else(no_route)?;
         let set = match &rule.weights {
-            Some(weights) => &rule.backends[weights.pick()],
+            Some(weights) => {
+                let hash = rule.sticky.as_ref().and_then(|k| k.hash(req.headers()));
+                &rule.backends[hash.map_or_else(|| weights.pick(), |h| weights.pick_hashed(h))]
+            }
             None => return Err(no_route()),
         };
         let endpoint = set.pick().ok_or_else(|| RouteError::NoEndpoints {
@@ -210,6 +215,7 @@ impl<'a> Compiler<'a> {
                 })
                 .collect::<Result<_, CompileError>>()?,
             weights: WeightedIndex::new(rule.backends.iter().map(model::Backend::weight)),
+            sticky: rule.sticky.as_ref().map(crate::sticky::Key::compile),
             backends,
         })
     }

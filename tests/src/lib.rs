@@ -6,9 +6,11 @@ pub mod apps;
 pub mod bins;
 pub mod demo;
 pub mod http;
+pub mod load;
 pub mod mesh;
 pub mod procs;
 
 pub use apps::{GrpcApp, VersionApp};
 pub use http::{HttpClient, eventually};
+pub use load::Load;
 pub use procs::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts};
