@@ -352,7 +352,8 @@ fn cookie_header_match(name: &str, value: Option<&str>) -> NamedMatch {
     NamedMatch {
         name: "cookie".into(),
         value: StringMatch::regex(format!(
-            "(^|;)\\s*{}=({value})\\s*(;|$)",
+            // Header regexes match the whole value (see `validate::compile_regex`).
+            "(.*;)?\\s*{}=({value})\\s*(;.*)?",
             regex_escape(name)
         )),
         invert: false,
@@ -686,10 +687,15 @@ experiments:
         assert_eq!(rules[1].backends[0].weight, Some(30));
         assert_eq!(spec.live_weight(&cfg), Some(0), "others stay on stable");
         crate::validate(&cfg, &Limits::default()).unwrap();
-        let re =
-            regex::Regex::new(rules[1].matches.headers[0].value.regex.as_ref().unwrap()).unwrap();
+        let re = crate::validate::compile_regex(
+            rules[1].matches.headers[0].value.regex.as_ref().unwrap(),
+            &Limits::default(),
+        )
+        .unwrap();
         assert!(re.is_match("a=b; user=alice"));
+        assert!(re.is_match("user=alice; a=b"));
         assert!(!re.is_match("notuser=alice"));
+        assert!(!re.is_match("a=user=x"));
         spec.apply(&mut cfg, Stage::Promoted).unwrap();
         assert_eq!(cfg.routes[0].rules.len(), 2);
         assert_eq!(spec.live_weight(&cfg), Some(100));

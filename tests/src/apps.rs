@@ -62,7 +62,8 @@ impl VersionApp {
                         let permille = faults.error_permille.load(Ordering::Relaxed);
                         let delay = faults.delay_ms.load(Ordering::Relaxed);
                         // Request n fails when the running share of failures crosses a step.
-                        let fail = permille > 0 && (n * permille) / 1000 != ((n - 1) * permille) / 1000;
+                        let fail =
+                            permille > 0 && (n * permille) / 1000 != ((n - 1) * permille) / 1000;
                         let host = req.headers().get(http::header::HOST).cloned();
                         let authority = req
                             .uri()

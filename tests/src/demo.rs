@@ -30,8 +30,7 @@ pub async fn run() -> anyhow::Result<()> {
         cp,
         sidecars,
         client_proxy: client_sidecar,
-    } = SidecarMesh::start_with(dir.path(), 100, 0, ControlPlaneOpts::default(), client_args)
-        .await;
+    } = SidecarMesh::start_with(dir.path(), 100, 0, ControlPlaneOpts::default(), client_args).await;
     println!("control plane    grpc {}  admin {}", cp.grpc, cp.admin);
     for (app, sidecar) in apps.iter().zip(&sidecars) {
         println!(
@@ -57,13 +56,19 @@ pub async fn run() -> anyhow::Result<()> {
     let spec_path = dir.path().join("reviews-canary.yaml");
     std::fs::write(&spec_path, EXPERIMENT)?;
     let server = format!("http://{}", cp.admin);
-    let weftctl = |args: &[&str]| {
+    let weftctl = move |args: &[&str]| {
         let mut cmd = std::process::Command::new(crate::bins::bin("weftctl"));
         cmd.args(["--server", &server]).args(args);
         cmd
     };
     println!("$ weftctl experiment start -f reviews-canary.yaml");
-    let out = weftctl(&["experiment", "start", "-f", &spec_path.display().to_string()]).output()?;
+    let out = weftctl(&[
+        "experiment",
+        "start",
+        "-f",
+        &spec_path.display().to_string(),
+    ])
+    .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     anyhow::ensure!(
         out.status.success(),
@@ -72,13 +77,12 @@ pub async fn run() -> anyhow::Result<()> {
     );
     println!("\n$ weftctl experiment watch reviews-canary");
     // Inherits stdout: redraws in place on a terminal, plain lines otherwise.
-    let watch = tokio::task::spawn_blocking(move || {
-        weftctl(&["experiment", "watch", "reviews-canary"]).status()
-    });
+    let mut watch_cmd = weftctl(&["experiment", "watch", "reviews-canary"]);
+    let watch = tokio::task::spawn_blocking(move || watch_cmd.status());
     let watched = tokio::time::timeout(Duration::from_secs(40), watch).await;
     let split = load.stop().await;
-    let status = watched
-        .map_err(|_| anyhow::anyhow!("the experiment did not finish within 40 s"))???;
+    let status =
+        watched.map_err(|_| anyhow::anyhow!("the experiment did not finish within 40 s"))???;
     anyhow::ensure!(status.success(), "weftctl experiment watch failed");
 
     let out = weftctl(&["-o", "json", "experiment", "status", "reviews-canary"]).output()?;

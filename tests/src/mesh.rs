@@ -169,8 +169,7 @@ impl SidecarMesh {
         // The sidecars' addresses are known only once they run, and they need the control
         // plane to be ready: start it pointing at the apps, then re-point the route.
         let direct = two_versions("reviews", apps[0].addr, apps[1].addr, w1, w2);
-        let cp =
-            ControlPlane::start(dir, "weft-control", &direct, cp_opts).await;
+        let cp = ControlPlane::start(dir, "weft-control", &direct, cp_opts).await;
         let mut sidecars = Vec::new();
         for app in &apps {
             let opts = ProxyOpts {
