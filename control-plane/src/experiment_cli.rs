@@ -209,25 +209,48 @@ pub fn summary_line(s: &Status) -> String {
     )
 }
 
-/// One line per refresh when stdout is not a terminal.
+/// One line per refresh when stdout is not a terminal: the last check's measured windows and
+/// verdicts (the live window is often only milliseconds old right after a check).
 pub fn progress_line(s: &Status) -> String {
     let mut line = summary_line(s);
-    if let Some(live) = &s.live {
-        let _ = write!(
-            line,
-            " | {} | {}",
-            window(&s.record.spec.candidate, &live.candidate),
-            window(&s.record.spec.stable, &live.stable)
-        );
-    }
+    let spec = &s.record.spec;
     if let Some(c) = &s.record.last_check {
         let _ = write!(
             line,
-            " | last check {}",
-            if c.pass { "pass" } else { "FAIL" }
+            " | {} | {} | last check {}",
+            window(&spec.candidate, &c.candidate),
+            window(&spec.stable, &c.stable),
+            verdicts(c)
+        );
+    } else if let Some(live) = &s.live {
+        let _ = write!(
+            line,
+            " | {} | {}",
+            window(&spec.candidate, &live.candidate),
+            window(&spec.stable, &live.stable)
         );
     }
     line
+}
+
+fn verdicts(c: &crate::experiment::Check) -> String {
+    let gates: Vec<String> = c
+        .gates
+        .iter()
+        .map(|g| {
+            format!(
+                "{} {} {}",
+                g.gate,
+                g.value.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+                if g.pass { "✓" } else { "✗" }
+            )
+        })
+        .collect();
+    format!(
+        "{}: {}",
+        if c.pass { "pass" } else { "FAIL" },
+        gates.join(", ")
+    )
 }
 
 fn event_line(e: &Event) -> String {
@@ -291,24 +314,9 @@ pub fn detail(s: &Status, events: usize) -> String {
         let _ = writeln!(out, "    {}", window(&spec.stable, &live.stable));
     }
     if let Some(c) = &s.record.last_check {
-        let verdicts: Vec<String> = c
-            .gates
-            .iter()
-            .map(|g| {
-                format!(
-                    "{} {} {}",
-                    g.gate,
-                    g.value.map_or_else(|| "-".into(), |v| format!("{v:.2}")),
-                    if g.pass { "✓" } else { "✗" }
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "  last check: {}  {}",
-            if c.pass { "pass" } else { "FAIL" },
-            verdicts.join(", ")
-        );
+        let _ = writeln!(out, "  last check: {}", verdicts(c));
+        let _ = writeln!(out, "    {}", window(&spec.candidate, &c.candidate));
+        let _ = writeln!(out, "    {}", window(&spec.stable, &c.stable));
     }
     let skip = s.record.events.len().saturating_sub(events);
     let _ = writeln!(out, "  events:");
