@@ -511,13 +511,15 @@ pub fn check_spec(
             }
         }
     }
-    if let Some(bg) = &spec.blue_green {
-        if bg.iterations == 0 {
-            fail(
-                at(base, [key("blue_green"), key("iterations")]),
-                "iterations must be at least 1".into(),
-            );
-        }
+    if spec
+        .blue_green
+        .as_ref()
+        .is_some_and(|bg| bg.iterations == 0)
+    {
+        fail(
+            at(base, [key("blue_green"), key("iterations")]),
+            "iterations must be at least 1".into(),
+        );
     }
     if let Some(ab) = &spec.ab {
         let p = at(base, [key("ab")]);

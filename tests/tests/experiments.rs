@@ -348,6 +348,23 @@ async fn ab_test_routes_by_header_and_sticks_by_cookie() {
     }
     assert_eq!(sides.len(), 2, "both sides have users: {sides:?}");
 
+    // Pause and resume are recorded; a paused experiment does not move.
+    for (action, phase) in [("pause", "paused"), ("resume", "progressing")] {
+        let (status, body) = client
+            .post_json(
+                m.cp.admin,
+                &format!("/api/v1/experiments/ab/{action}"),
+                &serde_json::json!({}),
+            )
+            .await
+            .unwrap();
+        assert!(status.is_success(), "{action}: {body}");
+        assert_eq!(body["phase"], phase);
+    }
+    let s = experiment(&m, "ab").await;
+    assert_eq!(events(&s, "paused").len(), 1);
+    assert_eq!(events(&s, "resumed").len(), 1);
+
     // Abort: everything back on stable, the experiment's rules gone.
     let (status, body) = client
         .post_json(

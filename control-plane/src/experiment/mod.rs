@@ -80,6 +80,9 @@ pub struct Live {
     pub stable: Window,
 }
 
+/// An experiment's engine task and the bell that wakes it for a command.
+type Task = (JoinHandle<()>, Arc<Notify>);
+
 #[derive(Debug, Clone, Copy)]
 struct Baseline {
     candidate: Counts,
@@ -101,7 +104,7 @@ struct Inner {
     hooks: webhook::Caller,
     leadership: Arc<dyn Leadership>,
     shutdown: Shutdown,
-    tasks: Mutex<HashMap<String, (JoinHandle<()>, Arc<Notify>)>>,
+    tasks: Mutex<HashMap<String, Task>>,
     baselines: Mutex<HashMap<String, Baseline>>,
 }
 

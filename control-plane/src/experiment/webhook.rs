@@ -64,3 +64,67 @@ impl Caller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use weft_proto::experiment::WebhookKind;
+    use weft_proto::model::Millis;
+
+    fn hook(url: String, timeout: Option<Millis>) -> Webhook {
+        Webhook {
+            name: "gate".into(),
+            kind: WebhookKind::PreStep,
+            url,
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn two_hundreds_go_anything_else_names_the_hook() {
+        let app = Router::new()
+            .route(
+                "/ok",
+                post(|body: String| async move {
+                    assert!(body.contains("\"experiment\""), "{body}");
+                    StatusCode::NO_CONTENT
+                }),
+            )
+            .route("/no", post(|| async { (StatusCode::CONFLICT, "not yet") }))
+            .route(
+                "/slow",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    StatusCode::OK
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let caller = Caller::new();
+        let payload = serde_json::json!({"experiment": "e"});
+        let url = |p: &str| format!("http://{addr}{p}");
+        caller
+            .call(&hook(url("/ok"), None), &payload)
+            .await
+            .unwrap();
+        let err = caller
+            .call(&hook(url("/no"), None), &payload)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("webhook \"gate\"") && err.contains("409"),
+            "{err}"
+        );
+        assert!(err.contains("not yet"), "{err}");
+        let err = caller
+            .call(&hook(url("/slow"), Some(Millis(100))), &payload)
+            .await
+            .unwrap_err();
+        assert!(err.contains("no answer within"), "{err}");
+        server.abort();
+    }
+}
