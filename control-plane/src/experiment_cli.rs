@@ -362,3 +362,36 @@ pub fn table(list: &[Status]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiment::{Origin, Record};
+
+    #[test]
+    fn lines_show_step_weight_and_reason() {
+        let spec: weft_proto::experiment::ExperimentSpec = serde_yaml_ng::from_str(
+            "{name: c, route: r, service: s, stable: v1, candidate: v2, \
+             canary: {steps: [10, 50]}, interval: 1s}",
+        )
+        .unwrap();
+        let mut record = Record::new(spec, Origin::Api, 1_000);
+        record.reason = Some("waiting".into());
+        let s = Status {
+            strategy: "canary".into(),
+            weight: record.weight(),
+            plan: record.plan(),
+            live: None,
+            record,
+        };
+        let line = progress_line(&s);
+        assert!(
+            line.starts_with("canary progressing  step 1/2  candidate 10%"),
+            "{line}"
+        );
+        assert!(line.ends_with("— waiting"), "{line}");
+        let d = detail(&s, 5);
+        assert!(d.contains("plan: ▶10% → ·50% → promote"), "{d}");
+        assert!(d.contains("started"), "{d}");
+    }
+}

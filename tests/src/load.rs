@@ -27,16 +27,37 @@ impl Load {
         pause: Duration,
         limit: Duration,
     ) -> Load {
+        Self::start_with_headers(outbound, host, &[], workers, pause, limit)
+    }
+
+    /// [`Load::start`] sending `headers` with every request.
+    pub fn start_with_headers(
+        outbound: SocketAddr,
+        host: &str,
+        headers: &[(&str, &str)],
+        workers: usize,
+        pause: Duration,
+        limit: Duration,
+    ) -> Load {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let client = HttpClient::http1();
         let tasks = (0..workers)
             .map(|_| {
                 let (stop, client, host) = (stop.clone(), client.clone(), host.to_owned());
+                let headers = headers.clone();
                 tokio::spawn(async move {
+                    let headers: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
                     let started = Instant::now();
                     let mut split = Split::default();
                     while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
-                        record(&mut split, client.get(outbound, &host, "/", &[]).await);
+                        record(&mut split, client.get(outbound, &host, "/", &headers).await);
                         if !pause.is_zero() {
                             tokio::time::sleep(pause).await;
                         }

@@ -36,6 +36,14 @@ async fn start(m: &SidecarMesh, yaml: &str) -> Value {
     body
 }
 
+/// The status, or `None` while the control plane does not know the experiment yet.
+async fn try_experiment(m: &SidecarMesh, name: &str) -> Option<Value> {
+    HttpClient::http1()
+        .get_json(m.cp.admin, &format!("/api/v1/experiments/{name}"))
+        .await
+        .ok()
+}
+
 async fn experiment(m: &SidecarMesh, name: &str) -> Value {
     HttpClient::http1()
         .get_json(m.cp.admin, &format!("/api/v1/experiments/{name}"))
@@ -49,7 +57,7 @@ async fn finished(m: &SidecarMesh, name: &str, deadline: Duration) -> Value {
         deadline,
         &format!("experiment {name} to finish"),
         || async {
-            let s = experiment(m, name).await;
+            let s = try_experiment(m, name).await?;
             matches!(s["phase"].as_str(), Some("succeeded" | "rolled_back")).then_some(s)
         },
     )
@@ -466,4 +474,81 @@ async fn control_plane_restart_resumes_at_the_same_step() {
         [10, 20, 50, 100],
         "no step repeated or skipped: {s:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blue_green_previews_by_header_then_switches_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mesh(dir.path(), ControlPlaneOpts::default()).await;
+    let limit = Duration::from_secs(30);
+    let out = m.client_proxy.outbound;
+    let users = Load::start(out, "reviews", 2, Duration::from_millis(1), limit);
+    start(
+        &m,
+        &spec(
+            "bg",
+            "blue_green: {iterations: 3, headers: [{name: x-preview, exact: \"1\"}]}",
+            300,
+            "{success_rate: 99, min_requests: 5}",
+        ),
+    )
+    .await;
+    // Testers start once the preview rule is live everywhere.
+    let s = eventually(Duration::from_secs(10), "the preview step", || async {
+        let s = experiment(&m, "bg").await;
+        (!events(&s, "step").is_empty()).then_some(s)
+    })
+    .await;
+    let version = events(&s, "step")[0]["version"].as_u64().unwrap();
+    m.cp.wait_acked(version, 3, Duration::from_secs(10)).await;
+    let testers = Load::start_with_headers(
+        out,
+        "reviews",
+        &[("x-preview", "1")],
+        2,
+        Duration::from_millis(1),
+        limit,
+    );
+    // Before the switch, only testers reach v2.
+    let s = eventually(Duration::from_secs(10), "two passing checks", || async {
+        let s = experiment(&m, "bg").await;
+        (s["passed_checks"].as_u64() == Some(2)).then_some(s)
+    })
+    .await;
+    assert_eq!(s["weight"], 0);
+    let v = m.cp.version().await;
+    let stable_only = HttpClient::http1()
+        .get(out, "reviews", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        stable_only.header("x-app-version"),
+        Some("v1"),
+        "at version {v}"
+    );
+    let s = finished(&m, "bg", Duration::from_secs(10)).await;
+    assert_eq!(s["phase"], "succeeded", "{s:#}");
+    let (users, testers) = (users.stop().await, testers.stop().await);
+    assert_eq!(testers.failed + users.failed, 0);
+    assert!(
+        testers.by_version.get("v1").is_none(),
+        "testers always on v2: {:?}",
+        testers.by_version
+    );
+    // One switch: the steps were 0 % then 100 %, nothing in between.
+    let weights: Vec<u64> = events(&s, "step")
+        .iter()
+        .chain(events(&s, "promoted").iter())
+        .filter_map(|e| e["weight"].as_u64())
+        .collect();
+    assert_eq!(weights, [0, 100]);
+    let version = m.cp.version().await;
+    m.cp.wait_acked(version, 3, Duration::from_secs(10)).await;
+    for _ in 0..20 {
+        let r = HttpClient::http1()
+            .get(out, "reviews", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.header("x-app-version"), Some("v2"));
+    }
 }
