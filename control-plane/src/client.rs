@@ -123,6 +123,16 @@ impl AdminClient {
         .await
     }
 
+    /// Any POST with a body, decoded as `T`.
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        self.send(Method::POST, path, content_type, body).await
+    }
+
     /// Any GET, decoded as `T`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(Method::GET, path, "", Bytes::new()).await

@@ -242,7 +242,11 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
         routes[index].rules = rules.into_iter().map(|(_, r)| r).collect();
     }
     Translation {
-        config: MeshConfig { services, routes },
+        config: MeshConfig {
+            services,
+            routes,
+            ..MeshConfig::default()
+        },
         warnings,
     }
 }

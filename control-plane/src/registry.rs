@@ -91,6 +91,8 @@ struct Inner {
     writer: tokio::sync::Mutex<u64>,
     book: Mutex<Book>,
     metrics: ControlMetrics,
+    /// Experiment records, persisted with the config; written under `writer` only.
+    experiments: Mutex<Vec<crate::experiment::Record>>,
 }
 
 #[derive(Debug, Default)]
@@ -143,6 +145,10 @@ impl Registry {
             .load()
             .await
             .map_err(|source| RegistryError::Store { version: 0, source })?;
+        let experiments = stored
+            .as_ref()
+            .map(|s| s.experiments.clone())
+            .unwrap_or_default();
         let (version, config, save) = match stored {
             // A stored config that no longer validates (a stricter build) is not resumed.
             Some(s) if s.source_hash == source_hash && validate(&s.config, &limits).is_ok() => {
@@ -164,6 +170,7 @@ impl Registry {
                 version,
                 config: config.clone(),
                 source_hash,
+                experiments: experiments.clone(),
             };
             store
                 .save(&state)
@@ -179,6 +186,7 @@ impl Registry {
                 writer: tokio::sync::Mutex::new(source_hash),
                 book: Mutex::default(),
                 metrics: ControlMetrics::new(),
+                experiments: Mutex::new(experiments),
             }),
         })
     }
@@ -317,12 +325,81 @@ impl Registry {
             version,
             config,
             source_hash,
+            experiments: self.experiments(),
         };
         self.inner
             .store
             .save(&state)
             .await
             .map_err(|source| RegistryError::Store { version, source })
+    }
+
+    /// Every experiment record.
+    pub fn experiments(&self) -> Vec<crate::experiment::Record> {
+        self.inner
+            .experiments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Changes the config and the experiment records together, in one version and one save
+    /// (so a step's weights and the record saying it was applied never disagree). `f` gets
+    /// the version a config change would get. The config is validated as every change is.
+    pub async fn update_experiments<T>(
+        &self,
+        cause: &str,
+        f: impl FnOnce(
+            &mut MeshConfig,
+            &mut Vec<crate::experiment::Record>,
+            u64,
+        ) -> Result<T, RegistryError>,
+    ) -> Result<(Outcome, T), RegistryError> {
+        let writer = self.inner.writer.lock().await;
+        let current = self.current();
+        let mut config = current.config.clone();
+        let before = self.experiments();
+        let mut records = before.clone();
+        let out = f(&mut config, &mut records, current.version + 1)?;
+        let changed = config != current.config;
+        if !changed && records == before {
+            return Ok((
+                Outcome {
+                    version: current.version,
+                    changed: false,
+                },
+                out,
+            ));
+        }
+        if changed {
+            validate(&config, &Limits::default())
+                .map_err(|i| RegistryError::Invalid(describe(&i)))?;
+        }
+        let version = current.version + u64::from(changed);
+        let state = StoredState {
+            version,
+            config: config.clone(),
+            source_hash: *writer,
+            experiments: records.clone(),
+        };
+        self.inner
+            .store
+            .save(&state)
+            .await
+            .map_err(|source| RegistryError::Store { version, source })?;
+        *self
+            .inner
+            .experiments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = records;
+        if changed {
+            self.inner
+                .current
+                .send_replace(Arc::new(Versioned::new(version, config)));
+            info!(version, cause, "new configuration version published");
+        }
+        drop(writer);
+        Ok((Outcome { version, changed }, out))
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {

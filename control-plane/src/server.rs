@@ -137,8 +137,18 @@ impl ControlPlane {
             version = self.registry.current().version,
             "control plane serving"
         );
-        let grpc = xds::serve(self.grpc, self.registry.clone(), shutdown.clone());
-        let admin = admin::serve(self.admin, self.registry.clone(), shutdown.clone());
+        let stats = crate::experiment::stats::Aggregator::new();
+        let engine =
+            crate::experiment::Engine::new(self.registry.clone(), stats.clone(), shutdown.clone());
+        let grpc = xds::serve(self.grpc, self.registry.clone(), stats, shutdown.clone());
+        let experiments = crate::experiment_api::router(engine.clone());
+        let admin = admin::serve(
+            self.admin,
+            self.registry.clone(),
+            experiments,
+            shutdown.clone(),
+        );
+        let engine = tokio::spawn(engine.run());
         let watch = async {
             if let Some(watcher) = self.watcher {
                 watcher.run(shutdown.clone()).await;
@@ -151,6 +161,7 @@ impl ControlPlane {
             async { admin.await.map_err(ServerError::Admin) },
             watch,
         )?;
+        let _ = engine.await;
         info!("control plane stopped");
         Ok(())
     }

@@ -22,7 +22,7 @@ use weft_proto::MeshConfig;
 pub const STATE_FILE: &str = "state.json";
 
 /// What the control plane persists after every accepted change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredState {
     /// Version of `config`; only grows.
     pub version: u64,
@@ -32,6 +32,9 @@ pub struct StoredState {
     /// hash means the file did not change meanwhile, so the stored config (with its API
     /// mutations) is still the truth.
     pub source_hash: u64,
+    /// Experiments and where each one is, so a restart resumes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experiments: Vec<crate::experiment::Record>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +210,7 @@ mod tests {
             version,
             config,
             source_hash: content_hash(b"x"),
+            experiments: Vec::new(),
         }
     }
 

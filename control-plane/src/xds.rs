@@ -38,6 +38,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    stats: crate::experiment::stats::Aggregator,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -45,7 +46,13 @@ pub async fn serve(
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .serve_with_incoming_shutdown(service, incoming, async move { shutdown.wait().await })
+        .add_service(service)
+        // Proxies' traffic reports for experiments, on the same port.
+        .add_service(crate::experiment::stats::StatsServer::service(
+            stats,
+            shutdown.clone(),
+        ))
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await
 }
 

@@ -153,6 +153,10 @@ fn rule_to_pb(rule: &model::Rule) -> pb::Rule {
             crate::policy::route_policy_to_pb(rule, &mut p);
             p
         }),
+        sticky: rule.sticky.as_ref().map(|s| pb::StickySplit {
+            cookie: s.cookie.clone().unwrap_or_default(),
+            header: s.header.clone().unwrap_or_default(),
+        }),
     }
 }
 
@@ -168,7 +172,11 @@ pub fn from_resources(res: &Resources) -> Result<MeshConfig, ConvertError> {
         .iter()
         .map(route_from_pb)
         .collect::<Result<_, _>>()?;
-    Ok(MeshConfig { services, routes })
+    Ok(MeshConfig {
+        services,
+        routes,
+        ..MeshConfig::default()
+    })
 }
 
 fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
@@ -303,6 +311,13 @@ fn route_from_pb(r: &pb::Route) -> Result<model::Route, ConvertError> {
                         allow_non_idempotent: r.allow_non_idempotent,
                         max_body_bytes: (r.max_body_bytes != 0).then_some(r.max_body_bytes),
                     }),
+                    sticky: rule
+                        .sticky
+                        .as_ref()
+                        .map(|s| crate::experiment::StickySplit {
+                            cookie: (!s.cookie.is_empty()).then(|| s.cookie.clone()),
+                            header: (!s.header.is_empty()).then(|| s.header.clone()),
+                        }),
                     ..Default::default()
                 };
                 crate::policy::route_policy_from_pb(&policy, &mut out);

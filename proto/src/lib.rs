@@ -3,10 +3,12 @@
 //! operators write, the control plane stores and the proxy compiles.
 
 pub mod convert;
+pub mod experiment;
 pub mod locate;
 pub mod model;
 pub mod ops;
 pub mod policy;
+pub mod stats;
 pub mod validate;
 
 /// Generated protobuf and tonic code for `weft.config.v1`.

@@ -19,6 +19,9 @@ pub struct MeshConfig {
     pub services: Vec<Service>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Traffic-shifting experiments the control plane drives (never sent to proxies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experiments: Vec<crate::experiment::ExperimentSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +124,9 @@ pub struct Rule {
     /// A response body (or a stream) that sends nothing for this long is cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout: Option<Millis>,
+    /// Pick the backend by a hash of a cookie or header instead of at random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<crate::experiment::StickySplit>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -277,6 +277,9 @@ impl Validator<'_> {
                 self.rule(&at(&p, [key("rules"), Seg::Index(j)]), rule, &services);
             }
         }
+        for (path, reason) in crate::experiment::check(cfg) {
+            self.fail(path, reason);
+        }
     }
 
     fn rule(&mut self, p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str>>) {

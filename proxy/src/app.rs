@@ -101,6 +101,7 @@ pub struct Proxy {
     shutdown: Shutdown,
     servers: Vec<JoinHandle<()>>,
     config_client: Option<JoinHandle<()>>,
+    stats_reporter: Option<JoinHandle<()>>,
 }
 
 /// Loads the configuration source, binds every listener and starts serving.
@@ -195,6 +196,14 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         tokio::spawn(client.run())
     });
 
+    let stats_reporter = (!args.control_plane.is_empty()).then(|| {
+        tokio::spawn(crate::stats::report_loop(
+            args.control_plane.clone(),
+            args.node_id(),
+            args.stats_interval,
+        ))
+    });
+
     if let Some(path) = &args.addr_file {
         write_addr_file(path, &addrs).map_err(|source| StartError::AddrFile {
             path: path.clone(),
@@ -216,6 +225,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         shutdown,
         servers,
         config_client,
+        stats_reporter,
     })
 }
 
@@ -227,6 +237,9 @@ impl Proxy {
         self.shutdown.trigger();
         if let Some(client) = &self.config_client {
             client.abort();
+        }
+        if let Some(reporter) = &self.stats_reporter {
+            reporter.abort();
         }
         for server in self.servers {
             let _ = server.await;

@@ -69,6 +69,12 @@ impl WeightedIndex {
         self.cumulative[self.cumulative.len() - 1]
     }
 
+    /// The index for a hash: `hash % total` placed on the weights, so equal hashes always
+    /// pick the same item (sticky splits).
+    pub fn pick_hashed(&self, hash: u64) -> usize {
+        self.index_of(hash % self.total())
+    }
+
     /// A random index, distributed by weight.
     pub fn pick(&self) -> usize {
         if self.cumulative.len() == 1 {
@@ -107,6 +113,8 @@ pub struct EndpointSet {
     pub runtime: Arc<ServiceRuntime>,
     ring: Option<Ring>,
     next: AtomicUsize,
+    /// Outbound counters of this (service, subset) for experiments, kept across config swaps.
+    pub subset_stats: Arc<crate::stats::Counters>,
 }
 
 impl EndpointSet {
@@ -164,6 +172,7 @@ impl EndpointSet {
             runtime,
             ring,
             next: AtomicUsize::new(fastrand::usize(..)),
+            subset_stats: crate::stats::global().handle(&service.name, subset),
         })
     }
 

@@ -88,6 +88,10 @@ pub struct Args {
     /// Share of requests written to the access log, 0..=1.
     #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
     pub access_log_sample: f64,
+    /// How often outbound traffic counters are reported to the control plane (for
+    /// experiments), e.g. 1s or 100ms.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_stats_interval)]
+    pub stats_interval: std::time::Duration,
 
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -157,6 +161,14 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
     }
+}
+
+fn parse_stats_interval(s: &str) -> Result<std::time::Duration, String> {
+    let ms: weft_proto::model::Millis = s.parse()?;
+    if ms.0 < 100 {
+        return Err("the stats interval must be at least 100ms".into());
+    }
+    Ok(ms.as_duration())
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

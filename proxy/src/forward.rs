@@ -118,7 +118,16 @@ impl Forwarder {
                 // chosen per attempt), so a config swap cannot disturb it.
                 let (set, policy, labels) = state.load().table.resolve(&req)?;
                 meta.target = Some(labels);
-                let resp = crate::resilience::call::forward(set, policy, req).await?;
+                // Experiments judge a subset by what its callers saw after retries: one
+                // outcome per request, recorded here.
+                let subset_stats = set.subset_stats.clone();
+                let started = std::time::Instant::now();
+                let result = crate::resilience::call::forward(set, policy, req).await;
+                let failed = result
+                    .as_ref()
+                    .map_or(true, |r| r.status().is_server_error());
+                subset_stats.record(failed, started.elapsed());
+                let resp = result?;
                 if let Some(a) = resp
                     .extensions()
                     .get::<crate::resilience::call::Attempted>()

@@ -23,6 +23,8 @@ pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod stats;
+pub mod sticky;
 pub mod trace;
 pub mod upstream;
 pub mod xds;

@@ -77,6 +77,8 @@ struct Rule {
     weights: Option<WeightedIndex>,
     /// Timeouts, retries, rate limit, fault, mirror.
     policy: Arc<RulePolicy>,
+    /// Pick the backend by a hash of this cookie or header (experiments' sticky splits).
+    sticky: Option<crate::sticky::Key>,
 }
 
 #[derive(Debug)]
@@ -198,7 +200,8 @@ impl Table {
             .ok_or_else(no_route)?;
         let (set, labels) = match &rule.weights {
             Some(weights) => {
-                let i = weights.pick();
+                let hash = rule.sticky.as_ref().and_then(|k| k.hash(req.headers()));
+                let i = hash.map_or_else(|| weights.pick(), |h| weights.pick_hashed(h));
                 (&rule.backends[i], &rule.labels[i])
             }
             None => return Err(no_route()),
@@ -288,6 +291,7 @@ impl<'a> Compiler<'a> {
                 .iter()
                 .map(|b| Arc::new(TargetLabels::new(route, &b.service, &b.subset)))
                 .collect(),
+            sticky: rule.sticky.as_ref().map(crate::sticky::Key::compile),
             backends,
             policy,
         })

@@ -30,7 +30,17 @@ pub struct VersionApp {
     pub addr: SocketAddr,
     pub name: String,
     hits: Arc<AtomicU64>,
+    faults: Arc<Faults>,
     task: JoinHandle<()>,
+}
+
+/// Injected misbehaviour of a [`VersionApp`], changeable while it runs.
+#[derive(Default)]
+struct Faults {
+    /// Answer 500 to this many requests per thousand, spread evenly (deterministic).
+    error_permille: AtomicU64,
+    /// Added before answering.
+    delay_ms: AtomicU64,
 }
 
 impl VersionApp {
@@ -38,16 +48,22 @@ impl VersionApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let addr = listener.local_addr().expect("app addr");
         let hits = Arc::new(AtomicU64::new(0));
-        let (name_owned, hits2) = (name.to_owned(), hits.clone());
+        let faults = Arc::new(Faults::default());
+        let (name_owned, hits2, faults2) = (name.to_owned(), hits.clone(), faults.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (name, hits) = (name_owned.clone(), hits2.clone());
+                let (name, hits, faults) = (name_owned.clone(), hits2.clone(), faults2.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        hits.fetch_add(1, Ordering::Relaxed);
+                        let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
+                        let permille = faults.error_permille.load(Ordering::Relaxed);
+                        let delay = faults.delay_ms.load(Ordering::Relaxed);
+                        // Request n fails when the running share of failures crosses a step.
+                        let fail =
+                            permille > 0 && (n * permille) / 1000 != ((n - 1) * permille) / 1000;
                         let host = req.headers().get(http::header::HOST).cloned();
                         let authority = req
                             .uri()
@@ -55,6 +71,7 @@ impl VersionApp {
                             .map(|a| a.to_string())
                             .unwrap_or_default();
                         let resp = Response::builder()
+                            .status(if fail { 500 } else { 200 })
                             .header("x-app-version", name.as_str())
                             .header("x-seen-http-version", format!("{:?}", req.version()))
                             .header(
@@ -64,7 +81,12 @@ impl VersionApp {
                             )
                             .body(Full::new(Bytes::from(format!("{name}\n"))))
                             .expect("response");
-                        async move { Ok::<_, Infallible>(resp) }
+                        async move {
+                            if delay > 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -76,8 +98,17 @@ impl VersionApp {
             addr,
             name: name.to_owned(),
             hits,
+            faults,
             task,
         }
+    }
+
+    /// From now on, answer 500 to `error_permille`/1000 of requests and add `delay_ms`.
+    pub fn set_faults(&self, error_permille: u64, delay_ms: u64) {
+        self.faults
+            .error_permille
+            .store(error_permille, Ordering::Relaxed);
+        self.faults.delay_ms.store(delay_ms, Ordering::Relaxed);
     }
 
     /// Requests this app has served.

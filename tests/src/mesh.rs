@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::ControlPlaneOpts;
 use crate::http::HttpClient;
 
 /// A service `name` with subsets v1/v2 at the given endpoints, and a route for host `name`:
@@ -151,13 +152,24 @@ pub struct SidecarMesh {
 impl SidecarMesh {
     /// Starts everything with `reviews` split `w1`/`w2`, ready and ACKed.
     pub async fn start(dir: &std::path::Path, w1: u32, w2: u32) -> SidecarMesh {
-        use crate::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts, VersionApp};
+        Self::start_with(dir, w1, w2, ControlPlaneOpts::default(), Vec::new()).await
+    }
+
+    /// [`SidecarMesh::start`] with control-plane options and extra client-proxy flags
+    /// (e.g. `--stats-interval 100ms` for experiments).
+    pub async fn start_with(
+        dir: &std::path::Path,
+        w1: u32,
+        w2: u32,
+        cp_opts: ControlPlaneOpts,
+        client_args: Vec<String>,
+    ) -> SidecarMesh {
+        use crate::{ControlPlane, Proxy, ProxyOpts, VersionApp};
         let apps = [VersionApp::start("v1").await, VersionApp::start("v2").await];
         // The sidecars' addresses are known only once they run, and they need the control
         // plane to be ready: start it pointing at the apps, then re-point the route.
         let direct = two_versions("reviews", apps[0].addr, apps[1].addr, w1, w2);
-        let cp =
-            ControlPlane::start(dir, "weft-control", &direct, ControlPlaneOpts::default()).await;
+        let cp = ControlPlane::start(dir, "weft-control", &direct, cp_opts).await;
         let mut sidecars = Vec::new();
         for app in &apps {
             let opts = ProxyOpts {
@@ -181,6 +193,7 @@ impl SidecarMesh {
         let opts = ProxyOpts {
             control_plane: Some(cp.grpc),
             service: "productpage".into(),
+            extra_args: client_args,
             ..ProxyOpts::default()
         };
         let client_proxy = Proxy::start(dir, "productpage-sidecar", opts).await;

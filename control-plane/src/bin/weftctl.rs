@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use weft_control::client::AdminClient;
-use weft_control::{api, cli, top};
+use weft_control::{api, cli, experiment_cli, top};
 
 /// Inspect and change the weft mesh through weft-control's admin API.
 #[derive(Debug, Parser)]
@@ -67,6 +67,18 @@ enum Command {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
     },
+    /// Traffic-shifting experiments: start, status, watch, pause, resume, abort, promote.
+    #[command(subcommand)]
+    Experiment(experiment_cli::ExperimentCmd),
+}
+
+/// A file's text, or stdin for `-`.
+fn read_file(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read stdin")
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+    }
 }
 
 fn parse_weight(s: &str) -> Result<(String, u32), String> {
@@ -151,13 +163,12 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 println!("{}", out.trim_end());
             }
         }
+        Command::Experiment(experiment_cli::ExperimentCmd::Start { file }) => {
+            experiment_cli::start(&client, read_file(&file)?, json).await?
+        }
+        Command::Experiment(cmd) => experiment_cli::run(&client, cmd, json).await?,
         Command::Apply { file } => {
-            let yaml = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
-            } else {
-                std::fs::read_to_string(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?
-            };
+            let yaml = read_file(&file)?;
             let resp = client.apply(yaml).await?;
             if json {
                 cli::json(&resp)
