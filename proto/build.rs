@@ -7,7 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_with_config(config, &["proto/weft/config/v1/config.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/weft/config/v1/config.proto",
+                "proto/weft/identity/v1/identity.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -28,9 +28,10 @@ pub const APPLY_SOURCE: &str = "apply";
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    extra: Router,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
+    axum::serve(listener, extra.merge(router(registry)))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
 }

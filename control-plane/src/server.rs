@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::ca::{Ca, CaError, CaOptions};
+use crate::certify::{BootstrapTokens, CertifyServer};
 use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 use crate::source::{Loaded, Source, Watcher};
@@ -28,6 +30,8 @@ pub struct Options {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub watch_interval: Duration,
+    /// The workload certificate authority.
+    pub ca: CaOptions,
 }
 
 impl Default for Options {
@@ -38,6 +42,7 @@ impl Default for Options {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
             watch_interval: Duration::from_millis(500),
+            ca: CaOptions::default(),
         }
     }
 }
@@ -48,6 +53,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -76,6 +83,8 @@ pub struct ControlPlane {
     admin: TcpListener,
     admin_addr: SocketAddr,
     watcher: Option<Watcher>,
+    ca: Arc<Ca>,
+    tokens: Arc<BootstrapTokens>,
 }
 
 impl ControlPlane {
@@ -86,6 +95,8 @@ impl ControlPlane {
             Some(dir) => Arc::new(FileStore::open(dir)?),
             None => Arc::new(MemoryStore::new()),
         };
+        let ca = Arc::new(Ca::open(&opts.ca, opts.state_dir.as_deref())?);
+        let tokens = Arc::new(BootstrapTokens::open(opts.state_dir.as_deref())?);
         let registry =
             Registry::open(store, opts.source.name(), loaded.config, loaded.hash).await?;
         let bind = |what, addr| async move {
@@ -113,6 +124,8 @@ impl ControlPlane {
             admin,
             admin_addr,
             watcher,
+            ca,
+            tokens,
         })
     }
 
@@ -137,8 +150,19 @@ impl ControlPlane {
             version = self.registry.current().version,
             "control plane serving"
         );
-        let grpc = xds::serve(self.grpc, self.registry.clone(), shutdown.clone());
-        let admin = admin::serve(self.admin, self.registry.clone(), shutdown.clone());
+        let certify = CertifyServer::new(self.ca.clone(), self.tokens.clone());
+        let grpc = xds::serve(
+            self.grpc,
+            self.registry.clone(),
+            certify.into_service(),
+            shutdown.clone(),
+        );
+        let admin = admin::serve(
+            self.admin,
+            self.registry.clone(),
+            crate::certify::admin_router(self.ca.clone(), self.tokens.clone()),
+            shutdown.clone(),
+        );
         let watch = async {
             if let Some(watcher) = self.watcher {
                 watcher.run(shutdown.clone()).await;

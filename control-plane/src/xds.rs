@@ -38,6 +38,9 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    identity: weft_proto::identity_pb::identity_service_server::IdentityServiceServer<
+        crate::certify::CertifyServer,
+    >,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -45,7 +48,9 @@ pub async fn serve(
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .serve_with_incoming_shutdown(service, incoming, async move { shutdown.wait().await })
+        .add_service(service)
+        .add_service(identity)
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await
 }
 

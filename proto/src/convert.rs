@@ -72,6 +72,7 @@ fn cluster_to_pb(s: &model::Service) -> pb::Cluster {
             connect_timeout_ms: ms(s.policy.connect_timeout),
             idle_timeout_ms: ms(s.policy.idle_timeout),
         }),
+        security: s.security.as_ref().map(crate::security::to_pb),
     }
 }
 
@@ -212,6 +213,12 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
             connect_timeout: opt_ms(policy.connect_timeout_ms),
             idle_timeout: opt_ms(policy.idle_timeout_ms),
         },
+        security: c
+            .security
+            .as_ref()
+            .map(crate::security::from_pb)
+            .transpose()
+            .map_err(err)?,
     })
 }
 

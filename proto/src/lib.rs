@@ -6,12 +6,19 @@ pub mod convert;
 pub mod locate;
 pub mod model;
 pub mod ops;
+pub mod security;
 pub mod validate;
 
 /// Generated protobuf and tonic code for `weft.config.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {
     tonic::include_proto!("weft.config.v1");
+}
+
+/// Generated protobuf and tonic code for `weft.identity.v1` (certificates for workloads).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod identity_pb {
+    tonic::include_proto!("weft.identity.v1");
 }
 
 pub use convert::{ConvertError, Delta, Resources, from_resources, to_resources};

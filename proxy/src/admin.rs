@@ -29,6 +29,10 @@ fn respond(state: &ProxyState, method: &Method, path: &str) -> Response<Full<Byt
     match path {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if state.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" if !state.security.is_ready() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no workload certificate yet\n",
+        ),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no config yet\n",
@@ -51,6 +55,7 @@ fn config(state: &ProxyState) -> Response<Full<Bytes>> {
             "connected": status.connected,
             "address": status.address,
         },
+        "identity": state.security.to_json(),
     });
     let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
     bytes.push(b'\n');

@@ -19,6 +19,9 @@ use weft_proto::{parse_yaml, to_resources};
 use crate::admin;
 use crate::cli::Args;
 use crate::forward::{Forwarder, Mode};
+use crate::identity::mesh::MeshClient;
+use crate::identity::{self, Identity};
+use crate::inbound;
 use crate::server::{self, Shutdown};
 use crate::state::{ApplyError, ProxyState, Source};
 use crate::upstream::Upstream;
@@ -83,6 +86,7 @@ pub struct Proxy {
     shutdown: Shutdown,
     servers: Vec<JoinHandle<()>>,
     config_client: Option<JoinHandle<()>>,
+    renewal: Option<JoinHandle<()>>,
 }
 
 /// Loads the configuration source, binds every listener and starts serving.
@@ -109,7 +113,17 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     let upstream = Upstream::new();
     let mut servers = Vec::new();
 
-    let outbound_svc = Forwarder::new(Mode::Outbound(state.clone()), upstream.clone());
+    // Workload identity: certified (and renewed) in the background; /ready waits for it.
+    let mut renewal = None;
+    let identity = args.identity().map(|opts| {
+        let identity = Arc::new(Identity::default());
+        let _ = state.security.identity.set(identity.clone());
+        renewal = Some(tokio::spawn(identity::run(opts, identity.clone())));
+        identity
+    });
+    let mesh = identity.clone().map(MeshClient::new);
+
+    let outbound_svc = Forwarder::with_mesh(Mode::Outbound(state.clone()), upstream.clone(), mesh);
     servers.push(tokio::spawn(server::serve(
         "outbound",
         outbound,
@@ -131,13 +145,11 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             protocol: args.app_protocol.into(),
         };
         let inbound_svc = Forwarder::new(mode, upstream);
-        servers.push(tokio::spawn(server::serve(
-            "inbound",
+        let guard = inbound::Guard::new(state.clone(), &args.service, inbound_svc);
+        servers.push(tokio::spawn(inbound::serve(
             listener,
-            service_fn(move |req| {
-                let fwd = inbound_svc.clone();
-                async move { Ok::<_, std::convert::Infallible>(fwd.handle(req).await) }
-            }),
+            guard,
+            identity,
             signal.clone(),
             SHUTDOWN_GRACE,
         )));
@@ -182,6 +194,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         shutdown,
         servers,
         config_client,
+        renewal,
     })
 }
 
@@ -190,6 +203,9 @@ impl Proxy {
     /// stops the config client.
     pub async fn shutdown(self) {
         self.shutdown.trigger();
+        if let Some(renewal) = &self.renewal {
+            renewal.abort();
+        }
         if let Some(client) = &self.config_client {
             client.abort();
         }

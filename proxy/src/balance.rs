@@ -195,6 +195,7 @@ mod tests {
             ],
             subsets: BTreeMap::new(),
             policy: model::ClusterPolicy::default(),
+            security: None,
         }
     }
 

@@ -70,6 +70,21 @@ pub struct Args {
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
 
+    /// Service account this proxy's workload runs as. Turns on workload identity: the proxy
+    /// gets a SPIFFE certificate from the control plane (not ready until it has one), speaks
+    /// mTLS to destinations that have an identity and accepts mTLS on its inbound listener.
+    #[arg(long, value_name = "SA", requires_all = ["identity_token_file", "control_plane"])]
+    pub service_account: Option<String>,
+
+    /// File holding the proof of identity sent with each certificate request (the bootstrap
+    /// token from `weftctl token`); read again on every renewal.
+    #[arg(long, value_name = "FILE", requires = "service_account")]
+    pub identity_token_file: Option<PathBuf>,
+
+    /// SPIFFE trust domain (must match the control plane's).
+    #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
+    pub trust_domain: String,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
@@ -98,6 +113,17 @@ impl Args {
         Limits {
             regex_size_limit: self.regex_size_limit,
         }
+    }
+
+    /// The identity settings, when `--service-account` is given.
+    pub fn identity(&self) -> Option<crate::identity::IdentityOptions> {
+        Some(crate::identity::IdentityOptions {
+            trust_domain: self.trust_domain.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone()?,
+            token_file: self.identity_token_file.clone()?,
+            control_plane: self.control_plane.clone(),
+        })
     }
 
     /// `--node-id`, or `hostname-pid`.

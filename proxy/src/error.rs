@@ -22,14 +22,20 @@ pub enum ProxyError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("denied by policy {policy:?}")]
+    Denied { policy: String },
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(crate::jwt::JwtError),
 }
 
 /// gRPC status codes the proxy produces (see `grpc/doc/statuscodes.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum GrpcStatus {
+    PermissionDenied = 7,
     Unimplemented = 12,
     Unavailable = 14,
+    Unauthenticated = 16,
 }
 
 impl ProxyError {
@@ -40,6 +46,8 @@ impl ProxyError {
             ProxyError::Route(RouteError::NoEndpoints { .. }) => "no_endpoints",
             ProxyError::Upstream(UpstreamError::Connect { .. }) => "upstream_connect_failed",
             ProxyError::Upstream(UpstreamError::Reset { .. }) => "upstream_reset",
+            ProxyError::Denied { .. } => "denied",
+            ProxyError::Unauthenticated(e) => e.reason(),
         }
     }
 
@@ -51,12 +59,16 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Upstream(UpstreamError::Reset { .. }) => StatusCode::BAD_GATEWAY,
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
     fn grpc_status(&self) -> GrpcStatus {
         match self {
             ProxyError::Route(RouteError::NoRoute { .. }) => GrpcStatus::Unimplemented,
+            ProxyError::Denied { .. } => GrpcStatus::PermissionDenied,
+            ProxyError::Unauthenticated(_) => GrpcStatus::Unauthenticated,
             _ => GrpcStatus::Unavailable,
         }
     }

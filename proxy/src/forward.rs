@@ -13,6 +13,7 @@ use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, is_grpc};
+use crate::identity::mesh::MeshClient;
 use crate::state::ProxyState;
 use crate::upstream::{Upstream, UpstreamProtocol};
 
@@ -35,12 +36,18 @@ pub struct Forwarder {
 struct Inner {
     mode: Mode,
     upstream: Upstream,
+    /// mTLS to destinations that have an identity; `None` when this proxy has none.
+    mesh: Option<MeshClient>,
     /// `outbound` or `inbound`, for logs.
     side: &'static str,
 }
 
 impl Forwarder {
     pub fn new(mode: Mode, upstream: Upstream) -> Self {
+        Self::with_mesh(mode, upstream, None)
+    }
+
+    pub fn with_mesh(mode: Mode, upstream: Upstream, mesh: Option<MeshClient>) -> Self {
         let side = match mode {
             Mode::Outbound(_) => "outbound",
             Mode::Inbound { .. } => "inbound",
@@ -49,6 +56,7 @@ impl Forwarder {
             inner: Arc::new(Inner {
                 mode,
                 upstream,
+                mesh,
                 side,
             }),
         }
@@ -73,17 +81,29 @@ impl Forwarder {
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let (endpoint, protocol) = match &self.inner.mode {
+        let (endpoint, protocol, identity) = match &self.inner.mode {
             Mode::Outbound(state) => {
                 // Route while holding the snapshot, then let go of it before any `.await`:
                 // the request keeps only the endpoint it was given, so a config swap cannot
                 // disturb it.
                 let snapshot = state.load();
                 let target = snapshot.table.route(&req)?;
-                (target.endpoint.authority.clone(), target.set.protocol)
+                let identity = self
+                    .inner
+                    .mesh
+                    .as_ref()
+                    .and_then(|_| snapshot.security.identity(&target.set.service));
+                (
+                    target.endpoint.authority.clone(),
+                    target.set.protocol,
+                    identity,
+                )
             }
-            Mode::Inbound { app, protocol } => (app.clone(), *protocol),
+            Mode::Inbound { app, protocol } => (app.clone(), *protocol, None),
         };
+        if let (Some(mesh), Some(identity)) = (&self.inner.mesh, identity) {
+            return Ok(mesh.forward(req, endpoint, identity).await?);
+        }
         let protocol = UpstreamProtocol::resolve(protocol, req.version());
         Ok(self.inner.upstream.forward(req, endpoint, protocol).await?)
     }

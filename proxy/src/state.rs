@@ -21,6 +21,8 @@ pub enum ApplyError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error(transparent)]
+    Security(#[from] crate::jwt::JwtError),
 }
 
 /// Where the running configuration came from.
@@ -50,6 +52,8 @@ pub struct Snapshot {
     pub source: Option<Source>,
     pub applied_at_unix_ms: u64,
     pub config: MeshConfig,
+    /// Identities and inbound policies per service (issue 4).
+    pub security: crate::policy::SecurityTable,
 }
 
 /// A configuration this proxy refused.
@@ -75,6 +79,8 @@ pub struct ProxyState {
     limits: Limits,
     /// Rarely written, read by `/config`; never held across an `.await`.
     status: Mutex<Status>,
+    /// Certificate status and authorization counters.
+    pub security: crate::policy::SecurityState,
 }
 
 impl ProxyState {
@@ -83,6 +89,7 @@ impl ProxyState {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             limits,
             status: Mutex::new(Status::default()),
+            security: crate::policy::SecurityState::default(),
         }
     }
 
@@ -97,7 +104,7 @@ impl ProxyState {
 
     /// True once a first configuration has been applied.
     pub fn is_ready(&self) -> bool {
-        self.snapshot.load().source.is_some()
+        self.snapshot.load().source.is_some() && self.security.is_ready()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -114,6 +121,7 @@ impl ProxyState {
     ) -> Result<(), ApplyError> {
         let config = from_resources(resources)?;
         let table = Table::compile(&config, &self.limits)?;
+        let security = crate::policy::SecurityTable::compile(&config)?;
         let applied_at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -131,6 +139,7 @@ impl ProxyState {
             source: Some(source),
             applied_at_unix_ms,
             config,
+            security,
         }));
         Ok(())
     }

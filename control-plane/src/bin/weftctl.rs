@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, value_name = "N")]
         rule: Option<usize>,
     },
+    /// Print the bootstrap token a proxy of this service account proves its identity with
+    /// (give it to weft-proxy as --identity-token-file).
+    Token {
+        #[arg(long, value_name = "NS", default_value = "default")]
+        namespace: String,
+        #[arg(long, value_name = "SA")]
+        service_account: String,
+    },
     /// Replace the whole configuration with a mesh YAML file (`-` reads stdin).
     Apply {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -101,6 +109,18 @@ async fn run(args: Args) -> anyhow::Result<String> {
             } else {
                 cli::set_weight(&resp, &weights)
             }
+        }
+        Command::Token {
+            namespace,
+            service_account,
+        } => {
+            let resp = client
+                .token(&weft_control::certify::TokenRequest {
+                    namespace,
+                    service_account,
+                })
+                .await?;
+            if json { cli::json(&resp) } else { resp.token }
         }
         Command::Apply { file } => {
             let yaml = if file.as_os_str() == "-" {
