@@ -6,6 +6,7 @@ pub mod apps;
 pub mod bins;
 pub mod demo;
 pub mod http;
+pub mod identity;
 pub mod mesh;
 pub mod procs;
 
