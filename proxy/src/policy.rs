@@ -149,7 +149,7 @@ fn claim_matches(v: &Value, accepted: &[String]) -> bool {
         Value::Array(items) => items.iter().any(|i| claim_matches(i, accepted)),
         Value::Bool(_) | Value::Number(_) => {
             let s = v.to_string();
-            accepted.iter().any(|a| *a == s)
+            accepted.contains(&s)
         }
         _ => false,
     }
