@@ -218,6 +218,28 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn security_refusals_map_to_403_401_and_grpc_codes() {
+        let denied = ProxyError::Denied {
+            policy: "no-admin".into(),
+        };
+        let resp = denied.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()[REASON_HEADER], "denied");
+        assert!(text(resp).await.contains("denied by policy \"no-admin\""));
+        let resp = denied.to_response(true, Version::HTTP_2);
+        assert_eq!(resp.headers()["grpc-status"], "7");
+
+        let expired = ProxyError::Unauthenticated(crate::jwt::JwtError::Expired);
+        let resp = expired.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.headers()[REASON_HEADER], "jwt_expired");
+        assert_eq!(
+            expired.to_response(true, Version::HTTP_2).headers()["grpc-status"],
+            "16"
+        );
+    }
+
     #[test]
     fn grpc_is_detected_by_content_type() {
         let mut h = HeaderMap::new();

@@ -149,6 +149,27 @@ async fn sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
         cfg["identity"]["certificate"]["spiffe_id"], PRODUCTPAGE_ID,
         "{cfg}"
     );
+
+    // The outbound side checks who answers: expecting another identity, the call fails
+    // rather than talk to the wrong workload.
+    s.apply(
+        "      identity: spiffe://weft.local/ns/default/sa/ratings
+      peer_authentication: {mode: strict}",
+        2,
+    )
+    .await;
+    let r = http
+        .get(client.outbound, "reviews", "/hello", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("x-weft-reason"), Some("upstream_connect_failed"));
+    assert!(
+        r.text()
+            .contains("expecting spiffe://weft.local/ns/default/sa/ratings"),
+        "{}",
+        r.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
