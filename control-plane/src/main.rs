@@ -59,6 +59,11 @@ struct Args {
     /// Extra trusted roots (PEM), e.g. the previous root during a rotation.
     #[arg(long, value_name = "FILE")]
     trust_bundle: Option<PathBuf>,
+    /// Serve the gRPC port over TLS, with a certificate the CA issues to the control plane
+    /// (proxies then use https:// and --control-plane-ca with the bundle from
+    /// GET /api/v1/identity/bundle).
+    #[arg(long)]
+    grpc_tls: bool,
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info,weft_control=debug".
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
             ca_key: args.ca_key.clone(),
             trust_bundle: args.trust_bundle.clone(),
         },
+        grpc_tls: args.grpc_tls,
     };
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

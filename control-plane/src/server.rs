@@ -32,6 +32,8 @@ pub struct Options {
     pub watch_interval: Duration,
     /// The workload certificate authority.
     pub ca: CaOptions,
+    /// Serve the gRPC port (config stream, Certify) over TLS with a certificate from the CA.
+    pub grpc_tls: bool,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
             watch_interval: Duration::from_millis(500),
             ca: CaOptions::default(),
+            grpc_tls: false,
         }
     }
 }
@@ -85,6 +88,7 @@ pub struct ControlPlane {
     watcher: Option<Watcher>,
     ca: Arc<Ca>,
     tokens: Arc<BootstrapTokens>,
+    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ControlPlane {
@@ -108,6 +112,22 @@ impl ControlPlane {
         };
         let (grpc, grpc_addr) = bind("the config stream (gRPC)", opts.grpc_addr).await?;
         let (admin, admin_addr) = bind("the admin API", opts.admin_addr).await?;
+        let grpc_tls = if opts.grpc_tls {
+            // The control plane's own certificate: its SPIFFE ID plus the names proxies dial.
+            let id = ca.spiffe_id("weft-system", "weft-control");
+            let hosts = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                grpc_addr.ip().to_string(),
+            ];
+            let (chain, key) = ca.issue_server(&id, &hosts)?;
+            Some(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(chain, key)),
+            )
+        } else {
+            None
+        };
         let watcher = match &opts.source {
             Source::File(path) => Some(Watcher::new(
                 path,
@@ -126,6 +146,7 @@ impl ControlPlane {
             watcher,
             ca,
             tokens,
+            grpc_tls,
         })
     }
 
@@ -155,6 +176,7 @@ impl ControlPlane {
             self.grpc,
             self.registry.clone(),
             certify.into_service(),
+            self.grpc_tls,
             shutdown.clone(),
         );
         let admin = admin::serve(

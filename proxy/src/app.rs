@@ -92,6 +92,13 @@ pub struct Proxy {
 /// Loads the configuration source, binds every listener and starts serving.
 pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     let state = Arc::new(ProxyState::new(args.limits()));
+    if let Some(path) = &args.control_plane_ca {
+        let pem = std::fs::read_to_string(path).map_err(|source| StartError::ReadConfig {
+            path: path.clone(),
+            source,
+        })?;
+        identity::set_control_plane_ca(pem);
+    }
     if let Some(path) = &args.config {
         load_file(path, &state)?;
     }

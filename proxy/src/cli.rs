@@ -81,6 +81,10 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "service_account")]
     pub identity_token_file: Option<PathBuf>,
 
+    /// Roots (PEM) to verify an https:// control plane with (its trust bundle).
+    #[arg(long, value_name = "FILE")]
+    pub control_plane_ca: Option<PathBuf>,
+
     /// SPIFFE trust domain (must match the control plane's).
     #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
     pub trust_domain: String,
@@ -144,9 +148,7 @@ fn parse_url(s: &str) -> Result<String, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
     match (uri.scheme_str(), uri.authority()) {
         (Some("http"), Some(_)) => Ok(s.to_owned()),
-        (Some("https"), _) => {
-            Err("TLS to the control plane is not supported yet; use http://".into())
-        }
+        (Some("https"), Some(_)) => Ok(s.to_owned()),
         _ => Err("expected a URL like http://127.0.0.1:15010".into()),
     }
 }

@@ -491,3 +491,70 @@ async fn jwt_is_required_verified_and_its_claims_usable_in_rules() {
     assert_eq!(r.header("x-weft-reason"), Some("denied"));
     assert_eq!(get("/admin", Some(admin)).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_grpc_port_is_served_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = HeaderApp::start().await;
+    let cp = ControlPlane::start(
+        dir.path(),
+        "control",
+        &reviews_mesh(app.addr, IDENTITY_STRICT),
+        ControlPlaneOpts {
+            state_dir: Some(dir.path().join("state")),
+            extra_args: vec!["--grpc-tls".into()],
+            ..ControlPlaneOpts::default()
+        },
+    )
+    .await;
+    let bundle = HttpClient::http1()
+        .get(cp.admin, "admin", "/api/v1/identity/bundle", &[])
+        .await
+        .unwrap();
+    assert_eq!(bundle.status, 200);
+    let bundle_path = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_path, &bundle.body).unwrap();
+    let token = weft_tests::identity::token_file(&cp, dir.path(), "default", "reviews").await;
+
+    // Config stream and Certify both over TLS: the proxy becomes ready only with both.
+    let proxy = Proxy::start(
+        dir.path(),
+        "reviews-sidecar",
+        weft_tests::ProxyOpts {
+            app_addr: Some(app.addr),
+            service: "reviews".into(),
+            extra_args: [
+                "--control-plane",
+                &format!("https://{}", cp.grpc),
+                "--control-plane-ca",
+                &bundle_path.display().to_string(),
+                "--service-account",
+                "reviews",
+                "--identity-token-file",
+                &token,
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            ..weft_tests::ProxyOpts::default()
+        },
+    )
+    .await;
+    let cfg = proxy.config().await;
+    assert_eq!(
+        cfg["identity"]["certificate"]["spiffe_id"], REVIEWS_ID,
+        "{cfg}"
+    );
+    assert!(cfg["version"].as_u64().unwrap() >= 1, "{cfg}");
+
+    // A plaintext gRPC client gets nowhere.
+    let plain = async {
+        let mut c = IdentityServiceClient::connect(format!("http://{}", cp.grpc)).await?;
+        c.certify(CertifyRequest::default()).await?;
+        anyhow::Ok(())
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), plain)
+        .await
+        .unwrap();
+    assert!(r.is_err(), "plaintext gRPC was answered");
+}

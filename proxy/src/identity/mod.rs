@@ -29,6 +29,35 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Roots to verify an `https://` control plane with (`--control-plane-ca`); set once at start.
+static CONTROL_PLANE_CA: std::sync::OnceLock<tonic::transport::Certificate> =
+    std::sync::OnceLock::new();
+
+pub fn set_control_plane_ca(pem: String) {
+    let _ = CONTROL_PLANE_CA.set(tonic::transport::Certificate::from_pem(pem));
+}
+
+/// `endpoint` with TLS when its URL is `https://`: the control plane must present a
+/// certificate from `--control-plane-ca`.
+pub fn control_plane_tls(
+    endpoint: tonic::transport::Endpoint,
+) -> Result<tonic::transport::Endpoint, String> {
+    if endpoint.uri().scheme_str() != Some("https") {
+        return Ok(endpoint);
+    }
+    let ca = CONTROL_PLANE_CA
+        .get()
+        .ok_or("an https:// control plane needs --control-plane-ca")?;
+    let host = endpoint.uri().host().unwrap_or("localhost").to_owned();
+    endpoint
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .domain_name(host),
+        )
+        .map_err(|e| format!("control plane TLS: {e}"))
+}
+
 /// How this proxy obtains its identity (`--service-account` and friends).
 #[derive(Debug, Clone)]
 pub struct IdentityOptions {
@@ -185,9 +214,14 @@ async fn certify(
         reason,
     };
     let call = async {
-        let mut client = IdentityServiceClient::connect(address.to_owned())
-            .await
+        let endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())
             .map_err(|e| err(e.to_string()))?;
+        let channel = control_plane_tls(endpoint)
+            .map_err(err)?
+            .connect()
+            .await
+            .map_err(|e| err(format!("{e:?}")))?;
+        let mut client = IdentityServiceClient::new(channel);
         client
             .certify(CertifyRequest {
                 csr_pem,
