@@ -392,6 +392,33 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_trusts_the_old_and_the_new_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Ca::open(&CaOptions::default(), Some(dir.path())).unwrap();
+        let (new_root, new_key) = generate_root("weft.local").unwrap();
+        std::fs::write(dir.path().join("new.pem"), &new_root).unwrap();
+        std::fs::write(dir.path().join("new-key.pem"), new_key).unwrap();
+        std::fs::write(dir.path().join("old.pem"), old.bundle_pem().concat()).unwrap();
+        let opts = CaOptions {
+            ca_cert: Some(dir.path().join("new.pem")),
+            ca_key: Some(dir.path().join("new-key.pem")),
+            trust_bundle: Some(dir.path().join("old.pem")),
+            ..CaOptions::default()
+        };
+        let new = Ca::open(&opts, Some(dir.path())).unwrap();
+        assert_eq!(new.bundle_pem(), [new_root, old.bundle_pem()[0].clone()]);
+        let err = Ca::open(
+            &CaOptions {
+                ca_key: None,
+                ..opts
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("give both or neither"), "{err}");
+    }
+
+    #[test]
     fn an_intermediate_signed_by_the_operators_root_works() {
         let dir = tempfile::tempdir().unwrap();
         let (root_pem, root_key) = generate_root("corp").unwrap();
