@@ -4,6 +4,11 @@
 //! [`routing::Table`] (held by [`state`], swapped by [`xds`]) → [`balance`] picks backend and
 //! endpoint → [`upstream`] forwards on a pooled connection → failures become responses in
 //! [`error`]. [`admin`] serves `/ready`, `/live` and `/config`; [`app`] wires it all from [`cli`].
+//!
+//! Identity (when `--service-account` is given): [`identity`] keeps a SPIFFE certificate from the
+//! control plane's CA and speaks mTLS to destinations that have an identity
+//! ([`identity::mesh`]); [`inbound`] applies peer authentication, [`jwt`] and [`policy`]
+//! (authorization) before a request reaches the local app.
 
 pub mod admin;
 pub mod app;
