@@ -558,3 +558,84 @@ async fn the_control_plane_grpc_port_is_served_over_tls() {
         .unwrap();
     assert!(r.is_err(), "plaintext gRPC was answered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_trusts_both_roots_during_the_overlap() {
+    let s = setup(IDENTITY_STRICT, &["--cert-ttl", "3s"]).await;
+    let client = s
+        .client("productpage-sidecar", "default", "productpage")
+        .await;
+    let http = HttpClient::http1();
+    let ok = http
+        .get(client.outbound, "reviews", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let state = s.dir.path().join("state");
+    let old_ca = mesh_ca(&state);
+
+    // The operator's new root B; the old root A stays trusted through --trust-bundle.
+    let (new_root, new_key) = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        (p.self_signed(&key).unwrap().pem(), key)
+    };
+    let d = s.dir.path().to_path_buf();
+    std::fs::write(d.join("new-root.pem"), &new_root).unwrap();
+    std::fs::write(d.join("new-root-key.pem"), new_key.serialize_pem()).unwrap();
+    std::fs::copy(state.join("ca/root.pem"), d.join("old-root.pem")).unwrap();
+    let (grpc, admin) = (s.cp.grpc, s.cp.admin);
+    let mut s = s;
+    s.cp.proc.kill();
+    s.cp = ControlPlane::start(
+        &d,
+        "control",
+        "",
+        ControlPlaneOpts {
+            grpc_addr: Some(grpc),
+            admin_addr: Some(admin),
+            state_dir: Some(state.clone()),
+            extra_args: [
+                "--cert-ttl",
+                "3s",
+                "--ca-cert",
+                &d.join("new-root.pem").display().to_string(),
+                "--ca-key",
+                &d.join("new-root-key.pem").display().to_string(),
+                "--trust-bundle",
+                &d.join("old-root.pem").display().to_string(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        },
+    )
+    .await;
+
+    // Both sidecars renew from the new root and get the two-root bundle.
+    eventually(
+        Duration::from_secs(40),
+        "both sidecars to trust two roots",
+        || async {
+            let a = client.config().await["identity"]["certificate"]["trust_roots"].as_u64()?;
+            let b = s.server.config().await["identity"]["certificate"]["trust_roots"].as_u64()?;
+            (a == 2 && b == 2).then_some(())
+        },
+    )
+    .await;
+    let r = http
+        .get(client.outbound, "reviews", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A workload still holding a certificate from the old root is accepted during the overlap.
+    let old_cert = tls_client(ClientCert::SignedBy {
+        issuer: &old_ca,
+        spiffe_id: PRODUCTPAGE_ID,
+        expired: false,
+    });
+    let r = tls_get(s.inbound, old_cert, "reviews", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+}
