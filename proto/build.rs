@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/weft/config/v1/config.proto",
                 "proto/weft/stats/v1/stats.proto",
+                "proto/weft/identity/v1/identity.proto",
             ],
             &["proto"],
         )?;

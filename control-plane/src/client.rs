@@ -133,6 +133,21 @@ impl AdminClient {
         self.send(Method::POST, path, content_type, body).await
     }
 
+    /// `POST /api/v1/identity/token`: a bootstrap token for one service account.
+    pub async fn token(
+        &self,
+        req: &crate::certify::TokenRequest,
+    ) -> Result<crate::certify::TokenResponse, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| self.decode(e))?;
+        self.send(
+            Method::POST,
+            "/api/v1/identity/token",
+            "application/json",
+            body.into(),
+        )
+        .await
+    }
+
     /// Any GET, decoded as `T`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(Method::GET, path, "", Bytes::new()).await

@@ -162,6 +162,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
             endpoints: endpoints.into_values().collect(),
             subsets: BTreeMap::new(),
             policy: model::ClusterPolicy::default(),
+            security: None,
         });
         let mut hosts = vec![
             weft_name.clone(),

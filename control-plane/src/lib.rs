@@ -13,6 +13,8 @@
 
 pub mod admin;
 pub mod api;
+pub mod ca;
+pub mod certify;
 pub mod cli;
 pub mod client;
 pub mod discovery;

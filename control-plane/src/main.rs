@@ -43,6 +43,27 @@ struct Args {
     /// Only validate --config and exit: 0 if valid, 2 if not.
     #[arg(long)]
     check: bool,
+    /// SPIFFE trust domain of workload identities (spiffe://<domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates, e.g. 24h is 1440m; 30s; 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "1440m")]
+    cert_ttl: weft_proto::model::Millis,
+    /// Signing CA certificate (PEM: it first, then its chain; a self-signed last one is the
+    /// root). Without it, a root is generated (and kept in --state-dir/ca/).
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Extra trusted roots (PEM), e.g. the previous root during a rotation.
+    #[arg(long, value_name = "FILE")]
+    trust_bundle: Option<PathBuf>,
+    /// Serve the gRPC port over TLS, with a certificate the CA issues to the control plane
+    /// (proxies then use https:// and --control-plane-ca with the bundle from
+    /// GET /api/v1/identity/bundle).
+    #[arg(long)]
+    grpc_tls: bool,
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info,weft_control=debug".
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -82,6 +103,14 @@ fn main() -> ExitCode {
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         watch_interval: Duration::from_millis(args.watch_interval),
+        ca: weft_control::ca::CaOptions {
+            trust_domain: args.trust_domain.clone(),
+            cert_ttl: args.cert_ttl.as_duration(),
+            ca_cert: args.ca_cert.clone(),
+            ca_key: args.ca_key.clone(),
+            trust_bundle: args.trust_bundle.clone(),
+        },
+        grpc_tls: args.grpc_tls,
     };
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

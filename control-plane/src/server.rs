@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::ca::{Ca, CaError, CaOptions};
+use crate::certify::{BootstrapTokens, CertifyServer};
 use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 use crate::source::{Loaded, Source, Watcher};
@@ -28,6 +30,10 @@ pub struct Options {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub watch_interval: Duration,
+    /// The workload certificate authority.
+    pub ca: CaOptions,
+    /// Serve the gRPC port (config stream, Certify) over TLS with a certificate from the CA.
+    pub grpc_tls: bool,
 }
 
 impl Default for Options {
@@ -38,6 +44,8 @@ impl Default for Options {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
             watch_interval: Duration::from_millis(500),
+            ca: CaOptions::default(),
+            grpc_tls: false,
         }
     }
 }
@@ -48,6 +56,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -76,6 +86,9 @@ pub struct ControlPlane {
     admin: TcpListener,
     admin_addr: SocketAddr,
     watcher: Option<Watcher>,
+    ca: Arc<Ca>,
+    tokens: Arc<BootstrapTokens>,
+    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ControlPlane {
@@ -86,6 +99,8 @@ impl ControlPlane {
             Some(dir) => Arc::new(FileStore::open(dir)?),
             None => Arc::new(MemoryStore::new()),
         };
+        let ca = Arc::new(Ca::open(&opts.ca, opts.state_dir.as_deref())?);
+        let tokens = Arc::new(BootstrapTokens::open(opts.state_dir.as_deref())?);
         let registry =
             Registry::open(store, opts.source.name(), loaded.config, loaded.hash).await?;
         let bind = |what, addr| async move {
@@ -97,6 +112,22 @@ impl ControlPlane {
         };
         let (grpc, grpc_addr) = bind("the config stream (gRPC)", opts.grpc_addr).await?;
         let (admin, admin_addr) = bind("the admin API", opts.admin_addr).await?;
+        let grpc_tls = if opts.grpc_tls {
+            // The control plane's own certificate: its SPIFFE ID plus the names proxies dial.
+            let id = ca.spiffe_id("weft-system", "weft-control");
+            let hosts = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                grpc_addr.ip().to_string(),
+            ];
+            let (chain, key) = ca.issue_server(&id, &hosts)?;
+            Some(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(chain, key)),
+            )
+        } else {
+            None
+        };
         let watcher = match &opts.source {
             Source::File(path) => Some(Watcher::new(
                 path,
@@ -113,6 +144,9 @@ impl ControlPlane {
             admin,
             admin_addr,
             watcher,
+            ca,
+            tokens,
+            grpc_tls,
         })
     }
 
@@ -140,14 +174,20 @@ impl ControlPlane {
         let stats = crate::experiment::stats::Aggregator::new();
         let engine =
             crate::experiment::Engine::new(self.registry.clone(), stats.clone(), shutdown.clone());
-        let grpc = xds::serve(self.grpc, self.registry.clone(), stats, shutdown.clone());
-        let experiments = crate::experiment_api::router(engine.clone());
-        let admin = admin::serve(
-            self.admin,
+        let certify = CertifyServer::new(self.ca.clone(), self.tokens.clone());
+        let grpc = xds::serve(
+            self.grpc,
             self.registry.clone(),
-            experiments,
+            stats,
+            certify.into_service(),
+            self.grpc_tls,
             shutdown.clone(),
         );
+        // One admin listener: config and status, experiments, identity tokens and bundle.
+        let extra = crate::experiment_api::router(engine.clone()).merge(
+            crate::certify::admin_router(self.ca.clone(), self.tokens.clone()),
+        );
+        let admin = admin::serve(self.admin, self.registry.clone(), extra, shutdown.clone());
         let engine = tokio::spawn(engine.run());
         let watch = async {
             if let Some(watcher) = self.watcher {

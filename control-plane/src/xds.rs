@@ -39,11 +39,19 @@ pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     stats: crate::experiment::stats::Aggregator,
+    identity: weft_proto::identity_pb::identity_service_server::IdentityServiceServer<
+        crate::certify::CertifyServer,
+    >,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let service = ConfigServiceServer::new(ConfigServer::new(registry, shutdown.clone()));
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(service)
@@ -52,6 +60,7 @@ pub async fn serve(
             stats,
             shutdown.clone(),
         ))
+        .add_service(identity)
         .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await
 }

@@ -77,6 +77,7 @@ fn cluster_to_pb(s: &model::Service) -> pb::Cluster {
             crate::policy::cluster_policy_to_pb(&s.policy, &mut p);
             p
         }),
+        security: s.security.as_ref().map(crate::security::to_pb),
     }
 }
 
@@ -233,6 +234,12 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
             })
             .collect(),
         policy: model_policy,
+        security: c
+            .security
+            .as_ref()
+            .map(crate::security::from_pb)
+            .transpose()
+            .map_err(err)?,
     })
 }
 

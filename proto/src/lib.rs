@@ -8,6 +8,7 @@ pub mod locate;
 pub mod model;
 pub mod ops;
 pub mod policy;
+pub mod security;
 pub mod stats;
 pub mod validate;
 
@@ -15,6 +16,12 @@ pub mod validate;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {
     tonic::include_proto!("weft.config.v1");
+}
+
+/// Generated protobuf and tonic code for `weft.identity.v1` (certificates for workloads).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod identity_pb {
+    tonic::include_proto!("weft.identity.v1");
 }
 
 pub use convert::{ConvertError, Delta, Resources, from_resources, to_resources};

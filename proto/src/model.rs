@@ -41,6 +41,9 @@ pub struct Service {
     pub subsets: BTreeMap<String, BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "ClusterPolicy::is_default")]
     pub policy: ClusterPolicy,
+    /// Identity, peer authentication, authorization and JWT (see [`crate::security`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<crate::security::ServiceSecurity>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -138,6 +138,7 @@ pub fn validate(cfg: &MeshConfig, limits: &Limits) -> Result<(), Vec<Issue>> {
         limits,
     };
     v.config(cfg);
+    v.issues.extend(crate::security::validate(cfg));
     if v.issues.is_empty() {
         Ok(())
     } else {

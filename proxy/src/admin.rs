@@ -105,6 +105,10 @@ fn respond(admin: &Admin, method: &Method, path: &str) -> Response<Full<Bytes>> 
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
         }
         "/ready" if state.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" if !state.security.is_ready() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no workload certificate yet\n",
+        ),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no config yet\n",
@@ -173,6 +177,7 @@ fn config(state: &ProxyState) -> Response<Full<Bytes>> {
             "connected": status.connected,
             "address": status.address,
         },
+        "identity": state.security.to_json(),
     });
     let mut bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
     bytes.push(b'\n');

@@ -20,6 +20,9 @@ use crate::access_log::AccessLog;
 use crate::admin::{self, Admin};
 use crate::cli::Args;
 use crate::forward::{Forwarder, Mode};
+use crate::identity::mesh::MeshClient;
+use crate::identity::{self, Identity};
+use crate::inbound;
 use crate::metrics::{ProxyMetrics, TargetLabels};
 use crate::observe::Telemetry;
 use crate::server::{self, Shutdown};
@@ -102,11 +105,19 @@ pub struct Proxy {
     servers: Vec<JoinHandle<()>>,
     config_client: Option<JoinHandle<()>>,
     stats_reporter: Option<JoinHandle<()>>,
+    renewal: Option<JoinHandle<()>>,
 }
 
 /// Loads the configuration source, binds every listener and starts serving.
 pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     let state = Arc::new(ProxyState::new(args.limits()));
+    if let Some(path) = &args.control_plane_ca {
+        let pem = std::fs::read_to_string(path).map_err(|source| StartError::ReadConfig {
+            path: path.clone(),
+            source,
+        })?;
+        identity::set_control_plane_ca(pem);
+    }
     if let Some(path) = &args.config {
         load_file(path, &state)?;
     }
@@ -131,10 +142,21 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     let upstream = Upstream::new();
     let mut servers = Vec::new();
 
-    let outbound_svc = Forwarder::with_telemetry(
+    // Workload identity: certified (and renewed) in the background; /ready waits for it.
+    let mut renewal = None;
+    let identity = args.identity().map(|opts| {
+        let identity = Arc::new(Identity::default());
+        let _ = state.security.identity.set(identity.clone());
+        renewal = Some(tokio::spawn(identity::run(opts, identity.clone())));
+        identity
+    });
+    let mesh = identity.clone().map(MeshClient::new);
+
+    let outbound_svc = Forwarder::with(
         Mode::Outbound(state.clone()),
         upstream.clone(),
         telemetry.clone(),
+        mesh,
     );
     servers.push(tokio::spawn(server::serve_counted(
         "outbound",
@@ -157,17 +179,16 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             app,
             protocol: args.app_protocol.into(),
         };
+        // The guard authenticates and authorizes before forwarding; it observes every answer,
+        // its own refusals included.
         let inbound_svc = Forwarder::with_telemetry(mode, upstream, telemetry.clone());
-        servers.push(tokio::spawn(server::serve_counted(
-            "inbound",
+        let guard = inbound::Guard::new(state.clone(), &args.service, inbound_svc);
+        servers.push(tokio::spawn(inbound::serve(
             listener,
-            service_fn(move |req| {
-                let fwd = inbound_svc.clone();
-                async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
-            }),
+            guard,
+            identity,
             signal.clone(),
             SHUTDOWN_GRACE,
-            telemetry.metrics.conn_counters("inbound"),
         )));
     }
 
@@ -226,6 +247,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         servers,
         config_client,
         stats_reporter,
+        renewal,
     })
 }
 
@@ -235,6 +257,9 @@ impl Proxy {
     pub async fn shutdown(self) {
         self.traffic.trigger();
         self.shutdown.trigger();
+        if let Some(renewal) = &self.renewal {
+            renewal.abort();
+        }
         if let Some(client) = &self.config_client {
             client.abort();
         }

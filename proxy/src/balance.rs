@@ -376,6 +376,7 @@ mod tests {
             ],
             subsets: BTreeMap::new(),
             policy: model::ClusterPolicy::default(),
+            security: None,
         }
     }
 

@@ -93,6 +93,25 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_stats_interval)]
     pub stats_interval: std::time::Duration,
 
+    /// Service account this proxy's workload runs as. Turns on workload identity: the proxy
+    /// gets a SPIFFE certificate from the control plane (not ready until it has one), speaks
+    /// mTLS to destinations that have an identity and accepts mTLS on its inbound listener.
+    #[arg(long, value_name = "SA", requires_all = ["identity_token_file", "control_plane"])]
+    pub service_account: Option<String>,
+
+    /// File holding the proof of identity sent with each certificate request (the bootstrap
+    /// token from `weftctl token`); read again on every renewal.
+    #[arg(long, value_name = "FILE", requires = "service_account")]
+    pub identity_token_file: Option<PathBuf>,
+
+    /// Roots (PEM) to verify an https:// control plane with (its trust bundle).
+    #[arg(long, value_name = "FILE")]
+    pub control_plane_ca: Option<PathBuf>,
+
+    /// SPIFFE trust domain (must match the control plane's).
+    #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
+    pub trust_domain: String,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
@@ -123,6 +142,17 @@ impl Args {
         }
     }
 
+    /// The identity settings, when `--service-account` is given.
+    pub fn identity(&self) -> Option<crate::identity::IdentityOptions> {
+        Some(crate::identity::IdentityOptions {
+            trust_domain: self.trust_domain.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone()?,
+            token_file: self.identity_token_file.clone()?,
+            control_plane: self.control_plane.clone(),
+        })
+    }
+
     /// `--node-id`, or `hostname-pid`.
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| {
@@ -141,9 +171,7 @@ fn parse_url(s: &str) -> Result<String, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
     match (uri.scheme_str(), uri.authority()) {
         (Some("http"), Some(_)) => Ok(s.to_owned()),
-        (Some("https"), _) => {
-            Err("TLS to the control plane is not supported yet; use http://".into())
-        }
+        (Some("https"), Some(_)) => Ok(s.to_owned()),
         _ => Err("expected a URL like http://127.0.0.1:15010".into()),
     }
 }

@@ -25,6 +25,10 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Resilience(#[from] ResilienceError),
+    #[error("denied by policy {policy:?}")]
+    Denied { policy: String },
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(crate::jwt::JwtError),
 }
 
 /// gRPC status codes the proxy produces (see `grpc/doc/statuscodes.md`).
@@ -32,8 +36,10 @@ pub enum ProxyError {
 #[repr(u8)]
 enum GrpcStatus {
     DeadlineExceeded = 4,
+    PermissionDenied = 7,
     Unimplemented = 12,
     Unavailable = 14,
+    Unauthenticated = 16,
 }
 
 impl ProxyError {
@@ -47,6 +53,8 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => "connect_timeout",
             ProxyError::Upstream(UpstreamError::ConnectionLimit { .. }) => "overflow",
             ProxyError::Resilience(e) => e.reason(),
+            ProxyError::Denied { .. } => "denied",
+            ProxyError::Unauthenticated(e) => e.reason(),
         }
     }
 
@@ -62,6 +70,8 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Resilience(e) => e.status(),
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -72,6 +82,8 @@ impl ProxyError {
                 GrpcStatus::DeadlineExceeded as u16
             }
             ProxyError::Resilience(e) => e.grpc_status(),
+            ProxyError::Denied { .. } => GrpcStatus::PermissionDenied as u16,
+            ProxyError::Unauthenticated(_) => GrpcStatus::Unauthenticated as u16,
             _ => GrpcStatus::Unavailable as u16,
         }
     }
@@ -269,6 +281,28 @@ mod tests {
         .into();
         assert_eq!(timeout.reason(), "connect_timeout");
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn security_refusals_map_to_403_401_and_grpc_codes() {
+        let denied = ProxyError::Denied {
+            policy: "no-admin".into(),
+        };
+        let resp = denied.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()[REASON_HEADER], "denied");
+        assert!(text(resp).await.contains("denied by policy \"no-admin\""));
+        let resp = denied.to_response(true, Version::HTTP_2);
+        assert_eq!(resp.headers()["grpc-status"], "7");
+
+        let expired = ProxyError::Unauthenticated(crate::jwt::JwtError::Expired);
+        let resp = expired.to_response(false, Version::HTTP_11);
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.headers()[REASON_HEADER], "jwt_expired");
+        assert_eq!(
+            expired.to_response(true, Version::HTTP_2).headers()["grpc-status"],
+            "16"
+        );
     }
 
     #[test]

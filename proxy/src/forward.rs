@@ -13,6 +13,7 @@ use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, is_grpc};
+use crate::identity::mesh::MeshClient;
 use crate::metrics::{Direction, TargetLabels};
 use crate::observe::{Observation, ObservedBody, RequestMeta, Telemetry};
 use crate::routing::RouteError;
@@ -38,6 +39,8 @@ pub struct Forwarder {
 struct Inner {
     mode: Mode,
     upstream: Upstream,
+    /// mTLS to destinations that have an identity; `None` when this proxy has none.
+    mesh: Option<MeshClient>,
     /// `outbound` or `inbound`, for logs.
     side: &'static str,
     direction: Direction,
@@ -46,11 +49,25 @@ struct Inner {
 
 impl Forwarder {
     pub fn new(mode: Mode, upstream: Upstream) -> Self {
-        Self::with_telemetry(mode, upstream, Telemetry::disabled())
+        Self::with(mode, upstream, Telemetry::disabled(), None)
     }
 
     /// A forwarder that reports metrics, spans and access logs to `telemetry`.
     pub fn with_telemetry(mode: Mode, upstream: Upstream, telemetry: Arc<Telemetry>) -> Self {
+        Self::with(mode, upstream, telemetry, None)
+    }
+
+    /// A forwarder that speaks mTLS (through `mesh`) to destinations that have an identity.
+    pub fn with_mesh(mode: Mode, upstream: Upstream, mesh: Option<MeshClient>) -> Self {
+        Self::with(mode, upstream, Telemetry::disabled(), mesh)
+    }
+
+    pub fn with(
+        mode: Mode,
+        upstream: Upstream,
+        telemetry: Arc<Telemetry>,
+        mesh: Option<MeshClient>,
+    ) -> Self {
         let direction = match mode {
             Mode::Outbound(_) => Direction::Outbound,
             Mode::Inbound { .. } => Direction::Inbound,
@@ -59,6 +76,7 @@ impl Forwarder {
             inner: Arc::new(Inner {
                 mode,
                 upstream,
+                mesh,
                 side: direction.as_str(),
                 direction,
                 telemetry,
@@ -68,11 +86,16 @@ impl Forwarder {
 
     /// [`Self::handle`], observed: metrics, trace span and access log around it.
     pub async fn serve(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
-        let inner = &self.inner;
-        let obs = Observation::start(&inner.telemetry, inner.direction, &mut req);
+        let obs = self.observe(&mut req);
         let mut meta = RequestMeta::default();
         let resp = self.handle_with(req, &mut meta).await;
         obs.respond(resp, meta)
+    }
+
+    /// Starts observing a request; for callers that answer some requests themselves (the
+    /// inbound guard) and must still have every answer counted and traced.
+    pub(crate) fn observe(&self, req: &mut Request<Incoming>) -> Observation {
+        Observation::start(&self.inner.telemetry, self.inner.direction, req)
     }
 
     /// Never fails: errors become responses, so the connection stays up for the next request.
@@ -80,7 +103,7 @@ impl Forwarder {
         self.handle_with(req, &mut RequestMeta::default()).await
     }
 
-    async fn handle_with(
+    pub(crate) async fn handle_with(
         &self,
         req: Request<Incoming>,
         meta: &mut RequestMeta,
@@ -116,13 +139,37 @@ impl Forwarder {
                 // Route while holding the snapshot, then let go of it before any `.await`:
                 // the request keeps only its backend set and rule policy (the endpoint is
                 // chosen per attempt), so a config swap cannot disturb it.
-                let (set, policy, labels) = state.load().table.resolve(&req)?;
+                let snapshot = state.load();
+                let (set, policy, labels) = snapshot.table.resolve(&req)?;
                 meta.target = Some(labels);
                 // Experiments judge a subset by what its callers saw after retries: one
                 // outcome per request, recorded here.
                 let subset_stats = set.subset_stats.clone();
                 let started = std::time::Instant::now();
-                let result = crate::resilience::call::forward(set, policy, req).await;
+                let identity = self
+                    .inner
+                    .mesh
+                    .as_ref()
+                    .and_then(|_| snapshot.security.identity(&set.service));
+                drop(snapshot);
+                let result = match (&self.inner.mesh, identity) {
+                    // mTLS destinations: one attempt on one endpoint for now (the resilience
+                    // policies do not yet drive the mesh client).
+                    (Some(mesh), Some(identity)) => {
+                        let endpoint = set
+                            .choose(req.headers(), None)
+                            .map(|i| set.endpoint(i).authority.clone())
+                            .ok_or_else(|| RouteError::NoEndpoints {
+                                service: set.service.clone(),
+                                subset: set.subset.clone(),
+                            })?;
+                        meta.upstream = Some(endpoint.clone());
+                        mesh.forward(req, endpoint, identity)
+                            .await
+                            .map_err(Into::into)
+                    }
+                    _ => crate::resilience::call::forward(set, policy, req).await,
+                };
                 let failed = result
                     .as_ref()
                     .map_or(true, |r| r.status().is_server_error());

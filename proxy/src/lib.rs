@@ -6,6 +6,11 @@
 //! [`error`]. [`observe`] wraps each request for [`metrics`], [`trace`] and [`access_log`].
 //! [`admin`] serves `/metrics`, `/config`, `/ready`, `/live`, `/log-level` and `/drain`; [`app`]
 //! wires it all from [`cli`].
+//!
+//! Identity (when `--service-account` is given): [`identity`] keeps a SPIFFE certificate from the
+//! control plane's CA and speaks mTLS to destinations that have an identity
+//! ([`identity::mesh`]); [`inbound`] applies peer authentication, [`jwt`] and [`policy`]
+//! (authorization) before a request reaches the local app.
 
 pub mod access_log;
 pub mod admin;
@@ -16,9 +21,13 @@ pub mod cli;
 pub mod counting;
 pub mod error;
 pub mod forward;
+pub mod identity;
+pub mod inbound;
+pub mod jwt;
 pub mod log_level;
 pub mod metrics;
 pub mod observe;
+pub mod policy;
 pub mod resilience;
 pub mod routing;
 pub mod server;

@@ -22,6 +22,8 @@ pub enum ApplyError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error(transparent)]
+    Security(#[from] crate::jwt::JwtError),
 }
 
 /// Where the running configuration came from.
@@ -51,6 +53,8 @@ pub struct Snapshot {
     pub source: Option<Source>,
     pub applied_at_unix_ms: u64,
     pub config: MeshConfig,
+    /// Identities and inbound policies per service (issue 4).
+    pub security: crate::policy::SecurityTable,
 }
 
 /// A configuration this proxy refused.
@@ -78,6 +82,8 @@ pub struct ProxyState {
     registry: Registry,
     /// Rarely written, read by `/config`; never held across an `.await`.
     status: Mutex<Status>,
+    /// Certificate status and authorization counters.
+    pub security: crate::policy::SecurityState,
 }
 
 impl ProxyState {
@@ -87,6 +93,7 @@ impl ProxyState {
             limits,
             registry: Registry::default(),
             status: Mutex::new(Status::default()),
+            security: crate::policy::SecurityState::default(),
         }
     }
 
@@ -101,7 +108,7 @@ impl ProxyState {
 
     /// True once a first configuration has been applied.
     pub fn is_ready(&self) -> bool {
-        self.snapshot.load().source.is_some()
+        self.snapshot.load().source.is_some() && self.security.is_ready()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -118,6 +125,7 @@ impl ProxyState {
     ) -> Result<(), ApplyError> {
         let config = from_resources(resources)?;
         let table = Table::compile_shared(&config, &self.limits, &self.registry)?;
+        let security = crate::policy::SecurityTable::compile(&config)?;
         // Nothing can fail from here on.
         self.registry.commit(&config);
         let applied_at_unix_ms = SystemTime::now()
@@ -137,6 +145,7 @@ impl ProxyState {
             source: Some(source),
             applied_at_unix_ms,
             config,
+            security,
         }));
         Ok(())
     }

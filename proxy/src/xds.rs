@@ -134,6 +134,7 @@ impl Client {
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
+        let endpoint = crate::identity::control_plane_tls(endpoint).map_err(XdsError::Connect)?;
         let channel = endpoint
             .connect()
             .await

@@ -45,6 +45,15 @@ fn build(dir: &Path) {
         ]);
     }
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // `cargo test` sets the test package's CARGO_PKG_*/CARGO_MANIFEST_* for the test process.
+    // Build scripts that watch those names (ring's does) would see them change between this
+    // build and the outer one, and both would rebuild ring and all above it every time.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_") || k == "OUT_DIR" {
+            cmd.env_remove(&key);
+        }
+    }
     let status = cmd
         .status()
         .expect("running cargo build for the weft binaries");

@@ -7,6 +7,7 @@ pub mod bins;
 pub mod chaos;
 pub mod demo;
 pub mod http;
+pub mod identity;
 pub mod load;
 pub mod mesh;
 pub mod observe;

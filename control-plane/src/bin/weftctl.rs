@@ -62,6 +62,14 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
         interval: f64,
     },
+    /// Print the bootstrap token a proxy of this service account proves its identity with
+    /// (give it to weft-proxy as --identity-token-file).
+    Token {
+        #[arg(long, value_name = "NS", default_value = "default")]
+        namespace: String,
+        #[arg(long, value_name = "SA")]
+        service_account: String,
+    },
     /// Replace the whole configuration with a mesh YAML file (`-` reads stdin).
     Apply {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -167,6 +175,18 @@ async fn run(args: Args) -> anyhow::Result<String> {
             experiment_cli::start(&client, read_file(&file)?, json).await?
         }
         Command::Experiment(cmd) => experiment_cli::run(&client, cmd, json).await?,
+        Command::Token {
+            namespace,
+            service_account,
+        } => {
+            let resp = client
+                .token(&weft_control::certify::TokenRequest {
+                    namespace,
+                    service_account,
+                })
+                .await?;
+            if json { cli::json(&resp) } else { resp.token }
+        }
         Command::Apply { file } => {
             let yaml = read_file(&file)?;
             let resp = client.apply(yaml).await?;

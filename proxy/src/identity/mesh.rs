@@ -1,0 +1,206 @@
+//! The outbound side of mesh mTLS: HTTP/2 over TLS 1.3 to the destination's sidecar, one
+//! multiplexed connection per (expected identity, endpoint), whatever the app spoke.
+//!
+//! The pool is keyed by the identity too, so a connection verified for one SPIFFE ID is never
+//! reused for a destination that expects another. The original authority travels as
+//! `:authority`; when the app spoke HTTP/1.1 the request carries [`APP_PROTOCOL_HEADER`] so the
+//! inbound side can hand the app HTTP/1.1 again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::Identity;
+use super::verify::{ALPN_H2, client_config};
+use crate::body::ProxyBody;
+use crate::upstream::{UpstreamError, strip_hop_by_hop};
+
+/// Tells the inbound sidecar which protocol the calling app spoke (only `http1` is sent).
+pub const APP_PROTOCOL_HEADER: &str = "x-weft-app-protocol";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Key = (Arc<str>, Authority);
+
+/// Shared by every outbound request; cheap to clone.
+#[derive(Clone)]
+pub struct MeshClient {
+    identity: Arc<Identity>,
+    conns: Arc<Mutex<HashMap<Key, SendRequest<Incoming>>>>,
+    configs: Arc<Mutex<HashMap<Arc<str>, Arc<ClientConfig>>>>,
+}
+
+impl std::fmt::Debug for MeshClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshClient").finish_non_exhaustive()
+    }
+}
+
+impl MeshClient {
+    pub fn new(identity: Arc<Identity>) -> Self {
+        Self {
+            identity,
+            conns: Arc::default(),
+            configs: Arc::default(),
+        }
+    }
+
+    /// Sends `req` to the sidecar at `endpoint`, which must prove it is `expected`.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        endpoint: Authority,
+        expected: Arc<str>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let downstream_version = req.version();
+        let (mut parts, body) = req.into_parts();
+        // HTTP/2 carries the authority as `:authority`; take it from Host when the app spoke
+        // HTTP/1.1.
+        let authority = parts.uri.authority().cloned().or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+        });
+        parts.headers.remove(header::HOST);
+        strip_hop_by_hop(&mut parts.headers);
+        if downstream_version != Version::HTTP_2 {
+            parts
+                .headers
+                .insert(APP_PROTOCOL_HEADER, HeaderValue::from_static("http1"));
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTPS);
+        uri.authority = Some(authority.unwrap_or_else(|| endpoint.clone()));
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
+        parts.version = Version::HTTP_2;
+        let mut req = Request::from_parts(parts, body);
+
+        let key: Key = (expected, endpoint);
+        // One retry when a pooled connection turned out to be closing before it took the
+        // request (the request is handed back unsent, so nothing is replayed).
+        for _ in 0..2 {
+            let mut sender = self.sender(&key).await?;
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    parts.version = downstream_version;
+                    return Ok(Response::from_parts(parts, ProxyBody::Upstream(body)));
+                }
+                Err(mut e) => {
+                    self.forget(&key);
+                    match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => {
+                            return Err(UpstreamError::Reset {
+                                endpoint: key.1.to_string(),
+                                cause: e.into_error().to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Err(UpstreamError::Reset {
+            endpoint: key.1.to_string(),
+            cause: "connection closed before the request was sent".into(),
+        })
+    }
+
+    fn forget(&self, key: &Key) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    async fn sender(&self, key: &Key) -> Result<SendRequest<Incoming>, UpstreamError> {
+        {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            match conns.get(key) {
+                Some(s) if !s.is_closed() => return Ok(s.clone()),
+                Some(_) => {
+                    conns.remove(key);
+                }
+                None => {}
+            }
+        }
+        let mut sender = self.connect(key).await?;
+        let _ = sender.ready().await;
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+
+    fn config(&self, expected: &Arc<str>) -> Arc<ClientConfig> {
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        configs
+            .entry(expected.clone())
+            .or_insert_with(|| client_config(self.identity.clone(), expected.clone()))
+            .clone()
+    }
+
+    async fn connect(
+        &self,
+        (expected, endpoint): &Key,
+    ) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let fail = |cause: String| UpstreamError::Connect {
+            endpoint: endpoint.to_string(),
+            cause,
+        };
+        let connector = TlsConnector::from(self.config(expected));
+        let addr = format!("{}:{}", endpoint.host(), endpoint.port_u16().unwrap_or(443));
+        let connect = async {
+            let tcp = TcpStream::connect(&addr)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            // The name is not checked (the SPIFFE ID is); it only fills SNI.
+            let name = ServerName::try_from("weft.mesh").expect("a valid DNS name");
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| fail(format!("mTLS handshake (expecting {expected}): {e}")))?;
+            if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+                return Err(fail("the peer did not negotiate h2".into()));
+            }
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%endpoint, %error, "mesh connection ended with an error");
+                }
+            });
+            Ok(sender)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| fail(format!("timed out after {CONNECT_TIMEOUT:?}")))?
+    }
+}

@@ -1,0 +1,293 @@
+//! The inbound listener's security: peer authentication at accept time, then per request the
+//! identity headers, JWT authentication and authorization, before the request is forwarded
+//! to the local app.
+//!
+//! With an identity the listener peeks at the first byte of every connection: `0x16` (a TLS
+//! handshake record) means mTLS, anything else plaintext, which the service's peer
+//! authentication mode accepts (PERMISSIVE, DISABLE) or refuses (STRICT). The caller's SPIFFE
+//! ID and the TLS version go to the app as [`PEER_IDENTITY_HEADER`] and [`TLS_HEADER`]; copies
+//! of them sent by anyone else are removed, so the app can trust them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use weft_proto::security::PeerAuthMode;
+
+use crate::body::ProxyBody;
+use crate::error::{ProxyError, is_grpc};
+use crate::forward::Forwarder;
+use crate::identity::Identity;
+use crate::identity::mesh::APP_PROTOCOL_HEADER;
+use crate::identity::verify::{server_config, spiffe_id_of};
+use crate::policy::{AuthzStats, RequestAttrs};
+use crate::server::ShutdownSignal;
+use crate::state::ProxyState;
+
+/// The caller's SPIFFE ID, set by the inbound proxy for mTLS callers.
+pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
+/// The negotiated TLS version (`TLSv1_3`), set by the inbound proxy for mTLS callers.
+pub const TLS_HEADER: &str = "x-weft-tls";
+
+/// How long a new connection may stay silent before its first byte decides TLS or not.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// What the inbound side knows about one connection.
+#[derive(Debug, Default)]
+pub struct Peer {
+    pub identity: Option<HeaderValue>,
+    pub principal: Option<String>,
+    pub tls: Option<&'static str>,
+    pub port: u16,
+}
+
+/// The per-request checks of the inbound side. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    state: Arc<ProxyState>,
+    /// The service this proxy fronts: whose policies apply.
+    service: Arc<str>,
+    fwd: Forwarder,
+}
+
+impl Guard {
+    pub fn new(state: Arc<ProxyState>, service: &str, fwd: Forwarder) -> Self {
+        Self {
+            state,
+            service: Arc::from(service),
+            fwd,
+        }
+    }
+
+    fn stats(&self) -> &AuthzStats {
+        &self.state.security.authz
+    }
+
+    /// [`Self::check_and_forward`], observed like every other request (denials included).
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: &Peer,
+    ) -> Response<crate::observe::ObservedBody> {
+        let obs = self.fwd.observe(&mut req);
+        let mut meta = crate::observe::RequestMeta::default();
+        let resp = self.check_and_forward(req, peer, &mut meta).await;
+        obs.respond(resp, meta)
+    }
+
+    /// Strips spoofable headers, authenticates, authorizes, then forwards.
+    async fn check_and_forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: &Peer,
+        meta: &mut crate::observe::RequestMeta,
+    ) -> Response<ProxyBody> {
+        let headers = req.headers_mut();
+        headers.remove(PEER_IDENTITY_HEADER);
+        headers.remove(TLS_HEADER);
+        // Only a sidecar (over mTLS) may say the app spoke HTTP/1.1.
+        if headers
+            .remove(APP_PROTOCOL_HEADER)
+            .is_some_and(|v| v == "http1")
+            && peer.tls.is_some()
+        {
+            *req.version_mut() = Version::HTTP_11;
+        }
+        let grpc = is_grpc(req.headers());
+        let version = req.version();
+        let policy = self.state.load().security.service(&self.service);
+        if let Some(policy) = policy {
+            let claims = match &policy.jwt {
+                Some(jwt) => match jwt.verify(req.headers()).await {
+                    Ok(claims) => Some(claims),
+                    Err(e) => {
+                        self.stats().unauthenticated.fetch_add(1, Ordering::Relaxed);
+                        let err = ProxyError::Unauthenticated(e);
+                        meta.reason = Some(err.reason());
+                        return err.to_response(grpc, version);
+                    }
+                },
+                None => None,
+            };
+            let attrs = RequestAttrs {
+                principal: peer.principal.as_deref(),
+                path: req.uri().path(),
+                method: req.method(),
+                port: peer.port,
+                claims: claims.as_ref(),
+            };
+            if let Err(denied) = policy.authorize(&attrs) {
+                self.stats().denied.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(policy = denied.policy, principal = ?peer.principal, path = req.uri().path(), "request denied");
+                meta.reason = Some("denied");
+                return ProxyError::Denied {
+                    policy: denied.policy,
+                }
+                .to_response(grpc, version);
+            }
+        }
+        self.stats().allowed.fetch_add(1, Ordering::Relaxed);
+        let headers = req.headers_mut();
+        if let Some(id) = &peer.identity {
+            headers.insert(PEER_IDENTITY_HEADER, id.clone());
+        }
+        if let Some(tls) = peer.tls {
+            headers.insert(TLS_HEADER, HeaderValue::from_static(tls));
+        }
+        self.fwd.handle_with(req, meta).await
+    }
+
+    fn peer_mode(&self, port: u16) -> PeerAuthMode {
+        self.state
+            .load()
+            .security
+            .service(&self.service)
+            .map_or(PeerAuthMode::Permissive, |p| p.peer_mode(port))
+    }
+}
+
+/// Serves the inbound listener with mTLS (when `identity` is given) and the guard, until
+/// `signal`; then drains like [`crate::server::serve`].
+pub async fn serve(
+    listener: TcpListener,
+    guard: Guard,
+    identity: Option<Arc<Identity>>,
+    mut signal: ShutdownSignal,
+    grace: Duration,
+) {
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let acceptor = identity.map(|id| TlsAcceptor::from(server_config(id)));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (guard, acceptor, builder, watcher) =
+                        (guard.clone(), acceptor.clone(), builder.clone(), graceful.watcher());
+                    // The peek and handshake run in the connection's own task, so a slow
+                    // client never holds up the accept loop.
+                    tokio::spawn(async move {
+                        if let Err(error) = connection(stream, port, guard, acceptor, &builder, watcher).await {
+                            tracing::debug!(%peer, %error, "inbound connection refused or failed");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(listener = "inbound", %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            () = signal.wait() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(listener = "inbound", grace = ?grace, "grace period over, dropping the remaining connections");
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    port: u16,
+    guard: Guard,
+    acceptor: Option<TlsAcceptor>,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(acceptor) = acceptor else {
+        return serve_conn(
+            TokioIo::new(stream),
+            Peer {
+                port,
+                ..Peer::default()
+            },
+            guard,
+            builder,
+            graceful,
+        )
+        .await;
+    };
+    let mode = guard.peer_mode(port);
+    let is_tls = if mode == PeerAuthMode::Disable {
+        false
+    } else {
+        let mut first = [0u8; 1];
+        let n = tokio::time::timeout(PEEK_TIMEOUT, stream.peek(&mut first)).await??;
+        n == 1 && first[0] == 0x16
+    };
+    if !is_tls {
+        if mode == PeerAuthMode::Strict {
+            guard
+                .stats()
+                .plaintext_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err("plaintext refused: peer authentication is STRICT".into());
+        }
+        return serve_conn(
+            TokioIo::new(stream),
+            Peer {
+                port,
+                ..Peer::default()
+            },
+            guard,
+            builder,
+            graceful,
+        )
+        .await;
+    }
+    let tls = tokio::time::timeout(PEEK_TIMEOUT, acceptor.accept(stream)).await??;
+    let conn = tls.get_ref().1;
+    let principal = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(spiffe_id_of);
+    let peer = Peer {
+        identity: principal
+            .as_deref()
+            .and_then(|p| HeaderValue::from_str(p).ok()),
+        principal,
+        tls: conn.protocol_version().map(|v| match v {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1_3",
+            _ => "other",
+        }),
+        port,
+    };
+    serve_conn(TokioIo::new(tls), peer, guard, builder, graceful).await
+}
+
+async fn serve_conn<I>(
+    io: TokioIo<I>,
+    peer: Peer,
+    guard: Guard,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = Arc::new(peer);
+    let service = service_fn(move |req| {
+        let (guard, peer) = (guard.clone(), peer.clone());
+        async move { Ok::<_, std::convert::Infallible>(guard.handle(req, &peer).await) }
+    });
+    let conn = builder.serve_connection(io, service).into_owned();
+    graceful.watch(conn).await
+}
