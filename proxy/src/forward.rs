@@ -146,30 +146,15 @@ impl Forwarder {
                 // outcome per request, recorded here.
                 let subset_stats = set.subset_stats.clone();
                 let started = std::time::Instant::now();
-                let identity = self
-                    .inner
-                    .mesh
-                    .as_ref()
-                    .and_then(|_| snapshot.security.identity(&set.service));
+                let mtls = self.inner.mesh.as_ref().and_then(|client| {
+                    let identity = snapshot.security.identity(&set.service)?;
+                    Some(crate::resilience::call::Mtls {
+                        client: client.clone(),
+                        identity,
+                    })
+                });
                 drop(snapshot);
-                let result = match (&self.inner.mesh, identity) {
-                    // mTLS destinations: one attempt on one endpoint for now (the resilience
-                    // policies do not yet drive the mesh client).
-                    (Some(mesh), Some(identity)) => {
-                        let endpoint = set
-                            .choose(req.headers(), None)
-                            .map(|i| set.endpoint(i).authority.clone())
-                            .ok_or_else(|| RouteError::NoEndpoints {
-                                service: set.service.clone(),
-                                subset: set.subset.clone(),
-                            })?;
-                        meta.upstream = Some(endpoint.clone());
-                        mesh.forward(req, endpoint, identity)
-                            .await
-                            .map_err(Into::into)
-                    }
-                    _ => crate::resilience::call::forward(set, policy, req).await,
-                };
+                let result = crate::resilience::call::forward(set, policy, req, mtls).await;
                 let failed = result
                     .as_ref()
                     .map_or(true, |r| r.status().is_server_error());

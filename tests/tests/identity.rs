@@ -639,3 +639,62 @@ async fn a_root_rotation_trusts_both_roots_during_the_overlap() {
     let r = tls_get(s.inbound, old_cert, "reviews", "/").await.unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// Resilience and identity together: retries (each attempt a fresh choice of endpoint) run over
+/// the mTLS hop, so a flaky upstream behind a STRICT sidecar is still retried to success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_apply_over_mtls_between_sidecars() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = weft_tests::chaos::ChaosApp::start("reviews").await;
+    let mesh = |endpoint: SocketAddr| {
+        reviews_mesh(endpoint, IDENTITY_STRICT).replace(
+            "      - backends: [{service: reviews}]",
+            "      - backends: [{service: reviews}]\n        retries: {attempts: 3, retry_on: [\"503\"]}",
+        )
+    };
+    let cp = ControlPlane::start(
+        dir.path(),
+        "control",
+        &mesh(app.addr),
+        ControlPlaneOpts::default(),
+    )
+    .await;
+    let server = identity_proxy(
+        &cp,
+        dir.path(),
+        "reviews-sidecar",
+        "reviews",
+        ("default", "reviews"),
+        Some(app.addr),
+    )
+    .await;
+    let (status, body) = cp.apply(&mesh(server.inbound.unwrap())).await;
+    assert!(status.is_success(), "{body}");
+    let client = identity_proxy(
+        &cp,
+        dir.path(),
+        "productpage-sidecar",
+        "productpage",
+        ("default", "productpage"),
+        None,
+    )
+    .await;
+    cp.wait_acked(body["version"].as_u64().unwrap(), 2, DEADLINE)
+        .await;
+
+    app.fail_first(2, 503);
+    let reply = HttpClient::http1()
+        .get(client.outbound, "reviews", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(app.hits(), 3, "two 503s retried over mTLS, then success");
+    // The STRICT inbound only takes mTLS: the retries cannot have gone in plaintext.
+    let plain = HttpClient::http1()
+        .get(server.inbound.unwrap(), "reviews", "/", &[])
+        .await;
+    assert!(
+        plain.is_err() || plain.unwrap().status != 200,
+        "STRICT refuses plaintext"
+    );
+}

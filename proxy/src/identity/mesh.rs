@@ -24,6 +24,7 @@ use tokio_rustls::TlsConnector;
 use super::Identity;
 use super::verify::{ALPN_H2, client_config};
 use crate::body::ProxyBody;
+use crate::resilience::replay::RequestBody;
 use crate::upstream::{UpstreamError, strip_hop_by_hop};
 
 /// Tells the inbound sidecar which protocol the calling app spoke (only `http1` is sent).
@@ -37,7 +38,7 @@ type Key = (Arc<str>, Authority);
 #[derive(Clone)]
 pub struct MeshClient {
     identity: Arc<Identity>,
-    conns: Arc<Mutex<HashMap<Key, SendRequest<Incoming>>>>,
+    conns: Arc<Mutex<HashMap<Key, SendRequest<RequestBody>>>>,
     configs: Arc<Mutex<HashMap<Arc<str>, Arc<ClientConfig>>>>,
 }
 
@@ -63,6 +64,18 @@ impl MeshClient {
         endpoint: Authority,
         expected: Arc<str>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let resp = self.send(req.map(Into::into), endpoint, expected).await?;
+        Ok(resp.map(ProxyBody::Upstream))
+    }
+
+    /// One attempt over mTLS, body streamed or replayed: what the resilience layer calls for a
+    /// destination that has an identity.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        endpoint: Authority,
+        expected: Arc<str>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let downstream_version = req.version();
         let (mut parts, body) = req.into_parts();
         // HTTP/2 carries the authority as `:authority`; take it from Host when the app spoke
@@ -105,7 +118,7 @@ impl MeshClient {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts.version = downstream_version;
-                    return Ok(Response::from_parts(parts, ProxyBody::Upstream(body)));
+                    return Ok(Response::from_parts(parts, body));
                 }
                 Err(mut e) => {
                     self.forget(&key);
@@ -134,7 +147,7 @@ impl MeshClient {
             .remove(key);
     }
 
-    async fn sender(&self, key: &Key) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn sender(&self, key: &Key) -> Result<SendRequest<RequestBody>, UpstreamError> {
         {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             match conns.get(key) {
@@ -165,7 +178,7 @@ impl MeshClient {
     async fn connect(
         &self,
         (expected, endpoint): &Key,
-    ) -> Result<SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
         let fail = |cause: String| UpstreamError::Connect {
             endpoint: endpoint.to_string(),
             cause,

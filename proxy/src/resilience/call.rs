@@ -141,6 +141,7 @@ pub async fn forward(
     set: Arc<EndpointSet>,
     policy: Arc<RulePolicy>,
     req: Request<Incoming>,
+    mtls: Option<Mtls>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Some(bucket) = &policy.rate_limit
         && let Err(wait) = bucket.try_take()
@@ -154,7 +155,7 @@ pub async fn forward(
     if let Some(f) = &policy.fault {
         f.apply(&policy.name).await?;
     }
-    let attempts = attempts(&set, &policy, req);
+    let attempts = attempts(&set, &policy, req, mtls.as_ref());
     match policy.timeout {
         None => attempts.await,
         Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
@@ -166,6 +167,14 @@ pub async fn forward(
             .into())
         }),
     }
+}
+
+/// How to reach a destination that has a workload identity: the mesh client and the SPIFFE ID
+/// its sidecars must prove.
+#[derive(Debug, Clone)]
+pub struct Mtls {
+    pub client: crate::identity::mesh::MeshClient,
+    pub identity: Arc<str>,
 }
 
 /// Which endpoint finally answered and after how many retries, carried on the response for the
@@ -190,6 +199,7 @@ async fn attempts(
     set: &Arc<EndpointSet>,
     policy: &RulePolicy,
     req: Request<Incoming>,
+    mtls: Option<&Mtls>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let rt = &set.runtime;
     let mut permit = match rt.max_requests {
@@ -257,14 +267,21 @@ async fn attempts(
         let inflight = stats.start();
         let endpoint = set.endpoint(idx).authority.clone();
         let started = Instant::now();
-        let send = rt.upstream.send(
-            match head.as_ref() {
-                Some(parts) if !single => request(parts, body),
-                _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
-            },
-            endpoint.clone(),
-            protocol,
-        );
+        let attempt = match head.as_ref() {
+            Some(parts) if !single => request(parts, body),
+            _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
+        };
+        // Each attempt goes to its own endpoint, over mTLS when the destination has an identity.
+        let send = async {
+            match mtls {
+                Some(m) => {
+                    m.client
+                        .send(attempt, endpoint.clone(), m.identity.clone())
+                        .await
+                }
+                None => rt.upstream.send(attempt, endpoint.clone(), protocol).await,
+            }
+        };
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let result: Result<Response<Incoming>, ProxyError> = match per_try {
             None => send.await.map_err(Into::into),
