@@ -184,6 +184,20 @@ impl Observation {
             reason,
         };
         t.metrics.record_response(&key, self.start.elapsed());
+        // The resilience counters, from what the request went through (its retries) and from
+        // the reason of the proxy's own answer.
+        let labels = &key.target.target;
+        for _ in 0..meta.retries {
+            t.metrics.record_retry(&labels.route);
+        }
+        match reason {
+            "request_timeout" | "per_try_timeout" | "connect_timeout" | "stream_idle_timeout" => {
+                t.metrics.record_timeout(&labels.route);
+            }
+            "rate_limited" => t.metrics.record_rate_limited(&labels.route),
+            "overflow" => t.metrics.record_bulkhead_overflow(&labels.service),
+            _ => {}
+        }
         // A trailers-only gRPC response (also the proxy's own errors) has its status here.
         let grpc_status = grpc_status(resp.headers());
         if let Some(g) = grpc_status {

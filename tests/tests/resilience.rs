@@ -126,6 +126,11 @@ async fn retries_replay_small_bodies_and_stream_large_ones() {
     for b in &bodies {
         assert_eq!(&b[..], &small[..], "every attempt got the same bytes");
     }
+    // Both requests' retries are counted where operators look for them.
+    let scrape = weft_tests::observe::scrape(e.proxy.admin).await;
+    let retries =
+        weft_tests::observe::value(&scrape, "weft_proxy_retries_total", &[("route", "api")]);
+    assert_eq!(retries, 4.0, "two retries for the GET, two for the POST");
 
     app.fail_first(2, 503);
     let large = body_of(1024 * 1024);
