@@ -67,9 +67,11 @@ def envoy_bin():
     return path
 
 
-def wrk(port, duration, conns=32, path="/"):
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"],
-                         capture_output=True, text=True, check=True).stdout
+def wrk(port, duration, conns=32, path="/", host=None):
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"]
+    if host:
+        args[1:1] = ["-H", f"Host: {host}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     def lat(pct):
         m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
@@ -101,10 +103,80 @@ def h2load_mux(port, duration):
     return {"rps": rps}
 
 
+def http_json(port, path, body=None):
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status, r.read()
+
+
+def wait_ready(port, deadline=30):
+    """Polls a weft admin port's /ready (config and, with identity, a certificate)."""
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            if http_json(port, "/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"weft admin :{port} not ready after {deadline}s")
+
+
+def sidecar_pairs(procs, work, weft, control, upstream):
+    """Scenario (d): client -> sidecar A -> sidecar B -> nginx, twice: with mTLS between the two
+    sidecars (workload identities from weft-control's CA, STRICT peer authentication) and in
+    plaintext. Returns the outbound port of each pair's client sidecar."""
+    inb = {"tls": free_port(), "plain": free_port()}
+    grpc, admin = free_port(), free_port()
+    with open(os.path.join(work, "pairs.yaml"), "w") as f:
+        f.write(f"""services:
+  - name: tls
+    protocol: http1
+    endpoints: [{{address: "127.0.0.1:{inb['tls']}"}}]
+    security:
+      identity: spiffe://weft.local/ns/default/sa/tls
+      peer_authentication: {{mode: strict}}
+  - {{name: plain, protocol: http1, endpoints: [{{address: "127.0.0.1:{inb['plain']}"}}]}}
+routes:
+  - {{name: tls, hosts: [tls], rules: [{{backends: [{{service: tls}}]}}]}}
+  - {{name: plain, hosts: [plain], rules: [{{backends: [{{service: plain}}]}}]}}
+""")
+    procs.start("control", [control, "--config", os.path.join(work, "pairs.yaml"), "--state-dir",
+                            os.path.join(work, "control-state"), "--grpc-addr", f"127.0.0.1:{grpc}",
+                            "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"], work)
+    wait_port(admin)
+    outbound = {}
+    for kind in ["tls", "plain"]:
+        for side in ["client", "server"]:
+            name = f"{kind}-{side}"
+            adm, out = free_port(), free_port()
+            args = [weft, "--control-plane", f"http://127.0.0.1:{grpc}", "--service", kind if side == "server" else name,
+                    "--outbound-addr", f"127.0.0.1:{out}", "--admin-addr", f"127.0.0.1:{adm}",
+                    "--workers", "1", "--log", "warn"]
+            if side == "server":
+                args += ["--inbound-addr", f"127.0.0.1:{inb[kind]}", "--app-addr", f"127.0.0.1:{upstream}"]
+            if kind == "tls":
+                sa = kind if side == "server" else name
+                _, body = http_json(admin, "/api/v1/identity/token", {"namespace": "default", "service_account": sa})
+                token = os.path.join(work, f"{sa}.token")
+                with open(token, "w") as f:
+                    f.write(json.loads(body)["token"])
+                args += ["--service-account", sa, "--identity-token-file", token]
+            procs.start(name, args, work)
+            wait_ready(adm)
+            if side == "client":
+                outbound[kind] = out
+    return outbound
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--weft", default=os.path.join(ROOT, "target", "release", "weft-proxy"))
+    ap.add_argument("--control", default=os.path.join(ROOT, "target", "release", "weft-control"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     d = args.duration
@@ -206,6 +278,14 @@ backend be
         for size in ["1k", "64k"]:
             sc[f"e_body_{size}"] = {t: wrk(ports[t], d, path=f"/{size}") for t in order}
         raw["loaded_rss_kb"] = {k: rss_kb(p) for k, p in pids.items()}
+        pair = sidecar_pairs(procs, work, args.weft, args.control, up)
+        sc["d_sidecar_pair"] = {}
+        for kind in ["plain", "tls", "plain", "tls"]:  # alternated, best of two
+            r = wrk(pair[kind], d, host=kind)
+            if r["non2xx"]:
+                raise RuntimeError(f"sidecar pair {kind}: {r['non2xx']} non-2xx responses")
+            if r["rps"] > sc["d_sidecar_pair"].get(kind, {}).get("rps", 0):
+                sc["d_sidecar_pair"][kind] = r
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -230,6 +310,9 @@ backend be
         e = raw["scenarios"][f"e_body_{size}"]
         lines.append(f"| {size} body req/s | {e['weft']['rps']:.0f} | {e['envoy']['rps']:.0f} | {e['haproxy']['rps']:.0f} | "
                      f"{ratio(e['weft']['rps'], e['envoy']['rps'])} | {ratio(e['weft']['rps'], e['haproxy']['rps'])} | |")
+    pr = raw["scenarios"]["d_sidecar_pair"]
+    lines.append(f"| sidecar pair req/s, mTLS vs plaintext | {pr['tls']['rps']:.0f} / {pr['plain']['rps']:.0f} | | | | | "
+                 f"mTLS/plain {ratio(pr['tls']['rps'], pr['plain']['rps'])} (target ≥0.6×) |")
     lines += [f"| idle RSS MB | {raw['idle_rss_kb']['weft']/1024:.1f} | {raw['idle_rss_kb']['envoy']/1024:.1f} | {raw['idle_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 10 MB |",
               f"| loaded RSS MB | {raw['loaded_rss_kb']['weft']/1024:.1f} | {raw['loaded_rss_kb']['envoy']/1024:.1f} | {raw['loaded_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 20 MB |",
               f"| CPU s per 10k req | {a['weft']['cpu_s_per_10k']:.3f} | {a['envoy']['cpu_s_per_10k']:.3f} | {a['haproxy']['cpu_s_per_10k']:.3f} | | | |",
