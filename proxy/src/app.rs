@@ -110,7 +110,11 @@ pub struct Proxy {
 
 /// Loads the configuration source, binds every listener and starts serving.
 pub async fn start(args: &Args) -> Result<Proxy, StartError> {
-    let state = Arc::new(ProxyState::new(args.limits()));
+    let telemetry = telemetry(args)?;
+    let state = Arc::new(ProxyState::with_metrics(
+        args.limits(),
+        telemetry.metrics.clone(),
+    ));
     if let Some(path) = &args.control_plane_ca {
         let pem = std::fs::read_to_string(path).map_err(|source| StartError::ReadConfig {
             path: path.clone(),
@@ -135,7 +139,6 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     };
     let (outbound, inbound, admin) = (outbound.0, inbound.map(|l| l.0), admin.0);
 
-    let telemetry = telemetry(args)?;
     let (shutdown, admin_signal) = Shutdown::new();
     let (traffic, signal) = Shutdown::new();
     let traffic = Arc::new(traffic);

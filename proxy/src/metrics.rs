@@ -408,10 +408,11 @@ impl ProxyMetrics {
             .inc();
     }
 
-    pub fn record_ejection(&self, service: &Arc<str>) {
+    /// The ejection counter of `service` (a handle the service's shared resilience state
+    /// keeps, so the outlier detector counts without a lookup).
+    pub fn ejections(&self, service: &str) -> Counter {
         self.ejections
-            .get_or_create(&[("service", service.clone())])
-            .inc();
+            .get_or_create_owned(&[("service", Arc::from(service))])
     }
 
     pub fn record_bulkhead_overflow(&self, service: &Arc<str>) {

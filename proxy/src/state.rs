@@ -88,10 +88,19 @@ pub struct ProxyState {
 
 impl ProxyState {
     pub fn new(limits: Limits) -> Self {
+        Self::with_registry(limits, Registry::default())
+    }
+
+    /// A state whose resilience counters (outlier ejections) land in `metrics`.
+    pub fn with_metrics(limits: Limits, metrics: Arc<crate::metrics::ProxyMetrics>) -> Self {
+        Self::with_registry(limits, Registry::with_metrics(metrics))
+    }
+
+    fn with_registry(limits: Limits, registry: Registry) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             limits,
-            registry: Registry::default(),
+            registry,
             status: Mutex::new(Status::default()),
             security: crate::policy::SecurityState::default(),
         }

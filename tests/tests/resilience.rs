@@ -219,6 +219,13 @@ async fn failing_endpoint_is_ejected_and_returns_when_healed() {
         split.percent("a") > 30.0 && split.percent("b") > 30.0,
         "{split:?}"
     );
+    let scrape = weft_tests::observe::scrape(e.proxy.admin).await;
+    let ejections = weft_tests::observe::value(
+        &scrape,
+        "weft_proxy_outlier_ejections_total",
+        &[("service", "api")],
+    );
+    assert!(ejections >= 1.0, "the ejection is counted: {ejections}");
 
     // Healed: it is back after its ejection time.
     apps[2].always(None);

@@ -309,8 +309,10 @@ async fn attempts(
                 true
             }
         };
-        if let Some(o) = &rt.outlier {
-            outlier::report(o, &set.stats, idx, failed, now);
+        if let Some(o) = &rt.outlier
+            && outlier::report(o, &set.stats, idx, failed, now)
+        {
+            rt.shared.ejections.inc();
         }
         if !mirrored && let (Some((mset, _)), Some(r)) = (mirror, &replay) {
             // The first attempt has the body (or never will): mirror now or not at all.

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use weft_proto::MeshConfig;
 use weft_proto::policy::HealthCheck;
 
@@ -16,6 +17,7 @@ use super::bulkhead::Bulkhead;
 use super::health;
 use super::ratelimit::{RateConfig, TokenBucket};
 use super::stats::EndpointStats;
+use crate::metrics::ProxyMetrics;
 use crate::upstream::Upstream;
 
 /// Default connect timeout and idle time of pooled connections (no policy set).
@@ -27,6 +29,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct ServiceShared {
     pub bulkhead: Arc<Bulkhead>,
     pub budget: Budget,
+    /// Outlier ejections of this service's endpoints (`weft_proxy_outlier_ejections`).
+    pub ejections: Counter,
     /// The pools, rebuilt when the connection policy changes.
     pools: Mutex<Option<(PoolKey, Upstream)>>,
 }
@@ -61,6 +65,8 @@ pub struct Registry {
     services: Mutex<HashMap<String, Arc<ServiceShared>>>,
     buckets: Mutex<HashMap<String, Arc<TokenBucket>>>,
     health: Mutex<HashMap<String, HealthTask>>,
+    /// Where per-service counters live; `None` in tests that compile tables alone.
+    metrics: Option<Arc<ProxyMetrics>>,
 }
 
 #[derive(Debug)]
@@ -76,6 +82,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
+    pub fn with_metrics(metrics: Arc<ProxyMetrics>) -> Self {
+        let mut registry = Self::default();
+        registry.metrics = Some(metrics);
+        registry
+    }
+
     pub fn endpoint(&self, service: &str, address: &str) -> Arc<EndpointStats> {
         lock(&self.endpoints)
             .entry((service.to_owned(), address.to_owned()))
@@ -86,7 +98,15 @@ impl Registry {
     pub fn service(&self, service: &str) -> Arc<ServiceShared> {
         lock(&self.services)
             .entry(service.to_owned())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(ServiceShared {
+                    ejections: self
+                        .metrics
+                        .as_ref()
+                        .map_or_else(Counter::default, |m| m.ejections(service)),
+                    ..ServiceShared::default()
+                })
+            })
             .clone()
     }
 
