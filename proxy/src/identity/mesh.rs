@@ -158,7 +158,9 @@ impl MeshClient {
                 None => {}
             }
         }
-        let mut sender = self.connect(key).await?;
+        // Boxed: the TLS and HTTP/2 handshakes make a future of kilobytes, and every request's
+        // future would otherwise carry (and move) that space although connecting is rare.
+        let mut sender = Box::pin(self.connect(key)).await?;
         let _ = sender.ready().await;
         self.conns
             .lock()

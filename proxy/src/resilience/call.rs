@@ -155,17 +155,20 @@ pub async fn forward(
     if let Some(f) = &policy.fault {
         f.apply(&policy.name).await?;
     }
-    let attempts = attempts(&set, &policy, req, mtls.as_ref());
+    // Each arm builds its own future: a future kept in a local and then awaited in one of two
+    // ways is laid out twice, and the request future (moved at every poll layer) grows by it.
     match policy.timeout {
-        None => attempts.await,
-        Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
-            Err(ResilienceError::Timeout {
-                kind: TimeoutKind::Request,
-                after_ms: t.as_millis() as u64,
-                target: format!("service {:?}", set.service),
-            }
-            .into())
-        }),
+        None => attempts(&set, &policy, req, mtls.as_ref()).await,
+        Some(t) => tokio::time::timeout(t, attempts(&set, &policy, req, mtls.as_ref()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ResilienceError::Timeout {
+                    kind: TimeoutKind::Request,
+                    after_ms: t.as_millis() as u64,
+                    target: format!("service {:?}", set.service),
+                }
+                .into())
+            }),
     }
 }
 
@@ -271,21 +274,11 @@ async fn attempts(
             Some(parts) if !single => request(parts, body),
             _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
         };
-        // Each attempt goes to its own endpoint, over mTLS when the destination has an identity.
-        let send = async {
-            match mtls {
-                Some(m) => {
-                    m.client
-                        .send(attempt, endpoint.clone(), m.identity.clone())
-                        .await
-                }
-                None => rt.upstream.send(attempt, endpoint.clone(), protocol).await,
-            }
-        };
         let per_try = retry.and_then(|r| r.per_try_timeout);
+        let send = || send(mtls, &rt.upstream, attempt, endpoint.clone(), protocol);
         let result: Result<Response<Incoming>, ProxyError> = match per_try {
-            None => send.await.map_err(Into::into),
-            Some(t) => match tokio::time::timeout(t, send).await {
+            None => send().await.map_err(Into::into),
+            Some(t) => match tokio::time::timeout(t, send()).await {
                 Ok(r) => r.map_err(Into::into),
                 Err(_) => Err(ResilienceError::Timeout {
                     kind: TimeoutKind::PerTry,
@@ -381,6 +374,20 @@ async fn attempts(
                 }));
             }
         }
+    }
+}
+
+/// One attempt, to its own endpoint, over mTLS when the destination has an identity.
+async fn send(
+    mtls: Option<&Mtls>,
+    upstream: &Upstream,
+    attempt: Request<RequestBody>,
+    endpoint: http::uri::Authority,
+    protocol: UpstreamProtocol,
+) -> Result<Response<Incoming>, UpstreamError> {
+    match mtls {
+        Some(m) => m.client.send(attempt, endpoint, m.identity.clone()).await,
+        None => upstream.send(attempt, endpoint, protocol).await,
     }
 }
 
