@@ -232,56 +232,89 @@ fn root_cause(err: &(dyn StdError + 'static)) -> String {
 /// Headers that describe one connection, not the message, and so never cross a proxy
 /// (RFC 9110 §7.6.1), plus any header the `Connection` header names. `te` is handled apart:
 /// `te: trailers` is end-to-end and gRPC needs it.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names, no hashing: this runs twice per request and most messages
-    // carry nothing to strip (profiled: the map lookups it replaced were ~7% of a request).
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names, no hashing, then remove only what is there: this runs twice
+    // per request, and most responses carry `Connection: keep-alive` (profiled: removing
+    // every hop-by-hop name blindly was ~5% of a request).
+    let mut found = 0u8;
+    for name in headers.keys() {
+        found |= hop_bit(name);
+    }
+    if found == 0 {
         return;
     }
-    // `Connection` may name more hop-by-hop headers. Its values are cheap to clone (`Bytes`).
-    let named: Vec<HeaderValue> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
-    for value in &named {
-        for token in value.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                headers.remove(name);
+    // `Connection` may name more hop-by-hop headers (rare: no allocation unless it does).
+    let mut named = Vec::new();
+    if found & HOP_CONNECTION != 0 {
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                    && hop_bit(&name) == 0
+                {
+                    named.push(name);
+                }
             }
         }
     }
-    let trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-    ] {
+    for name in named {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    let trailers = found & HOP_TE != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    for (bit, name) in [
+        (HOP_CONNECTION, header::CONNECTION),
+        (HOP_TRANSFER_ENCODING, header::TRANSFER_ENCODING),
+        (HOP_UPGRADE, header::UPGRADE),
+        (HOP_TE, header::TE),
+        (HOP_KEEP_ALIVE, KEEP_ALIVE),
+        (HOP_PROXY_CONNECTION, PROXY_CONNECTION),
+    ] {
+        if found & bit != 0 {
+            headers.remove(name);
+        }
+    }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HOP_CONNECTION: u8 = 1;
+const HOP_TRANSFER_ENCODING: u8 = 2;
+const HOP_UPGRADE: u8 = 4;
+const HOP_TE: u8 = 8;
+const HOP_KEEP_ALIVE: u8 = 16;
+const HOP_PROXY_CONNECTION: u8 = 32;
+
+/// Which hop-by-hop header `name` is (a bit), 0 for an end-to-end one.
+fn hop_bit(name: &HeaderName) -> u8 {
+    if *name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if *name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if *name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if *name == header::TE {
+        HOP_TE
+    } else if name.as_str() == "keep-alive" {
+        HOP_KEEP_ALIVE
+    } else if name.as_str() == "proxy-connection" {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
     }
 }
 
