@@ -6,6 +6,7 @@ pub mod apps;
 pub mod bins;
 pub mod chaos;
 pub mod demo;
+pub mod etcd;
 pub mod http;
 pub mod identity;
 pub mod load;
