@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod observe;
 pub mod procs;
 pub mod scale;
+pub mod suite;
 
 pub use apps::{GrpcApp, VersionApp};
 pub use chaos::ChaosApp;

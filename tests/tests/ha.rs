@@ -268,6 +268,18 @@ async fn a_change_on_one_replica_reaches_the_proxies_of_another_and_versions_nev
     )
     .await;
 
+    // `weftctl status` names the leader, whichever replica it asks.
+    let leader = the_leader(&[&a, &b], Duration::from_secs(10)).await;
+    let name = ["cp-a", "cp-b"][leader];
+    let out = tokio::process::Command::new(weft_tests::bins::bin("weftctl"))
+        .args(["--server", &format!("http://{}", b.admin), "status"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("leader:  {name}")), "{text}");
+
     // A restarted replica resumes at the shared version (never goes backwards).
     drop(a);
     let a = etcd.replica(dir.path(), "cp-a", &mesh).await;
