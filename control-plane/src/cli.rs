@@ -10,12 +10,20 @@ use crate::api;
 /// NACK reasons longer than this are cut in the status table (`-o json` has them whole).
 const NACK_WIDTH: usize = 60;
 
-/// `weftctl status`: the version and source, then one row per proxy. Proxies not on the
-/// current version are marked with `*`.
-pub fn status(s: &api::Status) -> String {
+/// `weftctl status`: the version and source (and, for replicas on etcd, who leads), then one
+/// row per proxy. Proxies not on the current version are marked with `*`.
+pub fn status(s: &api::Status, leader: Option<&crate::leader::LeaderStatus>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "version: {}", s.version);
     let _ = writeln!(out, "source:  {}", s.source);
+    if let Some(l) = leader.filter(|l| l.mode != "single") {
+        let who = match (&l.leader, l.is_leader) {
+            (_, true) => format!("{} (this replica)", l.replica),
+            (Some(other), false) => format!("{other} (this replica is {})", l.replica),
+            (None, false) => format!("none yet: election running (this replica is {})", l.replica),
+        };
+        let _ = writeln!(out, "leader:  {who}");
+    }
     if let Some(err) = &s.last_source_error {
         let _ = writeln!(
             out,
@@ -252,7 +260,7 @@ mod tests {
             ],
             nacks: vec![],
         };
-        let text = status(&s);
+        let text = status(&s, None);
         assert!(text.contains("version: 7\nsource:  embedded\n"), "{text}");
         assert!(
             text.contains("NODE     SERVICE  CONNECTED  ACKED  NACK"),
@@ -268,6 +276,18 @@ mod tests {
         );
         assert!(text.contains("…"), "{text}");
         assert!(text.contains("* not on the current version 7"), "{text}");
+        assert!(!text.contains("leader:"), "{text}");
+        let leader = crate::leader::LeaderStatus {
+            replica: "cp-b".into(),
+            is_leader: false,
+            leader: Some("cp-a".into()),
+            mode: "etcd".into(),
+        };
+        let text = status(&s, Some(&leader));
+        assert!(
+            text.contains("source:  embedded\nleader:  cp-a (this replica is cp-b)\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use weft_proto::{Issue, Limits, MeshConfig, Resources, pb, to_resources, validat
 
 use crate::api;
 use crate::metrics::ControlMetrics;
-use crate::store::{Store, StoreError, StoredState};
+use crate::store::{Revisioned, Store, StoreError, StoredState};
 
 /// How many NACKs `/api/v1/status` keeps over all proxies.
 pub const NACK_LOG_LEN: usize = 100;
@@ -86,14 +86,35 @@ struct Inner {
     source: String,
     store: Arc<dyn Store>,
     current: watch::Sender<Arc<Versioned>>,
-    /// Serializes mutations. Holds the hash of the source text the live config derives from,
-    /// which is persisted with every save (see [`StoredState::source_hash`]).
-    writer: tokio::sync::Mutex<u64>,
+    /// Serializes mutations; holds what the next save builds on.
+    writer: tokio::sync::Mutex<Writer>,
     book: Mutex<Book>,
     metrics: ControlMetrics,
     /// Experiment records, persisted with the config; written under `writer` only.
     experiments: Mutex<Vec<crate::experiment::Record>>,
+    /// Bumped when another replica's records are taken in.
+    experiments_changed: watch::Sender<u64>,
 }
+
+#[derive(Debug)]
+struct Writer {
+    /// The hash of the source text the live config derives from, persisted with every save
+    /// (see [`StoredState::source_hash`]).
+    source_hash: u64,
+    /// The store revision the live state was read or saved at; the next save names it.
+    revision: u64,
+}
+
+/// What a mutation edits: a copy of the live state.
+#[derive(Debug)]
+struct Change {
+    config: MeshConfig,
+    experiments: Vec<crate::experiment::Record>,
+    source_hash: u64,
+}
+
+/// How often a mutation is redone on top of another replica's save before giving up.
+const CONFLICT_RETRIES: usize = 16;
 
 #[derive(Debug, Default)]
 struct Book {
@@ -133,6 +154,7 @@ impl Registry {
     /// resumed as is: it includes mutations made through the API. Otherwise the file changed
     /// while the control plane was down and wins, at the stored version + 1 (the version is
     /// kept when the configs are equal), so versions never go backwards across restarts.
+    /// Replicas starting together race on the first save; the losers resume the winner's.
     pub async fn open(
         store: Arc<dyn Store>,
         source: impl Into<String>,
@@ -141,52 +163,64 @@ impl Registry {
     ) -> Result<Self, RegistryError> {
         let limits = Limits::default();
         validate(&config, &limits).map_err(|i| RegistryError::Invalid(describe(&i)))?;
-        let stored = store
-            .load()
-            .await
-            .map_err(|source| RegistryError::Store { version: 0, source })?;
-        let experiments = stored
-            .as_ref()
-            .map(|s| s.experiments.clone())
-            .unwrap_or_default();
-        let (version, config, save) = match stored {
-            // A stored config that no longer validates (a stricter build) is not resumed.
-            Some(s) if s.source_hash == source_hash && validate(&s.config, &limits).is_ok() => {
-                info!(version = s.version, "resuming stored configuration");
-                (s.version, s.config, false)
+        let mut attempt = 0;
+        let (revision, version, config, experiments) = loop {
+            let stored = store
+                .load()
+                .await
+                .map_err(|source| RegistryError::Store { version: 0, source })?;
+            let revision = stored.as_ref().map_or(0, |r| r.revision);
+            let stored = stored.map(|r| r.state);
+            let experiments = stored
+                .as_ref()
+                .map(|s| s.experiments.clone())
+                .unwrap_or_default();
+            let (version, config, save) = match stored {
+                // A stored config that no longer validates (a stricter build) is not resumed.
+                Some(s) if s.source_hash == source_hash && validate(&s.config, &limits).is_ok() => {
+                    info!(version = s.version, "resuming stored configuration");
+                    (s.version, s.config, false)
+                }
+                Some(s) if s.config == config => (s.version, s.config, true),
+                Some(s) => {
+                    info!(
+                        stored_version = s.version,
+                        "source changed since the state was saved; it replaces the stored config"
+                    );
+                    (s.version + 1, config.clone(), true)
+                }
+                None => (1, config.clone(), true),
+            };
+            if !save {
+                break (revision, version, config, experiments);
             }
-            Some(s) if s.config == config => (s.version, s.config, true),
-            Some(s) => {
-                info!(
-                    stored_version = s.version,
-                    "source changed since the state was saved; it replaces the stored config"
-                );
-                (s.version + 1, config, true)
-            }
-            None => (1, config, true),
-        };
-        if save {
             let state = StoredState {
                 version,
                 config: config.clone(),
                 source_hash,
                 experiments: experiments.clone(),
             };
-            store
-                .save(&state)
-                .await
-                .map_err(|source| RegistryError::Store { version, source })?;
-        }
+            match store.save(&state, revision).await {
+                Ok(revision) => break (revision, version, config, experiments),
+                Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES => attempt += 1,
+                Err(source) => return Err(RegistryError::Store { version, source }),
+            }
+        };
         let (current, _) = watch::channel(Arc::new(Versioned::new(version, config)));
+        let (experiments_changed, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
                 source: source.into(),
                 store,
                 current,
-                writer: tokio::sync::Mutex::new(source_hash),
+                writer: tokio::sync::Mutex::new(Writer {
+                    source_hash,
+                    revision,
+                }),
                 book: Mutex::default(),
                 metrics: ControlMetrics::new(),
                 experiments: Mutex::new(experiments),
+                experiments_changed,
             }),
         })
     }
@@ -201,15 +235,17 @@ impl Registry {
         let version = self.current().version;
         m.config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
-        let connected = self
-            .book()
+        m.connected
+            .set(i64::try_from(self.connected()).unwrap_or(i64::MAX));
+        m.encode()
+    }
+
+    fn connected(&self) -> usize {
+        self.book()
             .proxies
             .values()
             .filter(|p| p.status.connected)
-            .count();
-        m.connected
-            .set(i64::try_from(connected).unwrap_or(i64::MAX));
-        m.encode()
+            .count()
     }
 
     /// The live configuration.
@@ -222,9 +258,77 @@ impl Registry {
         self.inner.current.subscribe()
     }
 
+    /// Changes when experiment records arrive from another replica (through the store), so
+    /// the engine can wake the experiments they concern.
+    pub fn subscribe_experiments(&self) -> watch::Receiver<u64> {
+        self.inner.experiments_changed.subscribe()
+    }
+
+    /// What the state is kept in (for logs and the API).
+    pub fn store(&self) -> String {
+        self.inner.store.describe()
+    }
+
     /// `--config` path or `embedded`.
     pub fn source(&self) -> &str {
         &self.inner.source
+    }
+
+    /// Takes in the states other replicas save (a shared store), until `shutdown`; returns at
+    /// once for a store only this process writes.
+    pub async fn follow(self, shutdown: crate::shutdown::Shutdown) {
+        let Some(mut rx) = self.inner.store.watch() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(r) => {
+                        let mut writer = self.inner.writer.lock().await;
+                        self.adopt(&mut writer, r);
+                    }
+                    None => return,
+                },
+                () = shutdown.wait() => return,
+            }
+        }
+    }
+
+    /// Makes a state read from the store live, unless it is not newer than what this
+    /// registry already has (its own saves come back through the watch too).
+    fn adopt(&self, writer: &mut Writer, r: Revisioned) {
+        if r.revision <= writer.revision {
+            return;
+        }
+        writer.revision = r.revision;
+        writer.source_hash = r.state.source_hash;
+        {
+            let mut records = self
+                .inner
+                .experiments
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *records != r.state.experiments {
+                *records = r.state.experiments;
+                self.inner.experiments_changed.send_modify(|n| *n += 1);
+            }
+        }
+        let current = self.current();
+        if r.state.version > current.version {
+            let version = r.state.version;
+            self.inner
+                .current
+                .send_replace(Arc::new(Versioned::new(version, r.state.config)));
+            self.inner.metrics.published(version, self.connected());
+            info!(version, "new configuration version from the shared store");
+        } else if r.state.config != current.config {
+            // Cannot happen with a compare-and-swap store; never move a version backwards.
+            tracing::warn!(
+                stored = r.state.version,
+                live = current.version,
+                "the store holds a different config at an older version; ignored"
+            );
+        }
     }
 
     /// A new version of the source file. The file is declarative: when it changes, its
@@ -234,9 +338,12 @@ impl Registry {
         config: MeshConfig,
         source_hash: u64,
     ) -> Result<Outcome, RegistryError> {
-        let mut writer = self.inner.writer.lock().await;
-        let outcome = self
-            .commit(&mut writer, config, source_hash, "source")
+        let (outcome, ()) = self
+            .update("source", |c, _| {
+                c.config = config.clone();
+                c.source_hash = source_hash;
+                Ok(())
+            })
             .await?;
         self.book().last_source_error = None;
         Ok(outcome)
@@ -249,9 +356,13 @@ impl Registry {
 
     /// Replaces the whole configuration (`POST /api/v1/apply`).
     pub async fn apply(&self, config: MeshConfig) -> Result<Outcome, RegistryError> {
-        let mut writer = self.inner.writer.lock().await;
-        let hash = *writer;
-        self.commit(&mut writer, config, hash, "apply").await
+        let (outcome, ()) = self
+            .update("apply", |c, _| {
+                c.config = config.clone();
+                Ok(())
+            })
+            .await?;
+        Ok(outcome)
     }
 
     /// Sets backend weights on one rule of a route (see [`ops::set_weights`]); returns the
@@ -262,76 +373,10 @@ impl Registry {
         rule: Option<usize>,
         weights: &[(String, u32)],
     ) -> Result<(Outcome, usize), RegistryError> {
-        let mut writer = self.inner.writer.lock().await;
-        // Read under the writer lock so no concurrent mutation is lost.
-        let mut config = self.current().config.clone();
-        let index = ops::set_weights(&mut config, route, rule, weights)?;
-        let hash = *writer;
-        let outcome = self.commit(&mut writer, config, hash, "set-weight").await?;
-        Ok((outcome, index))
-    }
-
-    /// Validates, persists and publishes `config`. Called with the writer lock held: the
-    /// lock spans the store write so versions are saved in order (for etcd, that write is
-    /// network I/O — acceptable, since only mutations queue behind it, never readers).
-    async fn commit(
-        &self,
-        source_hash: &mut u64,
-        config: MeshConfig,
-        new_hash: u64,
-        cause: &str,
-    ) -> Result<Outcome, RegistryError> {
-        validate(&config, &Limits::default()).map_err(|i| RegistryError::Invalid(describe(&i)))?;
-        let current = self.current();
-        if current.config == config {
-            if *source_hash != new_hash {
-                // Same config from edited text (a comment changed): remember the new hash so
-                // a restart resumes instead of treating the file as changed.
-                self.save(current.version, config, new_hash).await?;
-                *source_hash = new_hash;
-            }
-            return Ok(Outcome {
-                version: current.version,
-                changed: false,
-            });
-        }
-        let version = current.version + 1;
-        self.save(version, config.clone(), new_hash).await?;
-        *source_hash = new_hash;
-        self.inner
-            .current
-            .send_replace(Arc::new(Versioned::new(version, config)));
-        let connected = self
-            .book()
-            .proxies
-            .values()
-            .filter(|p| p.status.connected)
-            .count();
-        self.inner.metrics.published(version, connected);
-        info!(version, cause, "new configuration version published");
-        Ok(Outcome {
-            version,
-            changed: true,
+        self.update("set-weight", |c, _| {
+            Ok(ops::set_weights(&mut c.config, route, rule, weights)?)
         })
-    }
-
-    async fn save(
-        &self,
-        version: u64,
-        config: MeshConfig,
-        source_hash: u64,
-    ) -> Result<(), RegistryError> {
-        let state = StoredState {
-            version,
-            config,
-            source_hash,
-            experiments: self.experiments(),
-        };
-        self.inner
-            .store
-            .save(&state)
-            .await
-            .map_err(|source| RegistryError::Store { version, source })
+        .await
     }
 
     /// Every experiment record.
@@ -349,57 +394,93 @@ impl Registry {
     pub async fn update_experiments<T>(
         &self,
         cause: &str,
-        f: impl FnOnce(
+        mut f: impl FnMut(
             &mut MeshConfig,
             &mut Vec<crate::experiment::Record>,
             u64,
         ) -> Result<T, RegistryError>,
     ) -> Result<(Outcome, T), RegistryError> {
-        let writer = self.inner.writer.lock().await;
-        let current = self.current();
-        let mut config = current.config.clone();
-        let before = self.experiments();
-        let mut records = before.clone();
-        let out = f(&mut config, &mut records, current.version + 1)?;
-        let changed = config != current.config;
-        if !changed && records == before {
-            return Ok((
-                Outcome {
+        self.update(cause, |c, version| {
+            f(&mut c.config, &mut c.experiments, version)
+        })
+        .await
+    }
+
+    /// The one mutation path: `f` edits a copy of the live state; if anything changed, the
+    /// config is validated, the version bumped (only when the config changed), the state
+    /// saved (a compare-and-swap on the store's revision) and published. The writer lock
+    /// spans the store write so versions are saved in order (for etcd that is network I/O —
+    /// acceptable, since only mutations queue behind it, never readers). When another replica
+    /// saved first, its state is taken in and `f` runs again on top of it.
+    async fn update<T>(
+        &self,
+        cause: &str,
+        mut f: impl FnMut(&mut Change, u64) -> Result<T, RegistryError>,
+    ) -> Result<(Outcome, T), RegistryError> {
+        let mut writer = self.inner.writer.lock().await;
+        let mut attempt = 0;
+        loop {
+            let current = self.current();
+            let before = self.experiments();
+            let mut change = Change {
+                config: current.config.clone(),
+                experiments: before.clone(),
+                source_hash: writer.source_hash,
+            };
+            let out = f(&mut change, current.version + 1)?;
+            let changed = change.config != current.config;
+            if !changed && change.experiments == before && change.source_hash == writer.source_hash
+            {
+                let outcome = Outcome {
                     version: current.version,
                     changed: false,
-                },
-                out,
-            ));
+                };
+                return Ok((outcome, out));
+            }
+            if changed {
+                validate(&change.config, &Limits::default())
+                    .map_err(|i| RegistryError::Invalid(describe(&i)))?;
+            }
+            let version = current.version + u64::from(changed);
+            let state = StoredState {
+                version,
+                config: change.config,
+                source_hash: change.source_hash,
+                experiments: change.experiments,
+            };
+            match self.inner.store.save(&state, writer.revision).await {
+                Ok(revision) => {
+                    writer.revision = revision;
+                    writer.source_hash = state.source_hash;
+                    *self
+                        .inner
+                        .experiments
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = state.experiments;
+                    if changed {
+                        self.inner
+                            .current
+                            .send_replace(Arc::new(Versioned::new(version, state.config)));
+                        self.inner.metrics.published(version, self.connected());
+                        info!(version, cause, "new configuration version published");
+                    }
+                    return Ok((Outcome { version, changed }, out));
+                }
+                Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    let latest = self
+                        .inner
+                        .store
+                        .load()
+                        .await
+                        .map_err(|source| RegistryError::Store { version, source })?;
+                    if let Some(latest) = latest {
+                        self.adopt(&mut writer, latest);
+                    }
+                }
+                Err(source) => return Err(RegistryError::Store { version, source }),
+            }
         }
-        if changed {
-            validate(&config, &Limits::default())
-                .map_err(|i| RegistryError::Invalid(describe(&i)))?;
-        }
-        let version = current.version + u64::from(changed);
-        let state = StoredState {
-            version,
-            config: config.clone(),
-            source_hash: *writer,
-            experiments: records.clone(),
-        };
-        self.inner
-            .store
-            .save(&state)
-            .await
-            .map_err(|source| RegistryError::Store { version, source })?;
-        *self
-            .inner
-            .experiments
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = records;
-        if changed {
-            self.inner
-                .current
-                .send_replace(Arc::new(Versioned::new(version, config)));
-            info!(version, cause, "new configuration version published");
-        }
-        drop(writer);
-        Ok((Outcome { version, changed }, out))
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {

@@ -15,6 +15,8 @@ use tracing::info;
 
 use crate::ca::{Ca, CaError, CaOptions};
 use crate::certify::{BootstrapTokens, CertifyServer};
+use crate::etcd::EtcdStore;
+use crate::leader::{Election, Leadership};
 use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 use crate::source::{Loaded, Source, Watcher};
@@ -34,6 +36,20 @@ pub struct Options {
     pub ca: CaOptions,
     /// Serve the gRPC port (config stream, Certify) over TLS with a certificate from the CA.
     pub grpc_tls: bool,
+    /// Keep the state in etcd, shared with other replicas, and elect a leader there.
+    pub etcd: Option<EtcdOptions>,
+    /// This replica's name in leader election; default: the admin address.
+    pub replica_id: Option<String>,
+}
+
+/// `--etcd-endpoints`, `--etcd-prefix`, `--leader-ttl`.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Keys live under it: `<prefix>/state`, `<prefix>/leader`.
+    pub prefix: String,
+    /// Lease TTL of the leader: how long a dead leader blocks a takeover.
+    pub leader_ttl: Duration,
 }
 
 impl Default for Options {
@@ -46,6 +62,8 @@ impl Default for Options {
             watch_interval: Duration::from_millis(500),
             ca: CaOptions::default(),
             grpc_tls: false,
+            etcd: None,
+            replica_id: None,
         }
     }
 }
@@ -89,15 +107,22 @@ pub struct ControlPlane {
     ca: Arc<Ca>,
     tokens: Arc<BootstrapTokens>,
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
+    leadership: Leadership,
+    election: Option<Election>,
 }
 
 impl ControlPlane {
     /// Opens the store, builds the registry from `loaded` (the source, already read and
     /// validated by the caller so it can report a bad file its own way) and binds.
     pub async fn bind(opts: Options, loaded: Loaded) -> Result<Self, ServerError> {
-        let store: Arc<dyn Store> = match &opts.state_dir {
-            Some(dir) => Arc::new(FileStore::open(dir)?),
-            None => Arc::new(MemoryStore::new()),
+        let etcd = match &opts.etcd {
+            Some(e) => Some(EtcdStore::connect(&e.endpoints, &e.prefix).await?),
+            None => None,
+        };
+        let store: Arc<dyn Store> = match (&etcd, &opts.state_dir) {
+            (Some(etcd), _) => Arc::new(etcd.clone()),
+            (None, Some(dir)) => Arc::new(FileStore::open(dir)?),
+            (None, None) => Arc::new(MemoryStore::new()),
         };
         let ca = Arc::new(Ca::open(&opts.ca, opts.state_dir.as_deref())?);
         let tokens = Arc::new(BootstrapTokens::open(opts.state_dir.as_deref())?);
@@ -128,6 +153,18 @@ impl ControlPlane {
         } else {
             None
         };
+        let replica = opts
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| admin_addr.to_string());
+        let (leadership, election) = match (&etcd, &opts.etcd) {
+            (Some(store), Some(e)) => {
+                let election =
+                    Election::new(store.client(), store.key("leader"), &replica, e.leader_ttl);
+                (election.leadership(), Some(election))
+            }
+            _ => (Leadership::single(&replica), None),
+        };
         let watcher = match &opts.source {
             Source::File(path) => Some(Watcher::new(
                 path,
@@ -147,6 +184,8 @@ impl ControlPlane {
             ca,
             tokens,
             grpc_tls,
+            leadership,
+            election,
         })
     }
 
@@ -168,12 +207,20 @@ impl ControlPlane {
             grpc = %self.grpc_addr(),
             admin = %self.admin_addr(),
             source = self.registry.source(),
+            store = %self.registry.store(),
             version = self.registry.current().version,
             "control plane serving"
         );
         let stats = crate::experiment::stats::Aggregator::new();
-        let engine =
-            crate::experiment::Engine::new(self.registry.clone(), stats.clone(), shutdown.clone());
+        let engine = crate::experiment::Engine::new(
+            self.registry.clone(),
+            stats.clone(),
+            self.leadership.clone(),
+            shutdown.clone(),
+        );
+        // Shared store: take in other replicas' changes; campaign for leadership.
+        let follow = tokio::spawn(self.registry.clone().follow(shutdown.clone()));
+        let election = self.election.map(|e| tokio::spawn(e.run(shutdown.clone())));
         let certify = CertifyServer::new(self.ca.clone(), self.tokens.clone());
         let grpc = xds::serve(
             self.grpc,
@@ -184,9 +231,12 @@ impl ControlPlane {
             shutdown.clone(),
         );
         // One admin listener: config and status, experiments, identity tokens and bundle.
-        let extra = crate::experiment_api::router(engine.clone()).merge(
-            crate::certify::admin_router(self.ca.clone(), self.tokens.clone()),
-        );
+        let extra = crate::experiment_api::router(engine.clone())
+            .merge(crate::certify::admin_router(
+                self.ca.clone(),
+                self.tokens.clone(),
+            ))
+            .merge(crate::leader::router(self.leadership.clone()));
         let admin = admin::serve(self.admin, self.registry.clone(), extra, shutdown.clone());
         let engine = tokio::spawn(engine.run());
         let watch = async {
@@ -202,6 +252,11 @@ impl ControlPlane {
             watch,
         )?;
         let _ = engine.await;
+        follow.abort();
+        if let Some(election) = election {
+            // Revokes the lease so another replica takes over at once.
+            let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
+        }
         info!("control plane stopped");
         Ok(())
     }

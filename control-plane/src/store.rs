@@ -1,10 +1,15 @@
 //! Durable state of the control plane: the live configuration, its version and which source
 //! file it derived from.
 //!
-//! The store sits behind the [`Store`] trait so a replicated backend (etcd) can replace the
-//! file store later without touching the registry. Two implementations exist today:
-//! [`MemoryStore`] (no `--state-dir`: state dies with the process) and [`FileStore`] (one JSON
-//! file, replaced atomically so a crash never leaves a half-written state behind).
+//! The store sits behind the [`Store`] trait: [`MemoryStore`] (no `--state-dir`: state dies
+//! with the process), [`FileStore`] (one JSON file, replaced atomically so a crash never
+//! leaves a half-written state behind) and [`crate::etcd::EtcdStore`] (shared by several
+//! replicas).
+//!
+//! Every saved state has a *revision*. A save names the revision it builds on and fails with
+//! [`StoreError::Conflict`] when the store moved on meanwhile (another replica wrote): that
+//! compare-and-swap is what keeps two replicas from issuing the same version for different
+//! content. Local stores have a single writer (this process), so their revision just counts.
 //!
 //! What is persisted matters for one invariant: versions never go backwards, also across
 //! restarts, because reconnecting proxies report the version they run and compare it.
@@ -53,6 +58,24 @@ pub enum StoreError {
     },
     #[error("state store task failed: {0}")]
     Task(String),
+    /// Another writer saved first; reload and redo the change.
+    #[error(
+        "state store {store}: revision {expected} is no longer the newest (another replica wrote)"
+    )]
+    Conflict { store: String, expected: u64 },
+    #[error("etcd {endpoints}: {what}: {reason}")]
+    Etcd {
+        endpoints: String,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+/// A state as read from the store, with the revision a save building on it must name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revisioned {
+    pub state: StoredState,
+    pub revision: u64,
 }
 
 /// Where the registry persists its state.
@@ -61,9 +84,23 @@ pub enum StoreError {
 /// `Arc<dyn Store>`.
 pub trait Store: Send + Sync + fmt::Debug {
     /// The last saved state, or `None` when nothing was ever saved.
-    fn load(&self) -> BoxFuture<'_, Result<Option<StoredState>, StoreError>>;
-    /// Durably replaces the saved state; when this returns `Ok`, a crash does not lose it.
-    fn save<'a>(&'a self, state: &'a StoredState) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn load(&self) -> BoxFuture<'_, Result<Option<Revisioned>, StoreError>>;
+    /// Durably replaces the saved state if the store still is at revision `expected` (0: the
+    /// one [`Store::load`] found nothing at); returns the new revision. When this returns `Ok`,
+    /// a crash does not lose the state.
+    fn save<'a>(
+        &'a self,
+        state: &'a StoredState,
+        expected: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// States other writers save, in order, as they land; `None` when this process is the
+    /// only writer. The stream resumes by itself after a broken connection (it then first
+    /// yields the newest state).
+    fn watch(&self) -> Option<tokio::sync::mpsc::Receiver<Revisioned>> {
+        None
+    }
+    /// What the store is, for logs and errors (`memory`, the file path, the etcd endpoints).
+    fn describe(&self) -> String;
 }
 
 /// A 64-bit FNV-1a hash of source text.
@@ -81,7 +118,7 @@ pub fn content_hash(bytes: &[u8]) -> u64 {
 /// Keeps state in memory only: a restart starts again from the source file at version 1.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    state: Mutex<Option<StoredState>>,
+    state: Mutex<Option<Revisioned>>,
 }
 
 impl MemoryStore {
@@ -91,14 +128,35 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn load(&self) -> BoxFuture<'_, Result<Option<StoredState>, StoreError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Revisioned>, StoreError>> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Box::pin(async move { Ok(state) })
     }
 
-    fn save<'a>(&'a self, state: &'a StoredState) -> BoxFuture<'a, Result<(), StoreError>> {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
-        Box::pin(async { Ok(()) })
+    fn save<'a>(
+        &'a self,
+        state: &'a StoredState,
+        expected: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let mut slot = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let current = slot.as_ref().map_or(0, |r| r.revision);
+        let result = if current == expected {
+            *slot = Some(Revisioned {
+                state: state.clone(),
+                revision: expected + 1,
+            });
+            Ok(expected + 1)
+        } else {
+            Err(StoreError::Conflict {
+                store: "memory".into(),
+                expected,
+            })
+        };
+        Box::pin(async move { result })
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
     }
 }
 
@@ -171,16 +229,27 @@ impl FileStore {
 }
 
 impl Store for FileStore {
-    fn load(&self) -> BoxFuture<'_, Result<Option<StoredState>, StoreError>> {
+    // The file is this process's alone (one writer, serialized by the registry), so the
+    // revision is not stored: a load starts it at 1 and each save adds one.
+    fn load(&self) -> BoxFuture<'_, Result<Option<Revisioned>, StoreError>> {
         let path = self.path();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || Self::load_blocking(&path))
+            let state = tokio::task::spawn_blocking(move || Self::load_blocking(&path))
                 .await
-                .map_err(|e| StoreError::Task(e.to_string()))?
+                .map_err(|e| StoreError::Task(e.to_string()))??;
+            Ok(state.map(|state| Revisioned { state, revision: 1 }))
         })
     }
 
-    fn save<'a>(&'a self, state: &'a StoredState) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    fn save<'a>(
+        &'a self,
+        state: &'a StoredState,
+        expected: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         // Serialize before leaving the caller's task: `state` is borrowed.
         let json = serde_json::to_vec_pretty(state);
         let dir = self.dir.clone();
@@ -193,7 +262,8 @@ impl Store for FileStore {
             // stall the runtime's worker threads.
             tokio::task::spawn_blocking(move || Self::save_blocking(&dir, &json))
                 .await
-                .map_err(|e| StoreError::Task(e.to_string()))?
+                .map_err(|e| StoreError::Task(e.to_string()))??;
+            Ok(expected + 1)
         })
     }
 }
@@ -220,9 +290,9 @@ mod tests {
         let store = FileStore::open(dir.path().join("nested")).unwrap();
         assert_eq!(store.load().await.unwrap(), None, "empty store");
 
-        store.save(&state(3)).await.unwrap();
-        store.save(&state(4)).await.unwrap();
-        assert_eq!(store.load().await.unwrap(), Some(state(4)));
+        assert_eq!(store.save(&state(3), 0).await.unwrap(), 1);
+        assert_eq!(store.save(&state(4), 1).await.unwrap(), 2);
+        assert_eq!(store.load().await.unwrap().unwrap().state, state(4));
 
         // Only the state file remains: the temporary file was renamed, not left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path().join("nested"))
@@ -233,7 +303,19 @@ mod tests {
 
         // A fresh instance (a restart) reads the same state.
         let again = FileStore::open(dir.path().join("nested")).unwrap();
-        assert_eq!(again.load().await.unwrap(), Some(state(4)));
+        assert_eq!(again.load().await.unwrap().unwrap().state, state(4));
+    }
+
+    #[tokio::test]
+    async fn memory_store_refuses_a_stale_revision() {
+        let store = MemoryStore::new();
+        assert_eq!(store.save(&state(1), 0).await.unwrap(), 1);
+        let err = store.save(&state(2), 0).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { expected: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(store.load().await.unwrap().unwrap().state, state(1));
     }
 
     #[tokio::test]

@@ -100,13 +100,35 @@ pub fn global() -> &'static Registry {
     REGISTRY.get_or_init(Registry::default)
 }
 
-/// Sends this proxy's counters to the control plane every `interval`, reconnecting (to the
-/// next address, with backoff) when the call ends. Runs until aborted.
+/// Sends this proxy's counters to every control plane in the list, every `interval`, each
+/// stream reconnecting with backoff when it ends. Runs until aborted.
+///
+/// Every replica gets every report (not only the one serving this proxy's config) so that
+/// whichever replica leads judges experiments on the whole mesh's traffic, and a replica
+/// taking over already has the history.
 pub async fn report_loop(control_planes: Vec<String>, node_id: String, interval: Duration) {
     let instance = fastrand::u64(1..);
+    let loops: Vec<_> = control_planes
+        .into_iter()
+        .map(|url| tokio::spawn(report_forever(url, node_id.clone(), instance, interval)))
+        .collect();
+    // Aborting this task must end the streams too.
+    struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortAll {
+        fn drop(&mut self) {
+            for task in &self.0 {
+                task.abort();
+            }
+        }
+    }
+    let _loops = AbortAll(loops);
+    std::future::pending::<()>().await;
+}
+
+async fn report_forever(url: String, node_id: String, instance: u64, interval: Duration) {
     let mut backoff = Duration::from_millis(50);
-    for url in control_planes.iter().cycle() {
-        match report_to(url, &node_id, instance, interval).await {
+    loop {
+        match report_to(&url, &node_id, instance, interval).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 tracing::debug!(control_plane = %url, error = %e, "stats report stream ended")

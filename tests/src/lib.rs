@@ -6,6 +6,7 @@ pub mod apps;
 pub mod bins;
 pub mod chaos;
 pub mod demo;
+pub mod etcd;
 pub mod http;
 pub mod identity;
 pub mod load;
@@ -13,6 +14,7 @@ pub mod mesh;
 pub mod observe;
 pub mod procs;
 pub mod scale;
+pub mod suite;
 
 pub use apps::{GrpcApp, VersionApp};
 pub use chaos::ChaosApp;

@@ -114,7 +114,11 @@ async fn run(args: Args) -> anyhow::Result<String> {
     let json = args.output == Output::Json;
     Ok(match args.command {
         Command::Status if json => cli::json(&client.status_json().await?),
-        Command::Status => cli::status(&client.status().await?),
+        Command::Status => {
+            // Older control planes have no /api/v1/leader: the line is then left out.
+            let leader = client.get("/api/v1/leader").await.ok();
+            cli::status(&client.status().await?, leader.as_ref())
+        }
         Command::Routes if json => {
             cli::json(&client.get::<serde_json::Value>("/api/v1/routes").await?)
         }

@@ -9,8 +9,10 @@
 //! resumes at the same step. Operator commands change the record under the same lock and
 //! wake the task.
 //!
-//! Exactly one engine drives an experiment: the [`Leadership`] interface answers whether
-//! this instance may; a single control plane always may (an HA mode adds leader election).
+//! Exactly one engine drives an experiment: the one of the replica that holds the
+//! [`Leadership`] (a single control plane always does; with etcd, [`crate::leader`] elects
+//! one). Records live in the shared store, so a replica that takes over continues each
+//! experiment at its stored step; tasks of a replica that loses leadership end.
 
 pub mod analysis;
 pub mod state;
@@ -28,25 +30,11 @@ use tracing::{info, warn};
 use weft_proto::experiment::{ExperimentSpec, Stage, Step, WebhookKind};
 use weft_proto::stats::Counts;
 
+use crate::leader::Leadership;
 use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 pub use analysis::{Check, Window};
 pub use state::{Event, Next, Origin, Phase, Record};
-
-/// Whether this control plane may drive experiments now.
-pub trait Leadership: Send + Sync + std::fmt::Debug {
-    fn is_leader(&self) -> bool;
-}
-
-/// A single control plane: always the leader.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SingleInstance;
-
-impl Leadership for SingleInstance {
-    fn is_leader(&self) -> bool {
-        true
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
@@ -102,7 +90,7 @@ struct Inner {
     registry: Registry,
     stats: stats::Aggregator,
     hooks: webhook::Caller,
-    leadership: Arc<dyn Leadership>,
+    leadership: Leadership,
     shutdown: Shutdown,
     tasks: Mutex<HashMap<String, Task>>,
     baselines: Mutex<HashMap<String, Baseline>>,
@@ -125,13 +113,18 @@ fn find<'a>(recs: &'a mut [Record], name: &str) -> Result<&'a mut Record, Regist
 }
 
 impl Engine {
-    pub fn new(registry: Registry, stats: stats::Aggregator, shutdown: Shutdown) -> Self {
+    pub fn new(
+        registry: Registry,
+        stats: stats::Aggregator,
+        leadership: Leadership,
+        shutdown: Shutdown,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry,
                 stats,
                 hooks: webhook::Caller::new(),
-                leadership: Arc::new(SingleInstance),
+                leadership,
                 shutdown,
                 tasks: Mutex::default(),
                 baselines: Mutex::default(),
@@ -139,14 +132,27 @@ impl Engine {
         }
     }
 
-    /// Runs until shutdown: starts the experiments of the config (also after each change)
-    /// and resumes stored ones.
+    /// Runs until shutdown: while this replica leads, starts the experiments of the config
+    /// (also after each change) and resumes stored ones — also when it becomes the leader,
+    /// and when another replica changed the records (an API call there).
     pub async fn run(self) {
         let mut rx = self.inner.registry.subscribe();
+        let mut records = self.inner.registry.subscribe_experiments();
+        let mut leader = self.inner.leadership.subscribe();
         loop {
-            self.reconcile().await;
+            if self.inner.leadership.is_leader() {
+                self.reconcile().await;
+            }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
+                r = records.changed() => {
+                    if r.is_err() { break }
+                    // A command given on another replica: the task waiting on it re-reads.
+                    for (_, wake) in lock(&self.inner.tasks).values() {
+                        wake.notify_one();
+                    }
+                }
+                r = leader.changed() => if r.is_err() { break },
                 () = self.inner.shutdown.wait() => break,
             }
         }
@@ -239,8 +245,8 @@ impl Engine {
                             spec.name, r.phase
                         )));
                     }
-                    Some(r) => *r = Record::new(spec, Origin::Api, now),
-                    None => recs.push(Record::new(spec, Origin::Api, now)),
+                    Some(r) => *r = Record::new(spec.clone(), Origin::Api, now),
+                    None => recs.push(Record::new(spec.clone(), Origin::Api, now)),
                 }
                 Ok(())
             })
@@ -374,6 +380,9 @@ impl Engine {
     /// The task of one experiment; ends when it finishes (or on shutdown).
     async fn drive(self, name: String, wake: Arc<Notify>) {
         let registry = self.inner.registry.clone();
+        if !self.inner.leadership.is_leader() {
+            return;
+        }
         if self.record(&name).is_some_and(|r| r.applied_step.is_some()) {
             let _ = registry
                 .update_experiments("experiment", |_, recs, _| {
@@ -389,10 +398,10 @@ impl Engine {
         }
         loop {
             if !self.inner.leadership.is_leader() {
-                if !self.pause(Duration::from_secs(1), &wake).await {
-                    return;
-                }
-                continue;
+                // The new leader continues from the stored record.
+                info!(experiment = %name, "no longer the leader; handing the experiment over");
+                lock(&self.inner.baselines).remove(&name);
+                return;
             }
             let Some(rec) = self.record(&name) else {
                 return;
@@ -498,6 +507,9 @@ impl Engine {
             () = wake.notified() => return Ok(()),
             () = self.inner.shutdown.wait() => return Ok(()),
         }
+        if !self.inner.leadership.is_leader() {
+            return Ok(());
+        }
         let (c, s) = self.totals(&rec.spec);
         let seconds = base.since.elapsed().as_secs_f64();
         let check = analysis::evaluate(
@@ -522,7 +534,7 @@ impl Engine {
                 if !same(r) {
                     return Ok(false);
                 }
-                let next = r.after_check(now, check);
+                let next = r.after_check(now, check.clone());
                 Ok(matches!(next, Next::Promote) || {
                     settle(r, cfg, next, now, version)?;
                     false
