@@ -33,7 +33,7 @@ struct Args {
     /// Address of the admin JSON API.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15014")]
     admin_addr: SocketAddr,
-    /// After binding, write {"grpc": "ip:port", "admin": "ip:port"} to this file.
+    /// After binding, write {"grpc": "ip:port", "admin": "ip:port", "webhook": ...} here.
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
     /// How often the config file is checked for changes, in milliseconds.
@@ -64,6 +64,8 @@ struct Args {
     /// GET /api/v1/identity/bundle).
     #[arg(long)]
     grpc_tls: bool,
+    #[command(flatten)]
+    webhook: weft_control::webhook::WebhookArgs,
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info,weft_control=debug".
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
             trust_bundle: args.trust_bundle.clone(),
         },
         grpc_tls: args.grpc_tls,
+        webhook: args.webhook.options(),
     };
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,7 +138,7 @@ async fn run(
     let cp = ControlPlane::bind(opts, loaded).await?;
     let mut signals = shutdown::OsSignals::install().context("cannot install signal handlers")?;
     if let Some(path) = &addr_file {
-        server::write_addr_file(path, cp.grpc_addr(), cp.admin_addr())?;
+        server::write_addr_file(path, cp.grpc_addr(), cp.admin_addr(), cp.webhook_addr())?;
     }
     let (trigger, signal) = shutdown::channel();
     let mut serving = tokio::spawn(cp.serve(signal));

@@ -19,6 +19,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 use crate::source::{Loaded, Source, Watcher};
 use crate::store::{FileStore, MemoryStore, Store, StoreError};
+use crate::webhook::{WebhookError, WebhookOptions};
 use crate::{admin, xds};
 
 /// What the control plane is started with (the binary's flags).
@@ -34,6 +35,8 @@ pub struct Options {
     pub ca: CaOptions,
     /// Serve the gRPC port (config stream, Certify) over TLS with a certificate from the CA.
     pub grpc_tls: bool,
+    /// The sidecar injector's HTTPS endpoint; `None`: not served.
+    pub webhook: Option<WebhookOptions>,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             watch_interval: Duration::from_millis(500),
             ca: CaOptions::default(),
             grpc_tls: false,
+            webhook: None,
         }
     }
 }
@@ -75,6 +79,8 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("admin server failed: {0}")]
     Admin(#[source] std::io::Error),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
 }
 
 /// A control plane bound to its listeners, not yet serving.
@@ -89,6 +95,16 @@ pub struct ControlPlane {
     ca: Arc<Ca>,
     tokens: Arc<BootstrapTokens>,
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
+    webhook: Option<Webhook>,
+}
+
+/// The injector endpoint, bound.
+#[derive(Debug)]
+struct Webhook {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    inject: crate::inject::InjectConfig,
 }
 
 impl ControlPlane {
@@ -112,6 +128,19 @@ impl ControlPlane {
         };
         let (grpc, grpc_addr) = bind("the config stream (gRPC)", opts.grpc_addr).await?;
         let (admin, admin_addr) = bind("the admin API", opts.admin_addr).await?;
+        let webhook = match &opts.webhook {
+            Some(w) => {
+                let tls = crate::webhook::tls_config(w, &ca)?;
+                let (listener, addr) = bind("the injector webhook", w.addr).await?;
+                Some(Webhook {
+                    listener,
+                    addr,
+                    tls,
+                    inject: w.inject.clone(),
+                })
+            }
+            None => None,
+        };
         let grpc_tls = if opts.grpc_tls {
             // The control plane's own certificate: its SPIFFE ID plus the names proxies dial.
             let id = ca.spiffe_id("weft-system", "weft-control");
@@ -147,6 +176,7 @@ impl ControlPlane {
             ca,
             tokens,
             grpc_tls,
+            webhook,
         })
     }
 
@@ -158,6 +188,11 @@ impl ControlPlane {
         self.admin_addr
     }
 
+    /// The injector webhook's address, when it is served.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.as_ref().map(|w| w.addr)
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -167,6 +202,7 @@ impl ControlPlane {
         info!(
             grpc = %self.grpc_addr(),
             admin = %self.admin_addr(),
+            webhook = ?self.webhook_addr(),
             source = self.registry.source(),
             version = self.registry.current().version,
             "control plane serving"
@@ -189,6 +225,14 @@ impl ControlPlane {
         );
         let admin = admin::serve(self.admin, self.registry.clone(), extra, shutdown.clone());
         let engine = tokio::spawn(engine.run());
+        let webhook = self.webhook.map(|w| {
+            tokio::spawn(crate::webhook::serve(
+                w.listener,
+                w.tls,
+                w.inject,
+                shutdown.clone(),
+            ))
+        });
         let watch = async {
             if let Some(watcher) = self.watcher {
                 watcher.run(shutdown.clone()).await;
@@ -202,19 +246,28 @@ impl ControlPlane {
             watch,
         )?;
         let _ = engine.await;
+        if let Some(webhook) = webhook {
+            let _ = webhook.await;
+        }
         info!("control plane stopped");
         Ok(())
     }
 }
 
-/// Writes `{"grpc": "...", "admin": "..."}` to `path` atomically: a temp file in the same
-/// directory renamed into place, so a reader polling for it never sees half a file.
+/// Writes `{"grpc": "...", "admin": "...", "webhook": "..."|null}` to `path` atomically: a
+/// temp file in the same directory renamed into place, so a reader polling for it never sees
+/// half a file.
 pub fn write_addr_file(
     path: &Path,
     grpc: SocketAddr,
     admin: SocketAddr,
+    webhook: Option<SocketAddr>,
 ) -> Result<(), ServerError> {
-    let json = serde_json::json!({"grpc": grpc.to_string(), "admin": admin.to_string()});
+    let json = serde_json::json!({
+        "grpc": grpc.to_string(),
+        "admin": admin.to_string(),
+        "webhook": webhook.map(|a| a.to_string()),
+    });
     let err = |source| ServerError::AddrFile {
         path: path.to_owned(),
         source,
