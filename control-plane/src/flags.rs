@@ -27,7 +27,7 @@ pub struct Args {
     /// Address of the admin JSON API.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15014")]
     pub admin_addr: SocketAddr,
-    /// After binding, write {"grpc": "ip:port", "admin": "ip:port"} to this file.
+    /// After binding, write {"grpc": "ip:port", "admin": "ip:port", "webhook": ...} here.
     #[arg(long, value_name = "PATH")]
     pub addr_file: Option<PathBuf>,
     /// How often the config file is checked for changes, in milliseconds.
@@ -72,6 +72,8 @@ pub struct Args {
     /// This replica's name in leader election and `weftctl status`; default: its admin address.
     #[arg(long, value_name = "NAME")]
     pub replica_id: Option<String>,
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookArgs,
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info,weft_control=debug".
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
@@ -104,6 +106,7 @@ impl Args {
                 leader_ttl: self.leader_ttl.as_duration().max(Duration::from_secs(2)),
             }),
             replica_id: self.replica_id.clone(),
+            webhook: self.webhook.options(),
         }
     }
 }

@@ -32,4 +32,5 @@ pub mod shutdown;
 pub mod source;
 pub mod store;
 pub mod top;
+pub mod webhook;
 pub mod xds;

@@ -66,7 +66,7 @@ async fn run(
     let cp = ControlPlane::bind(opts, loaded).await?;
     let mut signals = shutdown::OsSignals::install().context("cannot install signal handlers")?;
     if let Some(path) = &addr_file {
-        server::write_addr_file(path, cp.grpc_addr(), cp.admin_addr())?;
+        server::write_addr_file(path, cp.grpc_addr(), cp.admin_addr(), cp.webhook_addr())?;
     }
     let (trigger, signal) = shutdown::channel();
     let mut serving = tokio::spawn(cp.serve(signal));

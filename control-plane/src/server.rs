@@ -21,6 +21,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
 use crate::source::{Loaded, Source, Watcher};
 use crate::store::{FileStore, MemoryStore, Store, StoreError};
+use crate::webhook::{WebhookError, WebhookOptions};
 use crate::{admin, xds};
 
 /// What the control plane is started with (the binary's flags).
@@ -40,6 +41,8 @@ pub struct Options {
     pub etcd: Option<EtcdOptions>,
     /// This replica's name in leader election; default: the admin address.
     pub replica_id: Option<String>,
+    /// The sidecar injector's HTTPS endpoint; `None`: not served.
+    pub webhook: Option<WebhookOptions>,
 }
 
 /// `--etcd-endpoints`, `--etcd-prefix`, `--leader-ttl`.
@@ -64,6 +67,7 @@ impl Default for Options {
             grpc_tls: false,
             etcd: None,
             replica_id: None,
+            webhook: None,
         }
     }
 }
@@ -93,6 +97,8 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("admin server failed: {0}")]
     Admin(#[source] std::io::Error),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
 }
 
 /// A control plane bound to its listeners, not yet serving.
@@ -109,6 +115,16 @@ pub struct ControlPlane {
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     leadership: Leadership,
     election: Option<Election>,
+    webhook: Option<Webhook>,
+}
+
+/// The injector endpoint, bound.
+#[derive(Debug)]
+struct Webhook {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    inject: crate::inject::InjectConfig,
 }
 
 impl ControlPlane {
@@ -137,6 +153,19 @@ impl ControlPlane {
         };
         let (grpc, grpc_addr) = bind("the config stream (gRPC)", opts.grpc_addr).await?;
         let (admin, admin_addr) = bind("the admin API", opts.admin_addr).await?;
+        let webhook = match &opts.webhook {
+            Some(w) => {
+                let tls = crate::webhook::tls_config(w, &ca)?;
+                let (listener, addr) = bind("the injector webhook", w.addr).await?;
+                Some(Webhook {
+                    listener,
+                    addr,
+                    tls,
+                    inject: w.inject.clone(),
+                })
+            }
+            None => None,
+        };
         let grpc_tls = if opts.grpc_tls {
             // The control plane's own certificate: its SPIFFE ID plus the names proxies dial.
             let id = ca.spiffe_id("weft-system", "weft-control");
@@ -186,6 +215,7 @@ impl ControlPlane {
             grpc_tls,
             leadership,
             election,
+            webhook,
         })
     }
 
@@ -197,6 +227,11 @@ impl ControlPlane {
         self.admin_addr
     }
 
+    /// The injector webhook's address, when it is served.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.as_ref().map(|w| w.addr)
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -206,6 +241,7 @@ impl ControlPlane {
         info!(
             grpc = %self.grpc_addr(),
             admin = %self.admin_addr(),
+            webhook = ?self.webhook_addr(),
             source = self.registry.source(),
             store = %self.registry.store(),
             version = self.registry.current().version,
@@ -239,6 +275,14 @@ impl ControlPlane {
             .merge(crate::leader::router(self.leadership.clone()));
         let admin = admin::serve(self.admin, self.registry.clone(), extra, shutdown.clone());
         let engine = tokio::spawn(engine.run());
+        let webhook = self.webhook.map(|w| {
+            tokio::spawn(crate::webhook::serve(
+                w.listener,
+                w.tls,
+                w.inject,
+                shutdown.clone(),
+            ))
+        });
         let watch = async {
             if let Some(watcher) = self.watcher {
                 watcher.run(shutdown.clone()).await;
@@ -257,19 +301,28 @@ impl ControlPlane {
             // Revokes the lease so another replica takes over at once.
             let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
         }
+        if let Some(webhook) = webhook {
+            let _ = webhook.await;
+        }
         info!("control plane stopped");
         Ok(())
     }
 }
 
-/// Writes `{"grpc": "...", "admin": "..."}` to `path` atomically: a temp file in the same
-/// directory renamed into place, so a reader polling for it never sees half a file.
+/// Writes `{"grpc": "...", "admin": "...", "webhook": "..."|null}` to `path` atomically: a
+/// temp file in the same directory renamed into place, so a reader polling for it never sees
+/// half a file.
 pub fn write_addr_file(
     path: &Path,
     grpc: SocketAddr,
     admin: SocketAddr,
+    webhook: Option<SocketAddr>,
 ) -> Result<(), ServerError> {
-    let json = serde_json::json!({"grpc": grpc.to_string(), "admin": admin.to_string()});
+    let json = serde_json::json!({
+        "grpc": grpc.to_string(),
+        "admin": admin.to_string(),
+        "webhook": webhook.map(|a| a.to_string()),
+    });
     let err = |source| ServerError::AddrFile {
         path: path.to_owned(),
         source,

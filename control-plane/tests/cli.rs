@@ -39,6 +39,7 @@ impl ControlPlane {
             .arg("--state-dir")
             .arg(dir.join("state"))
             .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--webhook-addr", "127.0.0.1:0"])
             .arg("--addr-file")
             .arg(&addr_file)
             .args(["--watch-interval", "50", "--log", "info"])
@@ -206,6 +207,7 @@ fn check_validates_and_exits_2_with_file_and_line() {
         .arg("--config")
         .arg(&bad)
         .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--webhook-addr", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -23,7 +23,8 @@ use crate::forward::{Forwarder, Mode};
 use crate::identity::mesh::MeshClient;
 use crate::identity::{self, Identity};
 use crate::inbound;
-use crate::metrics::{ProxyMetrics, TargetLabels};
+use crate::limits::ListenerLimits;
+use crate::metrics::{Direction, ProxyMetrics, TargetLabels};
 use crate::observe::Telemetry;
 use crate::server::{self, Shutdown};
 use crate::state::{ApplyError, ProxyState, Source};
@@ -161,8 +162,16 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         telemetry.clone(),
         mesh,
     );
-    servers.push(tokio::spawn(server::serve_counted(
-        "outbound",
+    let listener_limits = |name, direction| {
+        let metrics = &telemetry.metrics;
+        ListenerLimits::new(
+            name,
+            args.server_limits(),
+            metrics.conn_counters(name),
+            metrics.limit_counters(name, direction),
+        )
+    };
+    servers.push(tokio::spawn(server::serve_limited(
         outbound,
         service_fn(move |req| {
             let fwd = outbound_svc.clone();
@@ -170,7 +179,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         }),
         signal.clone(),
         SHUTDOWN_GRACE,
-        telemetry.metrics.conn_counters("outbound"),
+        listener_limits("outbound", Direction::Outbound),
     )));
 
     if let (Some(listener), Some(app)) = (inbound, args.app_addr) {
@@ -192,6 +201,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             identity,
             signal.clone(),
             SHUTDOWN_GRACE,
+            listener_limits("inbound", Direction::Inbound),
         )));
     }
 
@@ -341,7 +351,7 @@ async fn bind(
     addr: SocketAddr,
 ) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind { name, addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let listener = crate::limits::listen(addr).map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     Ok((listener, local))
 }

@@ -4,10 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{ArgGroup, Parser, ValueEnum};
 use weft_proto::model::Protocol;
 use weft_proto::validate::Limits;
+
+use crate::limits::ServerLimits;
 
 /// weft's data-plane sidecar.
 #[derive(Debug, Clone, Parser)]
@@ -112,6 +116,45 @@ pub struct Args {
     #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
     pub trust_domain: String,
 
+    /// Open connections per traffic listener (outbound, inbound); more are answered 503
+    /// (`x-weft-reason: max_connections`) and closed. 0 = unlimited.
+    #[arg(long, value_name = "N", default_value_t = ServerLimits::default().max_connections)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request head (HTTP/1 also: to start the next request on
+    /// a kept-alive connection), e.g. 30s.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Largest request head in bytes (request line and headers); larger ones get 431.
+    #[arg(long, value_name = "BYTES", default_value_t = ServerLimits::default().max_header_bytes,
+          value_parser = clap::value_parser!(u32).range(1024..=(16 << 20)).map(|v| v as usize))]
+    pub max_header_bytes: usize,
+
+    /// Most headers in one request; more get 431.
+    #[arg(long, value_name = "N", default_value_t = ServerLimits::default().max_headers,
+          value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub max_headers: usize,
+
+    /// HTTP/2 streams one downstream connection may have open at once.
+    #[arg(long, value_name = "N", default_value_t = ServerLimits::default().h2_max_concurrent_streams,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub h2_max_concurrent_streams: u32,
+
+    /// Interval of HTTP/2 PINGs to downstream connections (a peer that does not answer within
+    /// 20 s is disconnected); 0 = no pings.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub h2_keepalive_interval: Duration,
+
+    /// A downstream connection without a new request for this long is closed gracefully.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Requests served on one downstream connection before it is closed gracefully
+    /// (HTTP/1 `connection: close`, HTTP/2 GOAWAY); 0 = unlimited.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests_per_connection: u64,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
@@ -136,6 +179,22 @@ impl From<AppProtocol> for Protocol {
 }
 
 impl Args {
+    /// The downstream limits of the traffic listeners.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+            h2_keepalive_interval: (!self.h2_keepalive_interval.is_zero())
+                .then_some(self.h2_keepalive_interval),
+            idle_timeout: self.idle_timeout,
+            max_requests_per_connection: self.max_requests_per_connection,
+            ..ServerLimits::default()
+        }
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             regex_size_limit: self.regex_size_limit,
@@ -199,6 +258,12 @@ fn parse_stats_interval(s: &str) -> Result<std::time::Duration, String> {
     Ok(ms.as_duration())
 }
 
+/// A duration like `30s`, `250ms` or `5m` (the mesh config's syntax).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let ms: weft_proto::model::Millis = s.parse()?;
+    Ok(ms.as_duration())
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -256,6 +321,34 @@ mod tests {
             (None, 1.0)
         );
         assert!(a.access_log.is_none());
+        assert_eq!(a.server_limits(), ServerLimits::default());
+    }
+
+    #[test]
+    fn limit_flags() {
+        let a = parse(&[
+            "--config",
+            "m",
+            "--max-connections",
+            "10",
+            "--header-read-timeout",
+            "1500ms",
+            "--max-header-bytes",
+            "8192",
+            "--h2-keepalive-interval",
+            "0s",
+            "--max-requests-per-connection",
+            "3",
+        ])
+        .unwrap();
+        let l = a.server_limits();
+        assert_eq!(l.max_connections, 10);
+        assert_eq!(l.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!(l.max_header_bytes, 8192);
+        assert_eq!(l.h2_keepalive_interval, None);
+        assert_eq!(l.max_requests_per_connection, 3);
+        assert!(parse(&["--config", "m", "--max-header-bytes", "10"]).is_err());
+        assert!(parse(&["--config", "m", "--idle-timeout", "soon"]).is_err());
     }
 
     #[test]

@@ -27,6 +27,10 @@ impl<T> CountingIo<T> {
             sent: counters.bytes_sent.clone(),
         }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {

@@ -29,6 +29,8 @@ pub enum ProxyError {
     Denied { policy: String },
     #[error("unauthenticated: {0}")]
     Unauthenticated(crate::jwt::JwtError),
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
 }
 
 /// gRPC status codes the proxy produces (see `grpc/doc/statuscodes.md`).
@@ -37,6 +39,7 @@ pub enum ProxyError {
 enum GrpcStatus {
     DeadlineExceeded = 4,
     PermissionDenied = 7,
+    ResourceExhausted = 8,
     Unimplemented = 12,
     Unavailable = 14,
     Unauthenticated = 16,
@@ -55,6 +58,7 @@ impl ProxyError {
             ProxyError::Resilience(e) => e.reason(),
             ProxyError::Denied { .. } => "denied",
             ProxyError::Unauthenticated(e) => e.reason(),
+            ProxyError::Limit(e) => e.reason(),
         }
     }
 
@@ -72,6 +76,7 @@ impl ProxyError {
             ProxyError::Resilience(e) => e.status(),
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Limit(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -84,6 +89,7 @@ impl ProxyError {
             ProxyError::Resilience(e) => e.grpc_status(),
             ProxyError::Denied { .. } => GrpcStatus::PermissionDenied as u16,
             ProxyError::Unauthenticated(_) => GrpcStatus::Unauthenticated as u16,
+            ProxyError::Limit(_) => GrpcStatus::ResourceExhausted as u16,
             _ => GrpcStatus::Unavailable as u16,
         }
     }

@@ -16,21 +16,22 @@ use http::header::HeaderValue;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_proto::security::PeerAuthMode;
 
 use crate::body::ProxyBody;
+use crate::counting::CountingIo;
 use crate::error::{ProxyError, is_grpc};
 use crate::forward::Forwarder;
 use crate::identity::Identity;
 use crate::identity::mesh::APP_PROTOCOL_HEADER;
 use crate::identity::verify::{server_config, spiffe_id_of};
+use crate::limits::{ListenerLimits, Slot};
 use crate::policy::{AuthzStats, RequestAttrs};
-use crate::server::ShutdownSignal;
+use crate::server::{ACCEPT_ERROR_PAUSE, ShutdownSignal};
 use crate::state::ProxyState;
 
 /// The caller's SPIFFE ID, set by the inbound proxy for mTLS callers.
@@ -40,7 +41,9 @@ pub const TLS_HEADER: &str = "x-weft-tls";
 
 /// How long a new connection may stay silent before its first byte decides TLS or not.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A downstream TCP connection, its bytes counted into the listener's metrics.
+type Conn = CountingIo<TcpStream>;
 
 /// What the inbound side knows about one connection.
 #[derive(Debug, Default)]
@@ -156,33 +159,32 @@ impl Guard {
     }
 }
 
-/// Serves the inbound listener with mTLS (when `identity` is given) and the guard, until
-/// `signal`; then drains like [`crate::server::serve`].
+/// Serves the inbound listener with mTLS (when `identity` is given) and the guard, under
+/// `limits`, until `signal`; then drains like [`crate::server::serve_limited`].
 pub async fn serve(
     listener: TcpListener,
     guard: Guard,
     identity: Option<Arc<Identity>>,
     mut signal: ShutdownSignal,
     grace: Duration,
+    limits: Arc<ListenerLimits>,
 ) {
     let port = listener.local_addr().map_or(0, |a| a.port());
     let acceptor = identity.map(|id| TlsAcceptor::from(server_config(id)));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(limits.limits.builder());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some((stream, slot)) = limits.admit(stream) else { continue };
                     let _ = stream.set_nodelay(true);
-                    let (guard, acceptor, builder, watcher) =
-                        (guard.clone(), acceptor.clone(), builder.clone(), graceful.watcher());
+                    let stream = CountingIo::new(stream, &limits.conn);
+                    let (guard, acceptor, builder, signal) =
+                        (guard.clone(), acceptor.clone(), builder.clone(), signal.clone());
                     // The peek and handshake run in the connection's own task, so a slow
                     // client never holds up the accept loop.
                     tokio::spawn(async move {
-                        if let Err(error) = connection(stream, port, guard, acceptor, &builder, watcher).await {
+                        if let Err(error) = connection(stream, port, guard, acceptor, &builder, slot, signal).await {
                             tracing::debug!(%peer, %error, "inbound connection refused or failed");
                         }
                     });
@@ -196,41 +198,31 @@ pub async fn serve(
         }
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(listener = "inbound", grace = ?grace, "grace period over, dropping the remaining connections");
-        }
-    }
+    limits.drain(grace).await;
 }
 
 async fn connection(
-    stream: TcpStream,
+    stream: Conn,
     port: u16,
     guard: Guard,
     acceptor: Option<TlsAcceptor>,
     builder: &auto::Builder<TokioExecutor>,
-    graceful: Watcher,
+    slot: Slot,
+    signal: ShutdownSignal,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let plain = Peer {
+        port,
+        ..Peer::default()
+    };
     let Some(acceptor) = acceptor else {
-        return serve_conn(
-            TokioIo::new(stream),
-            Peer {
-                port,
-                ..Peer::default()
-            },
-            guard,
-            builder,
-            graceful,
-        )
-        .await;
+        return serve_conn(TokioIo::new(stream), plain, guard, builder, slot, signal).await;
     };
     let mode = guard.peer_mode(port);
     let is_tls = if mode == PeerAuthMode::Disable {
         false
     } else {
         let mut first = [0u8; 1];
-        let n = tokio::time::timeout(PEEK_TIMEOUT, stream.peek(&mut first)).await??;
+        let n = tokio::time::timeout(PEEK_TIMEOUT, stream.get_ref().peek(&mut first)).await??;
         n == 1 && first[0] == 0x16
     };
     if !is_tls {
@@ -241,17 +233,7 @@ async fn connection(
                 .fetch_add(1, Ordering::Relaxed);
             return Err("plaintext refused: peer authentication is STRICT".into());
         }
-        return serve_conn(
-            TokioIo::new(stream),
-            Peer {
-                port,
-                ..Peer::default()
-            },
-            guard,
-            builder,
-            graceful,
-        )
-        .await;
+        return serve_conn(TokioIo::new(stream), plain, guard, builder, slot, signal).await;
     }
     let tls = tokio::time::timeout(PEEK_TIMEOUT, acceptor.accept(stream)).await??;
     let conn = tls.get_ref().1;
@@ -270,7 +252,7 @@ async fn connection(
         }),
         port,
     };
-    serve_conn(TokioIo::new(tls), peer, guard, builder, graceful).await
+    serve_conn(TokioIo::new(tls), peer, guard, builder, slot, signal).await
 }
 
 async fn serve_conn<I>(
@@ -278,7 +260,8 @@ async fn serve_conn<I>(
     peer: Peer,
     guard: Guard,
     builder: &auto::Builder<TokioExecutor>,
-    graceful: Watcher,
+    slot: Slot,
+    signal: ShutdownSignal,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -288,6 +271,5 @@ where
         let (guard, peer) = (guard.clone(), peer.clone());
         async move { Ok::<_, std::convert::Infallible>(guard.handle(req, &peer).await) }
     });
-    let conn = builder.serve_connection(io, service).into_owned();
-    graceful.watch(conn).await
+    crate::connection::serve(builder, io, service, slot, signal).await
 }

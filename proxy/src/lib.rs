@@ -7,6 +7,9 @@
 //! [`admin`] serves `/metrics`, `/config`, `/ready`, `/live`, `/log-level` and `/drain`; [`app`]
 //! wires it all from [`cli`].
 //!
+//! Every traffic listener runs under [`limits`] (connections, header size and read timeout,
+//! HTTP/2 streams, idle and per-connection quotas), enforced per connection by [`connection`].
+//!
 //! Identity (when `--service-account` is given): [`identity`] keeps a SPIFFE certificate from the
 //! control plane's CA and speaks mTLS to destinations that have an identity
 //! ([`identity::mesh`]); [`inbound`] applies peer authentication, [`jwt`] and [`policy`]
@@ -18,12 +21,14 @@ pub mod app;
 pub mod balance;
 pub mod body;
 pub mod cli;
+pub mod connection;
 pub mod counting;
 pub mod error;
 pub mod forward;
 pub mod identity;
 pub mod inbound;
 pub mod jwt;
+pub mod limits;
 pub mod log_level;
 pub mod metrics;
 pub mod observe;

@@ -18,6 +18,11 @@ fn main() -> ExitCode {
         eprintln!("weft-proxy: {e:#}");
         return ExitCode::FAILURE;
     }
+    // Connections are bounded by the listeners' limits, not by the default 1024 descriptors.
+    match weft_proxy::limits::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(nofile = n, "open-files limit"),
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
     let workers = args.workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,

@@ -191,6 +191,7 @@ pub struct ProxyMetrics {
     in_flight: Family<Labels1, Gauge>,
     response_bytes: Family<Labels1, Counter>,
     local_responses: Family<Labels2, Counter>,
+    listener_limits: Family<Labels2, Counter>,
     conn_opened: Family<Labels1, Counter>,
     conn_closed: Family<Labels1, Counter>,
     conn_received: Family<Labels1, Counter>,
@@ -255,6 +256,12 @@ impl ProxyMetrics {
             "local_responses",
             "Responses the proxy made itself, by x-weft-reason",
             local_responses.clone(),
+        );
+        let listener_limits = Family::<Labels2, Counter>::default();
+        registry.register(
+            "listener_limits",
+            "Connections refused or closed and requests refused by a listener limit (max_connections, header_too_large, header_timeout, idle_timeout, max_requests)",
+            listener_limits.clone(),
         );
         let mut by_listener = |name: &str, help: &str| {
             let f = Family::<Labels1, Counter>::default();
@@ -340,6 +347,7 @@ impl ProxyMetrics {
             in_flight,
             response_bytes,
             local_responses,
+            listener_limits,
             conn_opened,
             conn_closed,
             conn_received,
@@ -408,6 +416,29 @@ impl ProxyMetrics {
             closed: self.conn_closed.get_or_create_owned(&key),
             bytes_received: self.conn_received.get_or_create_owned(&key),
             bytes_sent: self.conn_sent.get_or_create_owned(&key),
+        }
+    }
+
+    /// Counter handles for one listener's limits, registered on first use.
+    pub fn limit_counters(
+        &self,
+        listener: &'static str,
+        direction: Direction,
+    ) -> crate::limits::LimitCounters {
+        let counter = |limit| {
+            self.listener_limits
+                .get_or_create_owned(&[("listener", listener), ("limit", limit)])
+        };
+        crate::limits::LimitCounters {
+            max_connections: counter("max_connections"),
+            header_too_large: counter("header_too_large"),
+            header_timeout: counter("header_timeout"),
+            idle_timeout: counter("idle_timeout"),
+            max_requests: counter("max_requests"),
+            local_431: self.local_responses.get_or_create_owned(&[
+                ("direction", direction.as_str()),
+                ("reason", "header_too_large"),
+            ]),
         }
     }
 

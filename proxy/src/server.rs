@@ -1,28 +1,29 @@
 //! Accept loops: one per listener, serving HTTP/1.1 and HTTP/2 prior knowledge (h2c) on the
 //! same port, with graceful shutdown.
 //!
-//! On shutdown a listener stops accepting at once; connections in progress are asked to finish
-//! (HTTP/1 closes after the current response, HTTP/2 sends GOAWAY) and are given a grace period
-//! before the runtime drops them.
+//! Every connection is admitted against its listener's [`crate::limits`] and served by
+//! [`crate::connection`]. On shutdown a listener stops accepting at once; connections in
+//! progress are asked to finish (HTTP/1 closes after the current response, HTTP/2 sends
+//! GOAWAY) and are given a grace period before the runtime drops them.
 
 use std::error::Error as StdError;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::counting::CountingIo;
-use crate::metrics::ConnCounters;
+use crate::limits::{ListenerLimits, ServerLimits};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Tells every accept loop to stop. Dropping it has the same effect.
 #[derive(Debug)]
@@ -51,7 +52,7 @@ impl ShutdownSignal {
     }
 }
 
-/// Serves `service` on every connection `listener` accepts until `signal` fires, then drains.
+/// Serves `service` under the default limits, uncounted (the admin listener).
 pub async fn serve<S, B>(
     name: &'static str,
     listener: TcpListener,
@@ -61,63 +62,49 @@ pub async fn serve<S, B>(
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
+    S::Error: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    serve_counted(
+    let limits = ListenerLimits::new(
         name,
-        listener,
-        service,
-        signal,
-        grace,
-        ConnCounters::default(),
-    )
-    .await;
+        ServerLimits::default(),
+        Default::default(),
+        Default::default(),
+    );
+    serve_limited(listener, service, signal, grace, limits).await;
 }
 
-/// [`serve`], counting connections opened and closed and their bytes into `counters`.
-pub async fn serve_counted<S, B>(
-    name: &'static str,
+/// Serves `service` on every connection `listener` accepts until `signal` fires, then drains;
+/// under `limits`, counting connections, their bytes and every limit hit.
+pub async fn serve_limited<S, B>(
     listener: TcpListener,
     service: S,
     mut signal: ShutdownSignal,
     grace: Duration,
-    counters: ConnCounters,
+    limits: Arc<ListenerLimits>,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
+    S::Error: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timer enables HTTP/1's header read timeout, so a silent client cannot hold a
-    // connection forever before sending a request.
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-
+    let name = limits.name;
+    let builder = Arc::new(limits.limits.builder());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some((stream, slot)) = limits.admit(stream) else { continue };
                     // Proxied requests are latency-sensitive and small; don't batch them.
                     let _ = stream.set_nodelay(true);
-                    counters.opened.inc();
-                    let stream = CountingIo::new(stream, &counters);
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), service.clone())
-                        .into_owned();
-                    let conn = graceful.watch(conn);
-                    let closed = counters.closed.clone();
+                    let io = TokioIo::new(CountingIo::new(stream, &limits.conn));
+                    let (builder, service, signal) = (builder.clone(), service.clone(), signal.clone());
                     tokio::spawn(async move {
-                        if let Err(error) = conn.await {
+                        if let Err(error) = crate::connection::serve(&builder, io, service, slot, signal).await {
                             tracing::debug!(listener = name, %peer, %error, "connection ended with an error");
                         }
-                        closed.inc();
                     });
                 }
                 Err(error) => {
@@ -128,16 +115,6 @@ pub async fn serve_counted<S, B>(
             () = signal.wait() => break,
         }
     }
-
     drop(listener);
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(listener = name, connections = open, "draining connections");
-    }
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(listener = name, grace = ?grace, "grace period over, dropping the remaining connections");
-        }
-    }
+    limits.drain(grace).await;
 }

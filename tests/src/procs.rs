@@ -166,6 +166,9 @@ impl ControlPlane {
             or_zero(opts.grpc_addr),
             "--admin-addr".into(),
             or_zero(opts.admin_addr),
+            // The injector endpoint: never the fixed default port, tests run side by side.
+            "--webhook-addr".into(),
+            "127.0.0.1:0".into(),
             "--addr-file".into(),
             addr_file.display().to_string(),
             "--watch-interval".into(),

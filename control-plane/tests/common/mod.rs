@@ -19,15 +19,22 @@ pub struct Running {
     pub registry: Registry,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// The injector endpoint, when `opts.webhook` asked for it.
+    pub webhook: Option<SocketAddr>,
     trigger: Trigger,
     task: tokio::task::JoinHandle<Result<(), weft_control::server::ServerError>>,
 }
 
 pub async fn start() -> Running {
+    start_with(Options::default()).await
+}
+
+/// [`start`] with `opts`; the gRPC and admin listeners are always on 127.0.0.1:0.
+pub async fn start_with(opts: Options) -> Running {
     let opts = Options {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
-        ..Options::default()
+        ..opts
     };
     let loaded = Source::Embedded.load().unwrap();
     let cp = ControlPlane::bind(opts, loaded).await.unwrap();
@@ -36,6 +43,7 @@ pub async fn start() -> Running {
         registry: cp.registry().clone(),
         grpc: cp.grpc_addr(),
         admin: cp.admin_addr(),
+        webhook: cp.webhook_addr(),
         trigger,
         task: tokio::spawn(cp.serve(signal)),
     }

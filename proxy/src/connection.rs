@@ -1,0 +1,190 @@
+//! One downstream connection under its listener's limits: serves it with hyper, refuses
+//! oversized request heads, closes it when it idles, when it has served its quota of
+//! requests, or when the listener shuts down; counts why.
+//!
+//! Closing is graceful in every case but one: HTTP/1 finishes the response in progress and
+//! then closes, HTTP/2 sends GOAWAY and lets open streams finish. A connection that has not
+//! sent a single request within the header read timeout (a silent socket, a slow h2c
+//! preface) has nothing in flight and is dropped at once.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryFutureExt as _;
+use futures_util::future::{self, Either as EitherFuture, MapOk, Ready};
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
+use hyper::service::Service;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::{ProxyError, is_grpc};
+use crate::limits::{ListenerLimits, Slot, check_headers};
+use crate::server::ShutdownSignal;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What the service side of a connection tells its driver.
+#[derive(Debug)]
+pub struct ConnState {
+    started: Instant,
+    /// Milliseconds after `started` at which the last request arrived; `u64::MAX` = none yet.
+    last_request_ms: AtomicU64,
+    requests: AtomicU64,
+    /// Notified when the connection has served `max_requests_per_connection`.
+    quota_reached: Notify,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_request_ms: AtomicU64::new(u64::MAX),
+            requests: AtomicU64::new(0),
+            quota_reached: Notify::new(),
+        }
+    }
+
+    fn since_start_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+}
+
+/// The service of one connection: the listener's service behind the per-request limits.
+#[derive(Debug, Clone)]
+pub struct Limited<S> {
+    inner: S,
+    conn: Arc<ConnState>,
+    listener: Arc<ListenerLimits>,
+}
+
+type MapResponse<B> = fn(Response<B>) -> Response<Either<B, crate::body::ProxyBody>>;
+
+impl<S, B> Service<Request<Incoming>> for Limited<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<Either<B, crate::body::ProxyBody>>;
+    type Error = S::Error;
+    type Future =
+        EitherFuture<MapOk<S::Future, MapResponse<B>>, Ready<Result<Self::Response, Self::Error>>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let conn = &self.conn;
+        conn.last_request_ms
+            .store(conn.since_start_ms(), Ordering::Relaxed);
+        let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let limits = &self.listener.limits;
+        if limits.max_requests_per_connection != 0 && served == limits.max_requests_per_connection {
+            conn.quota_reached.notify_one();
+        }
+        if let Err(e) = check_headers(&req, limits) {
+            tracing::debug!(listener = self.listener.name, error = %e, "request refused");
+            self.listener.counters.header_too_large.inc();
+            self.listener.counters.local_431.inc();
+            let grpc = is_grpc(req.headers());
+            let resp = ProxyError::Limit(e).to_response(grpc, req.version());
+            return EitherFuture::Right(future::ready(Ok(resp.map(Either::Right))));
+        }
+        let map: MapResponse<B> = |resp| resp.map(Either::Left);
+        EitherFuture::Left(self.inner.call(req).map_ok(map))
+    }
+}
+
+/// Why the driver stopped waiting on the connection's own end.
+enum Close {
+    Shutdown,
+    Idle,
+    Quota,
+}
+
+/// Serves `io` with `service` on `builder` until the connection ends, applying the limits of
+/// the listener that `slot` belongs to. `signal` starts a graceful close (listener shutdown).
+pub async fn serve<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    slot: Slot,
+    mut signal: ShutdownSignal,
+) -> Result<(), BoxError>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let listener = slot.listener();
+    let limits = &listener.limits;
+    let state = Arc::new(ConnState::new());
+    let service = Limited {
+        inner: service,
+        conn: state.clone(),
+        listener: slot.shared().clone(),
+    };
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let (header_ms, idle_ms) = (
+        millis(limits.header_read_timeout),
+        millis(limits.idle_timeout),
+    );
+    let idle = tokio::time::sleep(Duration::from_millis(header_ms.min(idle_ms)));
+    tokio::pin!(idle);
+    let result = loop {
+        let close = tokio::select! {
+            result = conn.as_mut() => break result,
+            () = signal.wait() => Close::Shutdown,
+            () = state.quota_reached.notified() => Close::Quota,
+            () = idle.as_mut() => {
+                let last = state.last_request_ms.load(Ordering::Relaxed);
+                let due = if last == u64::MAX { header_ms } else { last.saturating_add(idle_ms) };
+                let now = state.since_start_ms();
+                if now < due {
+                    idle.as_mut().reset(Instant::now() + Duration::from_millis(due - now));
+                    continue;
+                }
+                if last == u64::MAX {
+                    // Not one request within the header read timeout: nothing is in flight.
+                    listener.counters.header_timeout.inc();
+                    break Ok(());
+                }
+                Close::Idle
+            }
+        };
+        match close {
+            Close::Shutdown => {}
+            Close::Idle => {
+                listener.counters.idle_timeout.inc();
+            }
+            Close::Quota => {
+                listener.counters.max_requests.inc();
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        break conn.await;
+    };
+    if let Err(e) = &result
+        && let Some(e) = e.downcast_ref::<hyper::Error>()
+    {
+        if e.is_timeout() {
+            listener.counters.header_timeout.inc();
+        } else if e.is_parse_too_large() {
+            listener.counters.header_too_large.inc();
+        }
+    }
+    drop(slot);
+    result
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
