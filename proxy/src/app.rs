@@ -23,6 +23,7 @@ use crate::forward::{Forwarder, Mode};
 use crate::identity::mesh::MeshClient;
 use crate::identity::{self, Identity};
 use crate::inbound;
+use crate::intercept::{self, Transparent};
 use crate::metrics::{ProxyMetrics, TargetLabels};
 use crate::observe::Telemetry;
 use crate::server::{self, Shutdown};
@@ -54,6 +55,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("{0}")]
+    AppProbes(#[from] crate::health::ProbeError),
     #[error("invalid --otlp-endpoint {0:?}")]
     OtlpEndpoint(String),
     #[error("cannot open the access log {path}: {source}")]
@@ -79,6 +82,7 @@ impl StartError {
                 | StartError::InvalidConfig(_)
                 | StartError::ApplyConfig(..)
                 | StartError::OtlpEndpoint(_)
+                | StartError::AppProbes(_)
                 | StartError::AccessLog { .. }
         )
     }
@@ -121,11 +125,16 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     if let Some(path) = &args.config {
         load_file(path, &state)?;
     }
+    let probes = match &args.app_probes {
+        Some(json) => Some(Arc::new(crate::health::AppProbes::parse(json)?)),
+        None => None,
+    };
 
     let outbound = bind("outbound", args.outbound_addr).await?;
-    let inbound = match args.app_addr {
-        Some(_) => Some(bind("inbound", args.inbound_addr).await?),
-        None => None,
+    // Transparent mode needs no --app-addr: the app port is each connection's original port.
+    let inbound = match args.app_addr.is_some() || args.transparent {
+        true => Some(bind("inbound", args.inbound_addr).await?),
+        false => None,
     };
     let admin = bind("admin", args.admin_addr).await?;
     let addrs = BoundAddrs {
@@ -158,20 +167,58 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         telemetry.clone(),
         mesh,
     );
-    servers.push(tokio::spawn(server::serve_counted(
-        "outbound",
-        outbound,
-        service_fn(move |req| {
-            let fwd = outbound_svc.clone();
-            async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
-        }),
-        signal.clone(),
-        SHUTDOWN_GRACE,
-        telemetry.metrics.conn_counters("outbound"),
-    )));
+    let transparent = args.transparent.then(|| Transparent {
+        opaque_ports: args.opaque_ports.clone().into(),
+        detect_timeout: args.detect_timeout,
+    });
+    if let Some(transparent) = &transparent {
+        let ctx = intercept::outbound::Outbound {
+            state: state.clone(),
+            fwd: outbound_svc,
+            transparent: transparent.clone(),
+            http: telemetry.metrics.conn_counters("outbound"),
+            opaque: telemetry.metrics.conn_counters("passthrough"),
+        };
+        // iptables REDIRECT sends captured IPv6 connections to [::1]: listen there too when
+        // the outbound address is IPv4 loopback and the host has IPv6.
+        if args.outbound_addr.ip().is_loopback() && args.outbound_addr.is_ipv4() {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addrs.outbound.port()));
+            match TcpListener::bind(v6).await {
+                Ok(l) => servers.push(tokio::spawn(intercept::outbound::serve(
+                    l,
+                    ctx.clone(),
+                    signal.clone(),
+                    SHUTDOWN_GRACE,
+                ))),
+                Err(error) => tracing::debug!(%v6, %error, "no IPv6 outbound listener"),
+            }
+        }
+        servers.push(tokio::spawn(intercept::outbound::serve(
+            outbound,
+            ctx,
+            signal.clone(),
+            SHUTDOWN_GRACE,
+        )));
+    } else {
+        servers.push(tokio::spawn(server::serve_counted(
+            "outbound",
+            outbound,
+            service_fn(move |req| {
+                let fwd = outbound_svc.clone();
+                async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
+            }),
+            signal.clone(),
+            SHUTDOWN_GRACE,
+            telemetry.metrics.conn_counters("outbound"),
+        )));
+    }
 
-    if let (Some(listener), Some(app)) = (inbound, args.app_addr) {
-        let app = app
+    if let Some(listener) = inbound {
+        // Transparent mode without --app-addr: only captured connections are served, each
+        // sent to its own original port; this authority is never used.
+        let app = args
+            .app_addr
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
             .to_string()
             .parse()
             .expect("a socket address is a valid authority");
@@ -183,20 +230,24 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         // its own refusals included.
         let inbound_svc = Forwarder::with_telemetry(mode, upstream, telemetry.clone());
         let guard = inbound::Guard::new(state.clone(), &args.service, inbound_svc);
+        let captured = transparent.map(|transparent| inbound::Captured {
+            transparent,
+            has_app_addr: args.app_addr.is_some(),
+            opaque: telemetry.metrics.conn_counters("inbound_passthrough"),
+        });
         servers.push(tokio::spawn(inbound::serve(
             listener,
             guard,
             identity,
+            captured,
             signal.clone(),
             SHUTDOWN_GRACE,
         )));
     }
 
-    let admin_ctx = Arc::new(Admin::new(
-        state.clone(),
-        telemetry.clone(),
-        Some(traffic.clone()),
-    ));
+    let admin_ctx = Arc::new(
+        Admin::new(state.clone(), telemetry.clone(), Some(traffic.clone())).with_probes(probes),
+    );
     servers.push(tokio::spawn(server::serve(
         "admin",
         admin,

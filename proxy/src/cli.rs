@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Parser, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use weft_proto::model::Protocol;
 use weft_proto::validate::Limits;
 
@@ -13,7 +13,12 @@ use weft_proto::validate::Limits;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "weft-proxy", version, about)]
 #[command(group(ArgGroup::new("source").required(true).args(["control_plane", "config"])))]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    /// Without a subcommand: run the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Control plane to stream configuration from, e.g. http://127.0.0.1:15010. Repeat to give
     /// fallbacks; they are tried in order on reconnect.
     #[arg(long = "control-plane", value_name = "URL", value_parser = parse_url)]
@@ -112,9 +117,41 @@ pub struct Args {
     #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
     pub trust_domain: String,
 
+    /// Transparent mode (pods after `weft-proxy init`): the outbound listener takes captured
+    /// connections and routes them by their original destination; the inbound listener
+    /// (always bound) sends captured connections to 127.0.0.1:<original port>.
+    #[arg(long)]
+    pub transparent: bool,
+
+    /// Ports passed through as opaque TCP without protocol detection (server-speaks-first
+    /// protocols), comma-separated; transparent mode only.
+    #[arg(long, value_name = "PORTS", default_value = crate::intercept::DEFAULT_OPAQUE_PORTS,
+          value_parser = crate::intercept::rules::parse_ports)]
+    pub opaque_ports: ::std::vec::Vec<u16>,
+
+    /// How long protocol detection waits for a captured client's first bytes before treating
+    /// the connection as opaque TCP.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub detect_timeout: std::time::Duration,
+
+    /// The app's original HTTP probes, JSON `{"<container>/<probe>": <httpGet>}` (what the
+    /// injector stores in the `weft.io/app-probes` annotation); served on the admin port as
+    /// `/app-health/<container>/<probe>`.
+    #[arg(long, value_name = "JSON", env = "WEFT_APP_PROBES")]
+    pub app_probes: Option<String>,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+}
+
+/// `weft-proxy <command>`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Install the interception iptables rules in this network namespace (the init container).
+    Init(crate::intercept::init::InitArgs),
+    /// Wait until the proxy's admin `/ready` answers 200 (the legacy sidecar's postStart hook).
+    WaitReady(crate::health::WaitReadyArgs),
 }
 
 /// `--app-protocol`.
@@ -199,6 +236,12 @@ fn parse_stats_interval(s: &str) -> Result<std::time::Duration, String> {
     Ok(ms.as_duration())
 }
 
+/// A duration like `100ms` or `2s`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let ms: weft_proto::model::Millis = s.parse()?;
+    Ok(ms.as_duration())
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -256,6 +299,40 @@ mod tests {
             (None, 1.0)
         );
         assert!(a.access_log.is_none());
+        assert!(!a.transparent);
+        assert!(a.opaque_ports.contains(&3306));
+        assert_eq!(a.detect_timeout, std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn subcommands_need_no_config_source() {
+        let a = parse(&[
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--exclude-inbound-ports",
+            "15020",
+        ])
+        .unwrap();
+        match a.command {
+            Some(Command::Init(init)) => assert_eq!(init.exclude_inbound_ports, [15020]),
+            other => panic!("{other:?}"),
+        }
+        let a = parse(&["wait-ready", "--timeout", "60s"]).unwrap();
+        assert!(matches!(a.command, Some(Command::WaitReady(_))));
+        assert!(parse(&["init", "--exclude-inbound-ports", "x"]).is_err());
+        let a = parse(&[
+            "--config",
+            "m",
+            "--transparent",
+            "--opaque-ports",
+            "3306,7000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.transparent, a.opaque_ports.as_slice()),
+            (true, &[3306, 7000][..])
+        );
     }
 
     #[test]

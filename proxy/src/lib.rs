@@ -7,6 +7,9 @@
 //! [`admin`] serves `/metrics`, `/config`, `/ready`, `/live`, `/log-level` and `/drain`; [`app`]
 //! wires it all from [`cli`].
 //!
+//! Kubernetes: [`intercept`] (`weft-proxy init` iptables rules, SO_ORIGINAL_DST, protocol
+//! detection, transparent listeners) and [`health`] (`wait-ready`, `/app-health` probes).
+//!
 //! Identity (when `--service-account` is given): [`identity`] keeps a SPIFFE certificate from the
 //! control plane's CA and speaks mTLS to destinations that have an identity
 //! ([`identity::mesh`]); [`inbound`] applies peer authentication, [`jwt`] and [`policy`]
@@ -21,8 +24,10 @@ pub mod cli;
 pub mod counting;
 pub mod error;
 pub mod forward;
+pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod intercept;
 pub mod jwt;
 pub mod log_level;
 pub mod metrics;
