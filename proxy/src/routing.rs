@@ -55,9 +55,10 @@ pub struct Table {
     hosts: HashMap<String, usize>,
     /// The route that serves host `*`, tried when no exact host matches.
     wildcard: Option<usize>,
-    /// Endpoint address → the route of its service, for captured connections whose `Host`
-    /// names no route (e.g. an IP): transparent mode routes them by original destination.
-    by_addr: HashMap<std::net::SocketAddr, usize>,
+    /// Every service endpoint address → the route of its service if it has one: transparent
+    /// mode treats these as mesh destinations and routes requests whose `Host` names no
+    /// route (e.g. an IP) by original destination.
+    by_addr: HashMap<std::net::SocketAddr, Option<usize>>,
     routes: Vec<Route>,
 }
 
@@ -212,7 +213,7 @@ impl Table {
         let index = self
             .hosts
             .get(host.as_ref())
-            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)))
+            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.as_ref()))
             .or(self.wildcard.as_ref())
             .ok_or_else(no_route)?;
         let rule = self.routes[*index]
@@ -233,11 +234,11 @@ impl Table {
 }
 
 /// For every service endpoint with an IP address: the route named after the service (its
-/// `hosts` hold the service name), else the first route with a backend in it.
+/// `hosts` hold the service name), else the first route with a backend in it, else none.
 fn routes_by_address(
     cfg: &MeshConfig,
     hosts: &HashMap<String, usize>,
-) -> HashMap<std::net::SocketAddr, usize> {
+) -> HashMap<std::net::SocketAddr, Option<usize>> {
     let mut out = HashMap::new();
     for svc in &cfg.services {
         let route = hosts
@@ -250,7 +251,6 @@ fn routes_by_address(
                         .any(|rule| rule.backends.iter().any(|b| b.service == svc.name))
                 })
             });
-        let Some(route) = route else { continue };
         for ep in &svc.endpoints {
             if let Ok(addr) = ep.address.parse() {
                 out.entry(addr).or_insert(route);

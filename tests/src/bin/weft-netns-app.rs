@@ -1,0 +1,105 @@
+//! A tiny app for the interception tests, run inside a test's network namespace:
+//!
+//! - `http ADDR`: HTTP/1.1 server answering JSON with the identity headers the inbound sidecar
+//!   adds and the `Host` it saw.
+//! - `greet ADDR`: a server-speaks-first TCP server (like MySQL): writes a greeting at once,
+//!   then echoes.
+//! - `first-byte ADDR`: connects and prints `{"ms": <time to the first byte>, "greeting": ...}`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [mode, addr] = args.as_slice() else {
+        bail!("usage: weft-netns-app http|greet|first-byte ADDR");
+    };
+    match mode.as_str() {
+        "http" => http(addr).await,
+        "greet" => greet(addr).await,
+        "first-byte" => first_byte(addr).await,
+        other => bail!("unknown mode {other:?}"),
+    }
+}
+
+async fn http(addr: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.context(addr.to_owned())?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let h = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let body = serde_json::json!({
+                    "identity": h("x-weft-peer-identity"),
+                    "tls": h("x-weft-tls"),
+                    "host": h("host"),
+                    "path": req.uri().path(),
+                });
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                ))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn greet(addr: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.context(addr.to_owned())?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            if stream.write_all(b"220 weft greeting\n").await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn first_byte(addr: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .context("no first byte in 10 s")??;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    // The echo proves bytes also flow from the client to the server.
+    stream.write_all(b"ping\n").await?;
+    let mut echo = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echo))
+        .await
+        .context("no echo in 10 s")??;
+    println!(
+        "{}",
+        serde_json::json!({
+            "ms": ms,
+            "greeting": String::from_utf8_lossy(&buf[..n]),
+            "echo": String::from_utf8_lossy(&echo),
+        })
+    );
+    Ok(())
+}
