@@ -125,9 +125,11 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     if let Some(path) = &args.config {
         load_file(path, &state)?;
     }
-    let probes = match &args.app_probes {
-        Some(json) => Some(Arc::new(crate::health::AppProbes::parse(json)?)),
-        None => None,
+    // The injector passes the pod annotation through the downward API, which gives an empty
+    // value when the pod has no probes to rewrite.
+    let probes = match args.app_probes.as_deref().map(str::trim) {
+        Some(json) if !json.is_empty() => Some(Arc::new(crate::health::AppProbes::parse(json)?)),
+        _ => None,
     };
 
     let outbound = bind("outbound", args.outbound_addr).await?;

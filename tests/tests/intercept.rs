@@ -404,3 +404,71 @@ routes: []
         proxy_a.log_tail()
     );
 }
+
+/// The injector and the proxy agree on flags: the init container's args, run with
+/// `--dry-run`, produce the rules (no root needed), and the legacy hook's `wait-ready` is a
+/// command the proxy knows.
+#[test]
+fn the_injected_init_args_are_what_weft_proxy_init_takes() {
+    use weft_control::inject::{Decision, InjectConfig, inject};
+    let pod = serde_json::json!({
+        "metadata": {"name": "p", "annotations": {"weft.io/native-sidecar": "false"}},
+        "spec": {"containers": [{"name": "app", "image": "app"}]},
+    });
+    let Decision::Patch(ops) = inject(&pod, &InjectConfig::default()).unwrap() else {
+        panic!("not injected")
+    };
+    let containers: Vec<&serde_json::Value> = ops.iter().map(|op| &op["value"]).collect();
+    let find = |name: &str| {
+        containers
+            .iter()
+            .flat_map(|v| match v.as_array() {
+                Some(list) => list.iter().collect::<Vec<_>>(),
+                None => vec![*v],
+            })
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name} in {ops:?}"))
+            .clone()
+    };
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let init_args = strings(&find("weft-init")["args"]);
+    let out = std::process::Command::new(bin("weft-proxy"))
+        .args(&init_args)
+        .args(["--dry-run", "--no-ipv6"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{init_args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("-A WEFT_INBOUND -p tcp --dport 15020 -j RETURN"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("--uid-owner 1337"), "{stdout}");
+
+    let proxy = find("weft-proxy");
+    assert!(strings(&proxy["args"]).contains(&s("--transparent")));
+    let hook = strings(&proxy["lifecycle"]["postStart"]["exec"]["command"]);
+    assert_eq!(hook[..2], ["weft-proxy", "wait-ready"]);
+    let help = std::process::Command::new(bin("weft-proxy"))
+        .args([&hook[1], "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in hook[2..].iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            help.contains(flag.as_str()),
+            "wait-ready has no {flag}: {help}"
+        );
+    }
+}
