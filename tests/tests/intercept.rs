@@ -305,12 +305,12 @@ fn first_byte(pods: &PodPair, dest: &str) -> (f64, serde_json::Value) {
 }
 
 /// Polls until something accepts on `addr` inside `ns` (directly, not through a proxy).
-fn wait_listening(ns: &Netns, addr: &str) {
+fn wait_listening(ns: &Netns, addr: &str, app: &Proc) {
     let start = Instant::now();
-    let app = bin("weft-netns-app");
+    let client = bin("weft-netns-app");
     while !ns
-        .command(&app)
-        .args(["first-byte", addr])
+        .command(&client)
+        .args(["connect", addr])
         .output()
         .unwrap()
         .status
@@ -318,8 +318,9 @@ fn wait_listening(ns: &Netns, addr: &str) {
     {
         assert!(
             start.elapsed() < DEADLINE,
-            "nothing listens on {addr} in {}",
-            ns.name
+            "nothing listens on {addr} in {}\n{}",
+            ns.name,
+            app.log_tail()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -340,7 +341,13 @@ fn server_first_ports_declared_opaque_never_wait_for_detection() {
     endpoints: [{{address: "{ip_b}:3306"}}]
   - name: chatty
     endpoints: [{{address: "{ip_b}:7000"}}]
-routes: []
+  - name: ws
+    endpoints: [{{address: "{ip_b}:8090"}}]
+routes:
+  - name: ws
+    hosts: [ws]
+    rules:
+      - backends: [{{service: ws}}]
 "#
     );
     let mesh_path = dir.path().join("mesh.yaml");
@@ -349,24 +356,30 @@ routes: []
         init(ns, &["--exclude-inbound-ports", "15020"]);
     }
     let app = bin("weft-netns-app").display().to_string();
-    let _mysql = pods.b.spawn(
+    let mysql = pods.b.spawn(
         "mysql",
         dir.path(),
         None,
         &[app.clone(), s("greet"), s("0.0.0.0:3306")],
     );
-    let _chatty = pods.b.spawn(
+    let chatty = pods.b.spawn(
         "chatty",
         dir.path(),
         None,
-        &[app, s("greet"), s("0.0.0.0:7000")],
+        &[app.clone(), s("greet"), s("0.0.0.0:7000")],
+    );
+    let ws = pods.b.spawn(
+        "ws",
+        dir.path(),
+        None,
+        &[app, s("upgrade"), s("0.0.0.0:8090")],
     );
     let config = vec![s("--config"), mesh_path.display().to_string()];
     let proxy_a = transparent_proxy(&pods.a, dir.path(), "proxy-a", &config);
     let _proxy_b = transparent_proxy(&pods.b, dir.path(), "proxy-b", &config);
 
-    for port in [3306, 7000] {
-        wait_listening(&pods.b, &format!("127.0.0.1:{port}"));
+    for (port, app) in [(3306, &mysql), (7000, &chatty), (8090, &ws)] {
+        wait_listening(&pods.b, &format!("127.0.0.1:{port}"), app);
     }
 
     // 3306 is in the default opaque list: the greeting arrives without detection (best of
@@ -393,13 +406,24 @@ routes: []
         "an undeclared server-first port waited only {ms} ms: no detection?"
     );
 
+    // A WebSocket upgrade to a mesh service with an HTTP route passes through both sidecars.
+    let out = pods.a.output(&[
+        &bin("weft-netns-app").display().to_string(),
+        "upgrade-client",
+        &format!("{ip_b}:8090"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["status"], "101", "{v}");
+    assert_eq!(v["echo"], "frame\n", "{v}");
+
+    // 3 × 3306, 7000 and the upgrade: all opaque on proxy a.
     let passthrough = metric(
         &pods.a,
         "weft_proxy_tcp_connections_opened_total",
         &[r#"listener="passthrough""#],
     );
     assert!(
-        passthrough >= 2.0,
+        passthrough >= 5.0,
         "proxy a passed through {passthrough} connections\n{}",
         proxy_a.log_tail()
     );

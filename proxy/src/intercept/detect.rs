@@ -12,6 +12,9 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
     Http1,
+    /// HTTP/1 whose first request asks for a protocol upgrade (WebSocket): the proxy does not
+    /// speak the upgraded protocol, so the connection is passed through as opaque TCP.
+    Http1Upgrade,
     Http2,
     /// A TLS ClientHello: passed through untouched (the proxy cannot read it anyway).
     Tls,
@@ -70,6 +73,21 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     Some(Detected::Opaque)
 }
 
+/// Whether an HTTP/1 request head (possibly partial) has an `Upgrade` header; `None` while
+/// the head is incomplete.
+pub fn head_upgrades(buf: &[u8]) -> Option<bool> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some(
+        buf[..end]
+            .split(|b| *b == b'\n')
+            .skip(1)
+            .any(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"upgrade:")),
+    )
+}
+
+/// The largest request head looked at for an `Upgrade` header; a longer head is plain HTTP/1.
+const HEAD_PEEK: usize = 4096;
+
 /// How often a partial prefix is peeked again while waiting for the rest.
 const REPEEK: Duration = Duration::from_millis(2);
 
@@ -88,6 +106,9 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> io::Result<Detecte
             return Ok(Detected::Opaque);
         }
         if let Some(found) = classify(&buf[..n]) {
+            if found == Detected::Http1 {
+                return upgrade(stream, deadline).await;
+            }
             return Ok(found);
         }
         if n == seen && tokio::time::Instant::now() >= deadline {
@@ -100,6 +121,26 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> io::Result<Detecte
             .is_err()
         {
             return Ok(Detected::Opaque);
+        }
+    }
+}
+
+/// HTTP/1 or HTTP/1 with an upgrade, once the first request head is in (or the deadline).
+async fn upgrade(stream: &TcpStream, deadline: tokio::time::Instant) -> io::Result<Detected> {
+    let mut head = vec![0u8; HEAD_PEEK];
+    loop {
+        let n = stream.peek(&mut head).await?;
+        match head_upgrades(&head[..n]) {
+            Some(true) => return Ok(Detected::Http1Upgrade),
+            Some(false) => return Ok(Detected::Http1),
+            None if n == HEAD_PEEK => return Ok(Detected::Http1),
+            None => {}
+        }
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(REPEEK))
+            .await
+            .is_err()
+        {
+            return Ok(Detected::Http1);
         }
     }
 }
@@ -124,6 +165,21 @@ mod tests {
         assert_eq!(classify(b""), None);
     }
 
+    #[test]
+    fn finds_upgrade_requests() {
+        let ws =
+            b"GET /chat HTTP/1.1\r\nHost: a\r\nUPGRADE: websocket\r\nConnection: Upgrade\r\n\r\n";
+        assert_eq!(head_upgrades(ws), Some(true));
+        assert_eq!(
+            head_upgrades(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nUpgrade: x"),
+            Some(false)
+        );
+        assert_eq!(
+            head_upgrades(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"),
+            None
+        );
+    }
+
     #[tokio::test]
     async fn a_silent_client_is_opaque_after_the_timeout_and_bytes_are_not_consumed() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -144,7 +200,10 @@ mod tests {
             (found, buf[..n].to_vec())
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+        client
+            .write_all(b"T / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let (found, peeked) = partial.await.unwrap();
         assert_eq!(found, Detected::Http1);
         assert!(peeked.starts_with(b"GET"), "nothing was consumed");

@@ -94,8 +94,12 @@ async fn connection(
         Some(dest) if ctx.transparent.is_opaque(dest.port()) => false,
         Some(dest) => match detect(&stream, ctx.transparent.detect_timeout).await {
             Ok(found) => {
-                if found == Detected::Tls {
-                    tracing::debug!(%dest, "TLS from the app: passed through");
+                match found {
+                    Detected::Tls => tracing::debug!(%dest, "TLS from the app: passed through"),
+                    Detected::Http1Upgrade => {
+                        tracing::debug!(%dest, "HTTP upgrade: passed through")
+                    }
+                    _ => {}
                 }
                 found.is_http()
             }
