@@ -228,6 +228,12 @@ routes:
     let proxy_a = transparent_proxy(&pods.a, dir.path(), "proxy-a", &args_a);
     let mut args_b = vec![s("--control-plane"), format!("http://{ip_a}:15010")];
     args_b.extend(identity("server", &token_b));
+    // The injector's probe rewrite: the kubelet asks :15020/app-health/..., the proxy runs the
+    // app's original probe on loopback.
+    args_b.extend([
+        s("--app-probes"),
+        s(r#"{"app/readyz": {"path": "/healthz", "port": 8080}}"#),
+    ]);
     let proxy_b = transparent_proxy(&pods.b, dir.path(), "proxy-b", &args_b);
 
     // The app in pod b binds 8080 a moment after its process starts: poll with a deadline.
@@ -285,6 +291,24 @@ routes:
         "proxy b counted {inb} inbound requests\n{}",
         proxy_b.log_tail()
     );
+
+    // Probes from outside the pod (as the kubelet sends them) reach the health port, which is
+    // not captured, and are answered with the app's own status.
+    let probe = |path: &str| {
+        pods.a.output(&[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            &format!("http://{ip_b}:15020{path}"),
+        ])
+    };
+    assert_eq!(probe("/app-health/app/readyz"), "200");
+    assert_eq!(probe("/app-health/app/livez"), "404");
 
     // --cleanup removes every weft chain and jump.
     init(&pods.a, &["--cleanup"]);
