@@ -185,7 +185,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         // the outbound address is IPv4 loopback and the host has IPv6.
         if args.outbound_addr.ip().is_loopback() && args.outbound_addr.is_ipv4() {
             let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addrs.outbound.port()));
-            match TcpListener::bind(v6).await {
+            match intercept::bind_v6_only(std::net::Ipv6Addr::LOCALHOST, v6.port()) {
                 Ok(l) => servers.push(tokio::spawn(intercept::outbound::serve(
                     l,
                     ctx.clone(),
@@ -237,6 +237,22 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             has_app_addr: args.app_addr.is_some(),
             opaque: telemetry.metrics.conn_counters("inbound_passthrough"),
         });
+        // Captured IPv6 arrives at [::]:<inbound port>; with an IPv4 wildcard inbound address
+        // listen there too (IPv6-only, so the two do not clash).
+        if captured.is_some() && args.inbound_addr.ip() == std::net::Ipv4Addr::UNSPECIFIED {
+            let port = addrs.inbound.map_or(0, |a| a.port());
+            match intercept::bind_v6_only(std::net::Ipv6Addr::UNSPECIFIED, port) {
+                Ok(l) => servers.push(tokio::spawn(inbound::serve(
+                    l,
+                    guard.clone(),
+                    identity.clone(),
+                    captured.clone(),
+                    signal.clone(),
+                    SHUTDOWN_GRACE,
+                ))),
+                Err(error) => tracing::debug!(port, %error, "no IPv6 inbound listener"),
+            }
+        }
         servers.push(tokio::spawn(inbound::serve(
             listener,
             guard,

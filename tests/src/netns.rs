@@ -3,7 +3,7 @@
 //! `ip netns exec` (optionally as another uid through `setpriv`), and everything deleted when
 //! the handle drops — also when the test panics.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -89,12 +89,15 @@ impl Drop for Netns {
     }
 }
 
-/// Two pods on one /24, `a` at .1 and `b` at .2, each with `eth0`.
+/// Two pods on one /24, `a` at .1 and `b` at .2, each with `eth0`; also on one IPv6 /64
+/// (ULA, `::1` and `::2`, no duplicate-address detection so they are usable at once).
 pub struct PodPair {
     pub a: Netns,
     pub b: Netns,
     pub ip_a: Ipv4Addr,
     pub ip_b: Ipv4Addr,
+    pub ip6_a: Ipv6Addr,
+    pub ip6_b: Ipv6Addr,
 }
 
 impl PodPair {
@@ -112,12 +115,30 @@ impl PodPair {
         run(a.command("ip").args([
             "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b.name,
         ]));
-        for (ns, ip) in [(&a, ip_a), (&b, ip_b)] {
+        let ip6_a = Ipv6Addr::new(0xfd77, seq as u16, (pid & 0xffff) as u16, 0, 0, 0, 0, 1);
+        let ip6_b = Ipv6Addr::new(0xfd77, seq as u16, (pid & 0xffff) as u16, 0, 0, 0, 0, 2);
+        for (ns, ip, ip6) in [(&a, ip_a, ip6_a), (&b, ip_b, ip6_b)] {
             run(ns
                 .command("ip")
                 .args(["addr", "add", &format!("{ip}/24"), "dev", "eth0"]));
+            run(ns.command("ip").args([
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]));
             run(ns.command("ip").args(["link", "set", "eth0", "up"]));
         }
-        PodPair { a, b, ip_a, ip_b }
+        PodPair {
+            a,
+            b,
+            ip_a,
+            ip_b,
+            ip6_a,
+            ip6_b,
+        }
     }
 }

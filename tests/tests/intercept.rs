@@ -384,7 +384,8 @@ routes:
         "mysql",
         dir.path(),
         None,
-        &[app.clone(), s("greet"), s("0.0.0.0:3306")],
+        // Dual-stack: the IPv6 check below uses it too.
+        &[app.clone(), s("greet"), s("[::]:3306")],
     );
     let chatty = pods.b.spawn(
         "chatty",
@@ -419,6 +420,23 @@ routes:
     assert!(
         best < 50.0,
         "first byte of a declared opaque port after {best} ms"
+    );
+
+    // IPv6: ip6tables captured it and IP6T_SO_ORIGINAL_DST recovered [ip6_b]:3306 (the
+    // proxies listen on [::1]:15001 and [::]:15006 too).
+    // The latency bound is asserted over IPv4 above: a fresh IPv6 link may still be resolving
+    // its neighbours (one SYN retransmit, 1 s).
+    let (_, v) = first_byte(&pods, &format!("[{}]:3306", pods.ip6_b));
+    assert_eq!(v["greeting"], "220 weft greeting\n", "{v}");
+    assert_eq!(v["echo"], "ping\n", "{v}");
+    let v6_in = metric(
+        &pods.b,
+        "weft_proxy_tcp_connections_opened_total",
+        &[r#"listener="inbound_passthrough""#],
+    );
+    assert!(
+        v6_in >= 4.0,
+        "proxy b passed {v6_in} inbound connections to the app"
     );
 
     // 7000 is not declared: it still works, once detection gave up waiting (100 ms per side).

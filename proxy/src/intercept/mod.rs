@@ -43,3 +43,16 @@ impl Transparent {
         self.opaque_ports.contains(&port)
     }
 }
+
+/// An IPv6-only listener on `[ip]:port`, beside an IPv4 one on the same port: iptables
+/// REDIRECT sends captured IPv6 connections to the IPv6 address of the same port.
+pub fn bind_v6_only(ip: std::net::Ipv6Addr, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from((ip, port)).into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
