@@ -26,6 +26,9 @@ pub const HEALTH_PORT: u16 = 15020;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectConfig {
     pub proxy_image: String,
+    /// The init container's image: `weft-proxy` plus the iptables tools (the proxy image is
+    /// distroless and has none).
+    pub init_image: String,
     /// gRPC address of the control plane as the proxy sees it.
     pub control_plane: String,
     /// Native sidecars unless a pod says `weft.io/native-sidecar: "false"`.
@@ -37,6 +40,7 @@ impl Default for InjectConfig {
     fn default() -> Self {
         Self {
             proxy_image: "ghcr.io/weft-mesh/weft-proxy:0.1.0".into(),
+            init_image: "ghcr.io/weft-mesh/weft-init:0.1.0".into(),
             control_plane: "http://weft-control.weft-system.svc:15010".into(),
             native_sidecar: true,
             proxy_uid: 1337,
@@ -211,7 +215,7 @@ pub fn inject(pod: &Value, cfg: &InjectConfig) -> Result<Decision, InjectError> 
 fn init_container(cfg: &InjectConfig) -> Value {
     json!({
         "name": INIT_NAME,
-        "image": cfg.proxy_image,
+        "image": cfg.init_image,
         "args": ["init", "--proxy-uid", cfg.proxy_uid.to_string(), "--inbound-port", "15006",
                  "--outbound-port", "15001", "--exclude-inbound-ports", HEALTH_PORT.to_string()],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
@@ -231,9 +235,12 @@ fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
         "image": cfg.proxy_image,
         "args": ["--control-plane", cfg.control_plane, "--node-id", "$(POD_NAME)", "--namespace", "$(POD_NAMESPACE)",
                  "--outbound-addr", "127.0.0.1:15001", "--inbound-addr", "0.0.0.0:15006",
-                 "--admin-addr", format!("0.0.0.0:{HEALTH_PORT}")],
+                 "--admin-addr", format!("0.0.0.0:{HEALTH_PORT}"), "--transparent"],
+        // The original probes reach the proxy from the pod's own annotation (downward API), so
+        // `/app-health/...` can run them; an absent annotation is an empty value.
         "env": [env_from("POD_NAME", "metadata.name"), env_from("POD_NAMESPACE", "metadata.namespace"),
-                env_from("SERVICE_ACCOUNT", "spec.serviceAccountName")],
+                env_from("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+                env_from("WEFT_APP_PROBES", &format!("metadata.annotations['{APP_PROBES_KEY}']"))],
         "ports": [{"name": "weft-health", "containerPort": HEALTH_PORT}],
         "readinessProbe": ready,
         "resources": {"requests": {"cpu": "10m", "memory": "40Mi"}, "limits": {"memory": "256Mi"}},

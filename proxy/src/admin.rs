@@ -38,6 +38,8 @@ pub struct Admin {
     /// Stops the traffic listeners (not the admin port) on `POST /drain`.
     drain: Option<Arc<Shutdown>>,
     draining: AtomicBool,
+    /// The app's original probes, served as `/app-health/<container>/<probe>`.
+    probes: Option<Arc<crate::health::AppProbes>>,
 }
 
 impl Admin {
@@ -51,7 +53,14 @@ impl Admin {
             telemetry,
             drain,
             draining: AtomicBool::new(false),
+            probes: None,
         }
+    }
+
+    /// Serves the app's rewritten probes (see [`crate::health`]).
+    pub fn with_probes(mut self, probes: Option<Arc<crate::health::AppProbes>>) -> Self {
+        self.probes = probes;
+        self
     }
 
     pub fn is_draining(&self) -> bool {
@@ -86,6 +95,12 @@ pub async fn handle(
             }
         };
         return Ok(set_log_level(&body));
+    }
+    if let (Some(probes), Some(name)) =
+        (&admin.probes, parts.uri.path().strip_prefix("/app-health/"))
+    {
+        let (status, body) = probes.check(name).await;
+        return Ok(owned_text(status, body));
     }
     Ok(respond(&admin, &parts.method, parts.uri.path()))
 }

@@ -23,6 +23,7 @@ use crate::forward::{Forwarder, Mode};
 use crate::identity::mesh::MeshClient;
 use crate::identity::{self, Identity};
 use crate::inbound;
+use crate::intercept::{self, Transparent};
 use crate::limits::ListenerLimits;
 use crate::metrics::{Direction, ProxyMetrics, TargetLabels};
 use crate::observe::Telemetry;
@@ -55,6 +56,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("{0}")]
+    AppProbes(#[from] crate::health::ProbeError),
     #[error("invalid --otlp-endpoint {0:?}")]
     OtlpEndpoint(String),
     #[error("cannot open the access log {path}: {source}")]
@@ -80,6 +83,7 @@ impl StartError {
                 | StartError::InvalidConfig(_)
                 | StartError::ApplyConfig(..)
                 | StartError::OtlpEndpoint(_)
+                | StartError::AppProbes(_)
                 | StartError::AccessLog { .. }
         )
     }
@@ -126,11 +130,18 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     if let Some(path) = &args.config {
         load_file(path, &state)?;
     }
+    // The injector passes the pod annotation through the downward API, which gives an empty
+    // value when the pod has no probes to rewrite.
+    let probes = match args.app_probes.as_deref().map(str::trim) {
+        Some(json) if !json.is_empty() => Some(Arc::new(crate::health::AppProbes::parse(json)?)),
+        _ => None,
+    };
 
     let outbound = bind("outbound", args.outbound_addr).await?;
-    let inbound = match args.app_addr {
-        Some(_) => Some(bind("inbound", args.inbound_addr).await?),
-        None => None,
+    // Transparent mode needs no --app-addr: the app port is each connection's original port.
+    let inbound = match args.app_addr.is_some() || args.transparent {
+        true => Some(bind("inbound", args.inbound_addr).await?),
+        false => None,
     };
     let admin = bind("admin", args.admin_addr).await?;
     let addrs = BoundAddrs {
@@ -171,19 +182,57 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             metrics.limit_counters(name, direction),
         )
     };
-    servers.push(tokio::spawn(server::serve_limited(
-        outbound,
-        service_fn(move |req| {
-            let fwd = outbound_svc.clone();
-            async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
-        }),
-        signal.clone(),
-        SHUTDOWN_GRACE,
-        listener_limits("outbound", Direction::Outbound),
-    )));
+    let transparent = args.transparent.then(|| Transparent {
+        opaque_ports: args.opaque_ports.clone().into(),
+        detect_timeout: args.detect_timeout,
+    });
+    if let Some(transparent) = &transparent {
+        let ctx = intercept::outbound::Outbound {
+            state: state.clone(),
+            fwd: outbound_svc,
+            transparent: transparent.clone(),
+            http: telemetry.metrics.conn_counters("outbound"),
+            opaque: telemetry.metrics.conn_counters("passthrough"),
+        };
+        // iptables REDIRECT sends captured IPv6 connections to [::1]: listen there too when
+        // the outbound address is IPv4 loopback and the host has IPv6.
+        if args.outbound_addr.ip().is_loopback() && args.outbound_addr.is_ipv4() {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addrs.outbound.port()));
+            match intercept::bind_v6_only(std::net::Ipv6Addr::LOCALHOST, v6.port()) {
+                Ok(l) => servers.push(tokio::spawn(intercept::outbound::serve(
+                    l,
+                    ctx.clone(),
+                    signal.clone(),
+                    SHUTDOWN_GRACE,
+                ))),
+                Err(error) => tracing::debug!(%v6, %error, "no IPv6 outbound listener"),
+            }
+        }
+        servers.push(tokio::spawn(intercept::outbound::serve(
+            outbound,
+            ctx,
+            signal.clone(),
+            SHUTDOWN_GRACE,
+        )));
+    } else {
+        servers.push(tokio::spawn(server::serve_limited(
+            outbound,
+            service_fn(move |req| {
+                let fwd = outbound_svc.clone();
+                async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
+            }),
+            signal.clone(),
+            SHUTDOWN_GRACE,
+            listener_limits("outbound", Direction::Outbound),
+        )));
+    }
 
-    if let (Some(listener), Some(app)) = (inbound, args.app_addr) {
-        let app = app
+    if let Some(listener) = inbound {
+        // Transparent mode without --app-addr: only captured connections are served, each
+        // sent to its own original port; this authority is never used.
+        let app = args
+            .app_addr
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
             .to_string()
             .parse()
             .expect("a socket address is a valid authority");
@@ -195,21 +244,44 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         // its own refusals included.
         let inbound_svc = Forwarder::with_telemetry(mode, upstream, telemetry.clone());
         let guard = inbound::Guard::new(state.clone(), &args.service, inbound_svc);
+        let captured = transparent.map(|transparent| inbound::Captured {
+            transparent,
+            has_app_addr: args.app_addr.is_some(),
+            opaque: telemetry.metrics.conn_counters("inbound_passthrough"),
+        });
+        // One connection budget for the inbound port, whichever address family it is on.
+        let inbound_limits = listener_limits("inbound", Direction::Inbound);
+        // Captured IPv6 arrives at [::]:<inbound port>; with an IPv4 wildcard inbound address
+        // listen there too (IPv6-only, so the two do not clash).
+        if captured.is_some() && args.inbound_addr.ip() == std::net::Ipv4Addr::UNSPECIFIED {
+            let port = addrs.inbound.map_or(0, |a| a.port());
+            match intercept::bind_v6_only(std::net::Ipv6Addr::UNSPECIFIED, port) {
+                Ok(l) => servers.push(tokio::spawn(inbound::serve(
+                    l,
+                    guard.clone(),
+                    identity.clone(),
+                    captured.clone(),
+                    signal.clone(),
+                    SHUTDOWN_GRACE,
+                    inbound_limits.clone(),
+                ))),
+                Err(error) => tracing::debug!(port, %error, "no IPv6 inbound listener"),
+            }
+        }
         servers.push(tokio::spawn(inbound::serve(
             listener,
             guard,
             identity,
+            captured,
             signal.clone(),
             SHUTDOWN_GRACE,
-            listener_limits("inbound", Direction::Inbound),
+            inbound_limits,
         )));
     }
 
-    let admin_ctx = Arc::new(Admin::new(
-        state.clone(),
-        telemetry.clone(),
-        Some(traffic.clone()),
-    ));
+    let admin_ctx = Arc::new(
+        Admin::new(state.clone(), telemetry.clone(), Some(traffic.clone())).with_probes(probes),
+    );
     servers.push(tokio::spawn(server::serve(
         "admin",
         admin,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser as _;
-use clap::{ArgGroup, Parser, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use weft_proto::model::Protocol;
 use weft_proto::validate::Limits;
 
@@ -17,7 +17,12 @@ use crate::limits::ServerLimits;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "weft-proxy", version, about)]
 #[command(group(ArgGroup::new("source").required(true).args(["control_plane", "config"])))]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    /// Without a subcommand: run the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Control plane to stream configuration from, e.g. http://127.0.0.1:15010. Repeat to give
     /// fallbacks; they are tried in order on reconnect.
     #[arg(long = "control-plane", value_name = "URL", value_parser = parse_url)]
@@ -155,9 +160,41 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_requests_per_connection: u64,
 
+    /// Transparent mode (pods after `weft-proxy init`): the outbound listener takes captured
+    /// connections and routes them by their original destination; the inbound listener
+    /// (always bound) sends captured connections to 127.0.0.1:<original port>.
+    #[arg(long)]
+    pub transparent: bool,
+
+    /// Ports passed through as opaque TCP without protocol detection (server-speaks-first
+    /// protocols), comma-separated; transparent mode only.
+    #[arg(long, value_name = "PORTS", default_value = crate::intercept::DEFAULT_OPAQUE_PORTS,
+          value_parser = crate::intercept::rules::parse_ports)]
+    pub opaque_ports: ::std::vec::Vec<u16>,
+
+    /// How long protocol detection waits for a captured client's first bytes before treating
+    /// the connection as opaque TCP.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub detect_timeout: std::time::Duration,
+
+    /// The app's original HTTP probes, JSON `{"<container>/<probe>": <httpGet>}` (what the
+    /// injector stores in the `weft.io/app-probes` annotation); served on the admin port as
+    /// `/app-health/<container>/<probe>`.
+    #[arg(long, value_name = "JSON", env = "WEFT_APP_PROBES")]
+    pub app_probes: Option<String>,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+}
+
+/// `weft-proxy <command>`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Install the interception iptables rules in this network namespace (the init container).
+    Init(crate::intercept::init::InitArgs),
+    /// Wait until the proxy's admin `/ready` answers 200 (the legacy sidecar's postStart hook).
+    WaitReady(crate::health::WaitReadyArgs),
 }
 
 /// `--app-protocol`.
@@ -259,7 +296,7 @@ fn parse_stats_interval(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// A duration like `30s`, `250ms` or `5m` (the mesh config's syntax).
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let ms: weft_proto::model::Millis = s.parse()?;
     Ok(ms.as_duration())
 }
@@ -322,6 +359,9 @@ mod tests {
         );
         assert!(a.access_log.is_none());
         assert_eq!(a.server_limits(), ServerLimits::default());
+        assert!(!a.transparent);
+        assert!(a.opaque_ports.contains(&3306));
+        assert_eq!(a.detect_timeout, Duration::from_millis(100));
     }
 
     #[test]
@@ -349,6 +389,37 @@ mod tests {
         assert_eq!(l.max_requests_per_connection, 3);
         assert!(parse(&["--config", "m", "--max-header-bytes", "10"]).is_err());
         assert!(parse(&["--config", "m", "--idle-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn subcommands_need_no_config_source() {
+        let a = parse(&[
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--exclude-inbound-ports",
+            "15020",
+        ])
+        .unwrap();
+        match a.command {
+            Some(Command::Init(init)) => assert_eq!(init.exclude_inbound_ports, [15020]),
+            other => panic!("{other:?}"),
+        }
+        let a = parse(&["wait-ready", "--timeout", "60s"]).unwrap();
+        assert!(matches!(a.command, Some(Command::WaitReady(_))));
+        assert!(parse(&["init", "--exclude-inbound-ports", "x"]).is_err());
+        let a = parse(&[
+            "--config",
+            "m",
+            "--transparent",
+            "--opaque-ports",
+            "3306,7000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.transparent, a.opaque_ports.as_slice()),
+            (true, &[3306, 7000][..])
+        );
     }
 
     #[test]

@@ -48,6 +48,28 @@ struct Inner {
 }
 
 impl Forwarder {
+    /// The same forwarder sending to another local app address (transparent inbound: the
+    /// app port is the connection's original destination port).
+    pub fn for_app(&self, app: Authority) -> Self {
+        let mode = match &self.inner.mode {
+            Mode::Inbound { protocol, .. } => Mode::Inbound {
+                app,
+                protocol: *protocol,
+            },
+            Mode::Outbound(state) => Mode::Outbound(state.clone()),
+        };
+        Self {
+            inner: Arc::new(Inner {
+                mode,
+                upstream: self.inner.upstream.clone(),
+                mesh: self.inner.mesh.clone(),
+                side: self.inner.side,
+                direction: self.inner.direction,
+                telemetry: self.inner.telemetry.clone(),
+            }),
+        }
+    }
+
     pub fn new(mode: Mode, upstream: Upstream) -> Self {
         Self::with(mode, upstream, Telemetry::disabled(), None)
     }
@@ -140,7 +162,12 @@ impl Forwarder {
                 // the request keeps only its backend set and rule policy (the endpoint is
                 // chosen per attempt), so a config swap cannot disturb it.
                 let snapshot = state.load();
-                let (set, policy, labels) = snapshot.table.resolve(&req)?;
+                // Captured connections carry where they were going (transparent mode).
+                let orig = req
+                    .extensions()
+                    .get::<crate::intercept::OriginalDst>()
+                    .map(|o| o.0);
+                let (set, policy, labels) = snapshot.table.resolve_at(&req, orig)?;
                 meta.target = Some(labels);
                 // Experiments judge a subset by what its callers saw after retries: one
                 // outcome per request, recorded here.

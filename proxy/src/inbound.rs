@@ -8,6 +8,7 @@
 //! ID and the TLS version go to the app as [`PEER_IDENTITY_HEADER`] and [`TLS_HEADER`]; copies
 //! of them sent by anyone else are removed, so the app can trust them.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -29,7 +30,11 @@ use crate::forward::Forwarder;
 use crate::identity::Identity;
 use crate::identity::mesh::APP_PROTOCOL_HEADER;
 use crate::identity::verify::{server_config, spiffe_id_of};
+use crate::intercept::detect::{Detected, detect};
+use crate::intercept::original_dst::was_redirected;
+use crate::intercept::{Transparent, tcp};
 use crate::limits::{ListenerLimits, Slot};
+use crate::metrics::ConnCounters;
 use crate::policy::{AuthzStats, RequestAttrs};
 use crate::server::{ACCEPT_ERROR_PAUSE, ShutdownSignal};
 use crate::state::ProxyState;
@@ -69,6 +74,15 @@ impl Guard {
             state,
             service: Arc::from(service),
             fwd,
+        }
+    }
+
+    /// The same guard forwarding to another local app address (transparent mode).
+    pub fn for_app(&self, app: http::uri::Authority) -> Self {
+        Self {
+            state: self.state.clone(),
+            service: self.service.clone(),
+            fwd: self.fwd.for_app(app),
         }
     }
 
@@ -159,12 +173,24 @@ impl Guard {
     }
 }
 
+/// Transparent mode on the inbound listener: captured connections go to the app port they
+/// were sent to; opaque ones are copied as TCP.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub transparent: Transparent,
+    /// Whether connections made to the listener itself (not captured) go to `--app-addr`.
+    pub has_app_addr: bool,
+    /// Opaque inbound connections (`listener="inbound_passthrough"`).
+    pub opaque: ConnCounters,
+}
+
 /// Serves the inbound listener with mTLS (when `identity` is given) and the guard, under
 /// `limits`, until `signal`; then drains like [`crate::server::serve_limited`].
 pub async fn serve(
     listener: TcpListener,
     guard: Guard,
     identity: Option<Arc<Identity>>,
+    captured: Option<Captured>,
     mut signal: ShutdownSignal,
     grace: Duration,
     limits: Arc<ListenerLimits>,
@@ -178,12 +204,30 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let Some((stream, slot)) = limits.admit(stream) else { continue };
                     let _ = stream.set_nodelay(true);
-                    let stream = CountingIo::new(stream, &limits.conn);
-                    let (guard, acceptor, builder, signal) =
-                        (guard.clone(), acceptor.clone(), builder.clone(), signal.clone());
+                    let (guard, acceptor, builder, signal, captured, limits) = (
+                        guard.clone(),
+                        acceptor.clone(),
+                        builder.clone(),
+                        signal.clone(),
+                        captured.clone(),
+                        limits.clone(),
+                    );
                     // The peek and handshake run in the connection's own task, so a slow
                     // client never holds up the accept loop.
                     tokio::spawn(async move {
+                        let (stream, guard, port) = match &captured {
+                            Some(captured) => match capture(stream, port, guard, captured).await {
+                                Ok(Some(next)) => next,
+                                Ok(None) => return,
+                                Err(error) => {
+                                    tracing::debug!(%peer, %error, "captured inbound connection refused or failed");
+                                    return;
+                                }
+                            },
+                            None => (stream, guard, port),
+                        };
+                        // Counted from here: opaque connections have their own counters.
+                        let stream = CountingIo::new(stream, &limits.conn);
                         if let Err(error) = connection(stream, port, guard, acceptor, &builder, slot, signal).await {
                             tracing::debug!(%peer, %error, "inbound connection refused or failed");
                         }
@@ -199,6 +243,55 @@ pub async fn serve(
     }
     drop(listener);
     limits.drain(grace).await;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Transparent mode, before TLS and HTTP: a captured connection's original port is the app's;
+/// opaque ports and non-HTTP, non-TLS bytes are copied to the app as TCP. Returns what the
+/// usual path serves, or `None` when the connection was handled here.
+async fn capture(
+    stream: TcpStream,
+    port: u16,
+    guard: Guard,
+    captured: &Captured,
+) -> Result<Option<(TcpStream, Guard, u16)>, BoxError> {
+    let Some(orig) = was_redirected(&stream) else {
+        if captured.has_app_addr {
+            return Ok(Some((stream, guard, port)));
+        }
+        return Err("not a captured connection and no --app-addr to send it to".into());
+    };
+    let port = orig.port();
+    let loopback = if orig.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    };
+    let app = SocketAddr::new(loopback, port);
+    let t = &captured.transparent;
+    let opaque = t.is_opaque(port) || {
+        let found = detect(&stream, t.detect_timeout).await?;
+        !(found.is_http() || found == Detected::Tls)
+    };
+    if opaque {
+        if guard.peer_mode(port) == PeerAuthMode::Strict && !t.is_opaque(port) {
+            guard
+                .stats()
+                .plaintext_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err("opaque plaintext refused: peer authentication is STRICT".into());
+        }
+        captured.opaque.opened.inc();
+        tcp::proxy(stream, app, &captured.opaque).await;
+        captured.opaque.closed.inc();
+        return Ok(None);
+    }
+    let authority = app
+        .to_string()
+        .parse()
+        .expect("a socket address is a valid authority");
+    Ok(Some((stream, guard.for_app(authority), port)))
 }
 
 async fn connection(

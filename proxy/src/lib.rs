@@ -10,6 +10,9 @@
 //! Every traffic listener runs under [`limits`] (connections, header size and read timeout,
 //! HTTP/2 streams, idle and per-connection quotas), enforced per connection by [`connection`].
 //!
+//! Kubernetes: [`intercept`] (`weft-proxy init` iptables rules, SO_ORIGINAL_DST, protocol
+//! detection, transparent listeners) and [`health`] (`wait-ready`, `/app-health` probes).
+//!
 //! Identity (when `--service-account` is given): [`identity`] keeps a SPIFFE certificate from the
 //! control plane's CA and speaks mTLS to destinations that have an identity
 //! ([`identity::mesh`]); [`inbound`] applies peer authentication, [`jwt`] and [`policy`]
@@ -25,8 +28,10 @@ pub mod connection;
 pub mod counting;
 pub mod error;
 pub mod forward;
+pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod intercept;
 pub mod jwt;
 pub mod limits;
 pub mod log_level;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use weft_proxy::app;
-use weft_proxy::cli::Args;
+use weft_proxy::cli::{Args, Command};
 
 /// Exit code for a configuration the operator must fix (same as clap's usage errors).
 const EXIT_INVALID_CONFIG: u8 = 2;
@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     if let Err(e) = init_tracing(&args.log) {
         eprintln!("weft-proxy: {e:#}");
         return ExitCode::FAILURE;
+    }
+    if let Some(command) = &args.command {
+        return run_command(command);
     }
     // Connections are bounded by the listeners' limits, not by the default 1024 descriptors.
     match weft_proxy::limits::raise_nofile_limit() {
@@ -60,6 +63,23 @@ async fn run(args: Args) -> ExitCode {
     proxy.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `weft-proxy init` and `weft-proxy wait-ready`: one-shot, no runtime.
+fn run_command(command: &Command) -> ExitCode {
+    let result = match command {
+        Command::Init(init) => weft_proxy::intercept::init::run(init).map_err(|e| e.to_string()),
+        Command::WaitReady(wait) => weft_proxy::health::wait_ready(wait).map(|took| {
+            println!("weft-proxy ready after {took:?}");
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {

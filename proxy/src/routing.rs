@@ -55,6 +55,10 @@ pub struct Table {
     hosts: HashMap<String, usize>,
     /// The route that serves host `*`, tried when no exact host matches.
     wildcard: Option<usize>,
+    /// Every service endpoint address → the route of its service if it has one: transparent
+    /// mode treats these as mesh destinations and routes requests whose `Host` names no
+    /// route (e.g. an IP) by original destination.
+    by_addr: HashMap<std::net::SocketAddr, Option<usize>>,
     routes: Vec<Route>,
 }
 
@@ -144,13 +148,37 @@ impl Table {
                 }
             }
         }
+        table.by_addr = routes_by_address(cfg, &table.hosts);
         Ok(table)
+    }
+
+    /// Whether a captured connection to `addr` goes to a mesh service (else it passes
+    /// through to `addr` as it is).
+    pub fn knows_address(&self, addr: &std::net::SocketAddr) -> bool {
+        self.by_addr.contains_key(addr)
+    }
+
+    /// [`Table::resolve`] for a captured connection whose original destination was `orig`:
+    /// a `Host` naming a route wins, else the route of the service at `orig`.
+    pub fn resolve_at<B>(
+        &self,
+        req: &Request<B>,
+        orig: Option<std::net::SocketAddr>,
+    ) -> Result<Resolved, RouteError> {
+        let (rule, set, labels) = self.select(req, orig)?;
+        if set.endpoints().is_empty() {
+            return Err(RouteError::NoEndpoints {
+                service: set.service.clone(),
+                subset: set.subset.clone(),
+            });
+        }
+        Ok((set.clone(), rule.policy.clone(), labels.clone()))
     }
 
     /// Routes a request to one endpoint: route by host, first matching rule, backend by weight,
     /// endpoint by weight.
     pub fn route<B>(&self, req: &Request<B>) -> Result<Target<'_>, RouteError> {
-        let (_, set, labels) = self.select(req)?;
+        let (_, set, labels) = self.select(req, None)?;
         let endpoint = set
             .choose(req.headers(), None)
             .map(|i| set.endpoint(i))
@@ -168,20 +196,14 @@ impl Table {
     /// The backend set, the rule's policy and the metric labels for a request; the endpoint is
     /// chosen per attempt.
     pub fn resolve<B>(&self, req: &Request<B>) -> Result<Resolved, RouteError> {
-        let (rule, set, labels) = self.select(req)?;
-        if set.endpoints().is_empty() {
-            return Err(RouteError::NoEndpoints {
-                service: set.service.clone(),
-                subset: set.subset.clone(),
-            });
-        }
-        Ok((set.clone(), rule.policy.clone(), labels.clone()))
+        self.resolve_at(req, None)
     }
 
     /// Route by host, first matching rule, backend by weight.
     fn select<B>(
         &self,
         req: &Request<B>,
+        orig: Option<std::net::SocketAddr>,
     ) -> Result<(&Rule, &Arc<EndpointSet>, &Arc<TargetLabels>), RouteError> {
         let host = request_host(req);
         let no_route = || RouteError::NoRoute {
@@ -191,6 +213,7 @@ impl Table {
         let index = self
             .hosts
             .get(host.as_ref())
+            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.as_ref()))
             .or(self.wildcard.as_ref())
             .ok_or_else(no_route)?;
         let rule = self.routes[*index]
@@ -208,6 +231,33 @@ impl Table {
         };
         Ok((rule, set, labels))
     }
+}
+
+/// For every service endpoint with an IP address: the route named after the service (its
+/// `hosts` hold the service name), else the first route with a backend in it, else none.
+fn routes_by_address(
+    cfg: &MeshConfig,
+    hosts: &HashMap<String, usize>,
+) -> HashMap<std::net::SocketAddr, Option<usize>> {
+    let mut out = HashMap::new();
+    for svc in &cfg.services {
+        let route = hosts
+            .get(&svc.name.to_ascii_lowercase())
+            .copied()
+            .or_else(|| {
+                cfg.routes.iter().position(|r| {
+                    r.rules
+                        .iter()
+                        .any(|rule| rule.backends.iter().any(|b| b.service == svc.name))
+                })
+            });
+        for ep in &svc.endpoints {
+            if let Ok(addr) = ep.address.parse() {
+                out.entry(addr).or_insert(route);
+            }
+        }
+    }
+    out
 }
 
 /// What [`Table::resolve`] gives a request: its backend set, its rule's policy, its labels.

@@ -207,3 +207,42 @@ fn regex_over_the_limit_is_refused() {
     let err = Table::compile(&cfg, &tiny).unwrap_err().to_string();
     assert!(err.contains("limit"), "{err}");
 }
+
+#[test]
+fn captured_requests_route_by_original_destination_when_host_names_no_route() {
+    let yaml = r#"
+services:
+  - {name: server, endpoints: [{address: "10.1.2.2:8080"}]}
+  - {name: other,  endpoints: [{address: "10.1.2.3:8080"}]}
+  - {name: mysql,  endpoints: [{address: "10.1.2.2:3306"}]}
+routes:
+  - {name: server, hosts: [server], rules: [{backends: [{service: server}]}]}
+  - {name: named,  hosts: [other.example], rules: [{backends: [{service: other}]}]}
+"#;
+    let cfg = parse_yaml("t.yaml", yaml, &Limits::default()).unwrap();
+    let t = Table::compile(&cfg, &Limits::default()).unwrap();
+    let req = |host: &str| Request::get("/").header("host", host).body(()).unwrap();
+    let service = |r: Result<Resolved, RouteError>| r.map(|(set, _, _)| set.service.clone());
+    let server: std::net::SocketAddr = "10.1.2.2:8080".parse().unwrap();
+    let other: std::net::SocketAddr = "10.1.2.3:8080".parse().unwrap();
+    // Host is the IP: the original destination picks the route of its service.
+    assert_eq!(
+        service(t.resolve_at(&req("10.1.2.2:8080"), Some(server))),
+        Ok("server".into())
+    );
+    // A route without the service's name in its hosts is still found through its backends.
+    assert_eq!(
+        service(t.resolve_at(&req("10.1.2.3"), Some(other))),
+        Ok("other".into())
+    );
+    // A Host that names a route wins.
+    assert_eq!(
+        service(t.resolve_at(&req("server"), Some(other))),
+        Ok("server".into())
+    );
+    assert!(t.resolve_at(&req("10.1.2.2:8080"), None).is_err());
+    // Known endpoints (routed or not) are mesh destinations; the rest pass through.
+    assert!(t.knows_address(&server));
+    assert!(t.knows_address(&"10.1.2.2:3306".parse().unwrap()));
+    assert!(!t.knows_address(&"10.1.2.9:80".parse().unwrap()));
+}

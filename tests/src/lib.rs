@@ -11,6 +11,7 @@ pub mod http;
 pub mod identity;
 pub mod load;
 pub mod mesh;
+pub mod netns;
 pub mod observe;
 pub mod procs;
 pub mod scale;
