@@ -131,6 +131,12 @@ impl ControlPlane {
     /// Opens the store, builds the registry from `loaded` (the source, already read and
     /// validated by the caller so it can report a bad file its own way) and binds.
     pub async fn bind(opts: Options, loaded: Loaded) -> Result<Self, ServerError> {
+        // Boxed: connecting to etcd, opening the CA and binding make a future of ~11 KiB that
+        // every caller would otherwise carry.
+        Box::pin(Self::bind_inner(opts, loaded)).await
+    }
+
+    async fn bind_inner(opts: Options, loaded: Loaded) -> Result<Self, ServerError> {
         let etcd = match &opts.etcd {
             Some(e) => Some(EtcdStore::connect(&e.endpoints, &e.prefix).await?),
             None => None,
