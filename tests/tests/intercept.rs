@@ -367,6 +367,8 @@ fn server_first_ports_declared_opaque_never_wait_for_detection() {
     endpoints: [{{address: "{ip_b}:7000"}}]
   - name: ws
     endpoints: [{{address: "{ip_b}:8090"}}]
+  - name: tls
+    endpoints: [{{address: "{ip_b}:8443"}}]
 routes:
   - name: ws
     hosts: [ws]
@@ -397,13 +399,21 @@ routes:
         "ws",
         dir.path(),
         None,
-        &[app, s("upgrade"), s("0.0.0.0:8090")],
+        &[app.clone(), s("upgrade"), s("0.0.0.0:8090")],
     );
+    let tls_app = pods
+        .b
+        .spawn("tls", dir.path(), None, &[app, s("tls"), s("0.0.0.0:8443")]);
     let config = vec![s("--config"), mesh_path.display().to_string()];
     let proxy_a = transparent_proxy(&pods.a, dir.path(), "proxy-a", &config);
     let _proxy_b = transparent_proxy(&pods.b, dir.path(), "proxy-b", &config);
 
-    for (port, app) in [(3306, &mysql), (7000, &chatty), (8090, &ws)] {
+    for (port, app) in [
+        (3306, &mysql),
+        (7000, &chatty),
+        (8090, &ws),
+        (8443, &tls_app),
+    ] {
         wait_listening(&pods.b, &format!("127.0.0.1:{port}"), app);
     }
 
@@ -458,14 +468,27 @@ routes:
     assert_eq!(v["status"], "101", "{v}");
     assert_eq!(v["echo"], "frame\n", "{v}");
 
-    // 3 × 3306, 7000 and the upgrade: all opaque on proxy a.
+    // The app's own TLS (SNI app.example, not the mesh's) passes through both sidecars.
+    let body = pods.a.output(&[
+        "curl",
+        "-sS",
+        "-k",
+        "--max-time",
+        "10",
+        "--resolve",
+        &format!("app.example:8443:{ip_b}"),
+        "https://app.example:8443/",
+    ]);
+    assert_eq!(body, "tls ok");
+
+    // 3 × 3306, 7000, the upgrade and TLS: all opaque on proxy a.
     let passthrough = metric(
         &pods.a,
         "weft_proxy_tcp_connections_opened_total",
         &[r#"listener="passthrough""#],
     );
     assert!(
-        passthrough >= 5.0,
+        passthrough >= 6.0,
         "proxy a passed through {passthrough} connections\n{}",
         proxy_a.log_tail()
     );
