@@ -266,6 +266,25 @@ routes:
     assert_eq!(seen["tls"], "TLSv1_3", "{seen}");
     assert_eq!(seen["path"], "/hello");
 
+    // The app may still use the proxy explicitly (Host names the service): not redirected,
+    // routed by Host, same mTLS.
+    let explicit = pods.a.output(&[
+        "curl",
+        "-sS",
+        "-f",
+        "--max-time",
+        "5",
+        "-H",
+        "Host: server",
+        "http://127.0.0.1:15001/explicit",
+    ]);
+    let seen: serde_json::Value = serde_json::from_str(&explicit).unwrap();
+    assert_eq!(
+        seen["identity"], "spiffe://weft.local/ns/default/sa/client",
+        "{seen}"
+    );
+    assert_eq!(seen["path"], "/explicit");
+
     // Both sidecars handled it: the client's outbound and the server's inbound.
     let out = metric(
         &pods.a,
