@@ -452,21 +452,28 @@ routes:
     );
 
     // IPv6: ip6tables captured it and IP6T_SO_ORIGINAL_DST recovered [ip6_b]:3306 (the
-    // proxies listen on [::1]:15001 and [::]:15006 too).
-    // The latency bound is asserted over IPv4 above: a fresh IPv6 link may still be resolving
-    // its neighbours (one SYN retransmit, 1 s).
-    let (_, v) = first_byte(&pods, &format!("[{}]:3306", pods.ip6_b));
-    assert_eq!(v["greeting"], "220 weft greeting\n", "{v}");
-    assert_eq!(v["echo"], "ping\n", "{v}");
-    let v6_in = metric(
-        &pods.b,
-        "weft_proxy_tcp_connections_opened_total",
-        &[r#"listener="inbound_passthrough""#],
-    );
-    assert!(
-        v6_in >= 4.0,
-        "proxy b passed {v6_in} inbound connections to the app"
-    );
+    // proxies listen on [::1]:15001 and [::]:15006 too). The latency bound is asserted over
+    // IPv4 above: a fresh IPv6 link may still be resolving its neighbours (one SYN
+    // retransmit, 1 s).
+    match pods.ip6_b {
+        Some(ip6_b) => {
+            let (_, v) = first_byte(&pods, &format!("[{ip6_b}]:3306"));
+            assert_eq!(v["greeting"], "220 weft greeting\n", "{v}");
+            assert_eq!(v["echo"], "ping\n", "{v}");
+            let v6_in = metric(
+                &pods.b,
+                "weft_proxy_tcp_connections_opened_total",
+                &[r#"listener="inbound_passthrough""#],
+            );
+            assert!(
+                v6_in >= 4.0,
+                "proxy b passed {v6_in} inbound connections to the app"
+            );
+        }
+        None => {
+            eprintln!("!!!!!!!!!! the kernel has no IPv6: the IPv6 check is skipped !!!!!!!!!!")
+        }
+    }
 
     // 7000 is not declared: it still works, once detection gave up waiting (100 ms per side).
     let (ms, v) = first_byte(&pods, &format!("{ip_b}:7000"));
