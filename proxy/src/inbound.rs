@@ -28,9 +28,9 @@ use crate::counting::CountingIo;
 use crate::error::{ProxyError, is_grpc};
 use crate::forward::Forwarder;
 use crate::identity::Identity;
-use crate::identity::mesh::APP_PROTOCOL_HEADER;
+use crate::identity::mesh::{APP_PROTOCOL_HEADER, MESH_SNI};
 use crate::identity::verify::{server_config, spiffe_id_of};
-use crate::intercept::detect::{Detected, detect};
+use crate::intercept::detect::{Detected, detect, peek_sni};
 use crate::intercept::original_dst::was_redirected;
 use crate::intercept::{Transparent, tcp};
 use crate::limits::{ListenerLimits, Slot};
@@ -270,10 +270,14 @@ async fn capture(
     };
     let app = SocketAddr::new(loopback, port);
     let t = &captured.transparent;
-    let opaque = t.is_opaque(port) || {
-        let found = detect(&stream, t.detect_timeout).await?;
-        !(found.is_http() || found == Detected::Tls)
-    };
+    let opaque = t.is_opaque(port)
+        || match detect(&stream, t.detect_timeout).await? {
+            // A sidecar says MESH_SNI; any other name is the app's own TLS, passed through.
+            Detected::Tls => peek_sni(&stream, t.detect_timeout)
+                .await
+                .is_some_and(|sni| sni != MESH_SNI),
+            found => !found.is_http(),
+        };
     if opaque {
         if guard.peer_mode(port) == PeerAuthMode::Strict && !t.is_opaque(port) {
             guard

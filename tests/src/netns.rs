@@ -90,14 +90,15 @@ impl Drop for Netns {
 }
 
 /// Two pods on one /24, `a` at .1 and `b` at .2, each with `eth0`; also on one IPv6 /64
-/// (ULA, `::1` and `::2`, no duplicate-address detection so they are usable at once).
+/// when the kernel has IPv6 (ULA, `::1` and `::2`, no duplicate-address detection so they are
+/// usable at once).
 pub struct PodPair {
     pub a: Netns,
     pub b: Netns,
     pub ip_a: Ipv4Addr,
     pub ip_b: Ipv4Addr,
-    pub ip6_a: Ipv6Addr,
-    pub ip6_b: Ipv6Addr,
+    /// `None` when the kernel has no IPv6.
+    pub ip6_b: Option<Ipv6Addr>,
 }
 
 impl PodPair {
@@ -115,21 +116,23 @@ impl PodPair {
         run(a.command("ip").args([
             "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b.name,
         ]));
-        let ip6_a = Ipv6Addr::new(0xfd77, seq as u16, (pid & 0xffff) as u16, 0, 0, 0, 0, 1);
-        let ip6_b = Ipv6Addr::new(0xfd77, seq as u16, (pid & 0xffff) as u16, 0, 0, 0, 0, 2);
-        for (ns, ip, ip6) in [(&a, ip_a, ip6_a), (&b, ip_b, ip6_b)] {
+        let ipv6 = Path::new("/proc/net/if_inet6").exists();
+        let ip6 = |host| Ipv6Addr::new(0xfd77, seq as u16, (pid & 0xffff) as u16, 0, 0, 0, 0, host);
+        for (ns, ip, ip6) in [(&a, ip_a, ip6(1)), (&b, ip_b, ip6(2))] {
             run(ns
                 .command("ip")
                 .args(["addr", "add", &format!("{ip}/24"), "dev", "eth0"]));
-            run(ns.command("ip").args([
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ]));
+            if ipv6 {
+                run(ns.command("ip").args([
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]));
+            }
             run(ns.command("ip").args(["link", "set", "eth0", "up"]));
         }
         PodPair {
@@ -137,8 +140,7 @@ impl PodPair {
             b,
             ip_a,
             ip_b,
-            ip6_a,
-            ip6_b,
+            ip6_b: ipv6.then(|| ip6(2)),
         }
     }
 }

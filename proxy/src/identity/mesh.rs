@@ -30,6 +30,10 @@ use crate::upstream::{UpstreamError, strip_hop_by_hop};
 /// Tells the inbound sidecar which protocol the calling app spoke (only `http1` is sent).
 pub const APP_PROTOCOL_HEADER: &str = "x-weft-app-protocol";
 
+/// The SNI every sidecar sends to another: the inbound side tells mesh mTLS from an app's own
+/// TLS by it.
+pub const MESH_SNI: &str = "weft.mesh";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Key = (Arc<str>, Authority);
@@ -193,7 +197,7 @@ impl MeshClient {
                 .map_err(|e| fail(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
             // The name is not checked (the SPIFFE ID is); it only fills SNI.
-            let name = ServerName::try_from("weft.mesh").expect("a valid DNS name");
+            let name = ServerName::try_from(MESH_SNI).expect("a valid DNS name");
             let tls = connector
                 .connect(name, tcp)
                 .await

@@ -125,6 +125,81 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> io::Result<Detecte
     }
 }
 
+/// The server name (SNI) of a TLS ClientHello at the start of `buf`; `None` when there is
+/// none or the hello is not all in `buf`.
+pub fn client_hello_sni(buf: &[u8]) -> Option<&str> {
+    struct Cursor<'a>(&'a [u8]);
+    impl<'a> Cursor<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+            self.0 = rest;
+            Some(head)
+        }
+        fn u8(&mut self) -> Option<usize> {
+            self.take(1).map(|b| usize::from(b[0]))
+        }
+        fn u16(&mut self) -> Option<usize> {
+            self.take(2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        }
+        fn vec8(&mut self) -> Option<&'a [u8]> {
+            let n = self.u8()?;
+            self.take(n)
+        }
+        fn vec16(&mut self) -> Option<&'a [u8]> {
+            let n = self.u16()?;
+            self.take(n)
+        }
+    }
+    let mut record = Cursor(buf);
+    if record.u8()? != 0x16 {
+        return None;
+    }
+    record.take(2)?; // legacy record version
+    let mut hello = Cursor(record.vec16()?);
+    if hello.u8()? != 1 {
+        return None; // not a ClientHello
+    }
+    hello.take(3)?; // handshake length
+    hello.take(2 + 32)?; // client version, random
+    hello.vec8()?; // session id
+    hello.vec16()?; // cipher suites
+    hello.vec8()?; // compression methods
+    let mut extensions = Cursor(hello.vec16()?);
+    while let Some(kind) = extensions.u16() {
+        let mut data = Cursor(extensions.vec16()?);
+        if kind == 0 {
+            let mut names = Cursor(data.vec16()?);
+            while let Some(name_type) = names.u8() {
+                let name = names.vec16()?;
+                if name_type == 0 {
+                    return std::str::from_utf8(name).ok();
+                }
+            }
+            return None;
+        }
+    }
+    None
+}
+
+/// Peeks the ClientHello on `stream` (up to 4 KiB, waiting up to `timeout` for it all) and
+/// returns its SNI.
+pub async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; HEAD_PEEK];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        // The record length says when the hello is all there.
+        let complete = n >= 5 && n >= 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+        if complete || n == HEAD_PEEK {
+            return client_hello_sni(&buf[..n]).map(str::to_owned);
+        }
+        tokio::time::timeout_at(deadline, tokio::time::sleep(REPEEK))
+            .await
+            .ok()?;
+    }
+}
+
 /// HTTP/1 or HTTP/1 with an upgrade, once the first request head is in (or the deadline).
 async fn upgrade(stream: &TcpStream, deadline: tokio::time::Instant) -> io::Result<Detected> {
     let mut head = vec![0u8; HEAD_PEEK];
@@ -163,6 +238,28 @@ mod tests {
         assert_eq!(classify(&[0x16, 0x09]), Some(Detected::Opaque));
         assert_eq!(classify(b"\x00\x00\x00\x01mysql"), Some(Detected::Opaque));
         assert_eq!(classify(b""), None);
+    }
+
+    #[test]
+    fn reads_the_sni_of_a_real_client_hello() {
+        // A ClientHello as rustls writes it.
+        let roots = rustls::RootCertStore::empty();
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        assert_eq!(client_hello_sni(&out), Some("app.example"));
+        assert_eq!(client_hello_sni(&out[..out.len() / 2]), None, "partial");
+        assert_eq!(client_hello_sni(b"GET / HTTP/1.1"), None);
     }
 
     #[test]

@@ -95,7 +95,11 @@ async fn connection(
         Some(dest) => match detect(&stream, ctx.transparent.detect_timeout).await {
             Ok(found) => {
                 match found {
-                    Detected::Tls => tracing::debug!(%dest, "TLS from the app: passed through"),
+                    Detected::Tls if tracing::enabled!(tracing::Level::DEBUG) => {
+                        let sni =
+                            super::detect::peek_sni(&stream, ctx.transparent.detect_timeout).await;
+                        tracing::debug!(%dest, ?sni, "TLS from the app: passed through");
+                    }
                     Detected::Http1Upgrade => {
                         tracing::debug!(%dest, "HTTP upgrade: passed through")
                     }

@@ -401,6 +401,19 @@ COMMIT
         assert_eq!(jumps.len(), 2);
         assert_eq!(jumps[0].join(" "), "PREROUTING -p tcp -j WEFT_INBOUND");
         assert_eq!(existing_chains(save), ["WEFT_OUTPUT", "WEFT_REDIRECT"]);
+        // Installing again deletes the old jumps in the same transaction before adding them.
+        let again = Rules::default().install(Family::V4, &jumps);
+        let lines: Vec<&str> = again.lines().collect();
+        let deleted = lines
+            .iter()
+            .position(|l| *l == "-D PREROUTING -p tcp -j WEFT_INBOUND")
+            .unwrap();
+        let added = lines
+            .iter()
+            .position(|l| *l == "-A PREROUTING -p tcp -j WEFT_INBOUND")
+            .unwrap();
+        assert!(deleted < added, "{again}");
+        assert_eq!(again.matches("-A PREROUTING").count(), 1);
         assert_eq!(
             cleanup(&["WEFT_OUTPUT"], &jumps[1..]),
             "*nat\n-D OUTPUT -p tcp -j WEFT_OUTPUT\n:WEFT_OUTPUT - [0:0]\n-X WEFT_OUTPUT\nCOMMIT\n"

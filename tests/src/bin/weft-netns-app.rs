@@ -5,6 +5,7 @@
 //! - `greet ADDR`: a server-speaks-first TCP server (like MySQL): writes a greeting at once,
 //!   then echoes.
 //! - `first-byte ADDR`: connects and prints `{"ms": <time to the first byte>, "greeting": ...}`.
+//! - `tls ADDR`: HTTPS with a self-signed certificate for `app.example`, answering `tls ok`.
 //! - `connect ADDR`: exits 0 once something accepts on ADDR.
 //! - `upgrade ADDR`: answers an HTTP/1.1 `Upgrade: websocket` request with 101, then echoes.
 //! - `upgrade-client ADDR`: sends that request, expects 101, then an echo; prints `{"status", "echo"}`.
@@ -30,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
         "greet" => greet(addr).await,
         "first-byte" => first_byte(addr).await,
         "upgrade" => upgrade(addr).await,
+        "tls" => tls(addr).await,
         "connect" => {
             TcpStream::connect(addr.as_str())
                 .await
@@ -181,4 +183,36 @@ async fn upgrade_client(addr: &str) -> anyhow::Result<()> {
         .context("no upgrade and echo in 10 s")??;
     println!("{}", serde_json::json!({"status": status, "echo": echo}));
     Ok(())
+}
+
+async fn tls(addr: &str) -> anyhow::Result<()> {
+    let cert = rcgen::generate_simple_self_signed(vec!["app.example".to_owned()])?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("key: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind(addr).await.context(addr.to_owned())?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let Ok(mut tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            if tls.read(&mut buf).await.is_ok() {
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\ntls ok",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            }
+        });
+    }
 }
