@@ -728,6 +728,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_replica_redoes_its_change_on_top_of_the_newer_state() {
+        // Two registries on one store: replicas sharing etcd, without the watch.
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let a = open(store.clone(), MESH).await;
+        let b = open(store.clone(), MESH).await;
+        assert_eq!((a.current().version, b.current().version), (1, 1));
+        let (out, _) = a
+            .set_weights("reviews", None, &[("v1".into(), 70), ("v2".into(), 30)])
+            .await
+            .unwrap();
+        assert_eq!(out.version, 2);
+        // B still runs version 1; its save conflicts, it takes in A's state and redoes.
+        let w = [("v1".to_owned(), 40), ("v2".to_owned(), 60)];
+        let (out, _) = b.set_weights("reviews", None, &w).await.unwrap();
+        assert_eq!(out.version, 3, "never a second version 2");
+        let stored = store.load().await.unwrap().unwrap().state;
+        assert_eq!(stored.version, 3);
+        assert_eq!(stored.config, b.current().config);
+        assert_eq!(
+            stored.config.routes[0].rules[1].backends[1].weight,
+            Some(60)
+        );
+    }
+
+    #[tokio::test]
     async fn proxy_status_tracks_acks_nacks_and_disconnects() {
         let reg = open(Arc::new(MemoryStore::new()), MESH).await;
         let node = pb::Node {
