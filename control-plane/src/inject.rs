@@ -86,6 +86,11 @@ pub fn inject(pod: &Value, cfg: &InjectConfig) -> Result<Decision, InjectError> 
         .get("containers")
         .and_then(Value::as_array)
         .ok_or_else(|| InjectError::NotAPod("spec.containers is not a list".into()))?;
+    // The patch adds annotations under metadata: without an object there it would not apply
+    // (found by the AdmissionReview fuzzer, tests/fuzz-regressions/metadata-not-an-object.json).
+    if !pod.get("metadata").is_some_and(Value::is_object) {
+        return Err(InjectError::NotAPod("no metadata object".into()));
+    }
     let opt_out = |kind: &str| {
         str_at(pod, &format!("/metadata/{kind}/{}", escape(INJECT_KEY))) == Some("false")
     };

@@ -160,6 +160,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_requests_per_connection: u64,
 
+    /// Requests per second one downstream connection may send (bursts of as many); more get
+    /// 429 (`x-weft-reason: connection_rate_limited`). 0 = unlimited.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_request_rate_per_connection: u32,
+
     /// Transparent mode (pods after `weft-proxy init`): the outbound listener takes captured
     /// connections and routes them by their original destination; the inbound listener
     /// (always bound) sends captured connections to 127.0.0.1:<original port>.
@@ -228,6 +233,7 @@ impl Args {
                 .then_some(self.h2_keepalive_interval),
             idle_timeout: self.idle_timeout,
             max_requests_per_connection: self.max_requests_per_connection,
+            max_request_rate_per_connection: self.max_request_rate_per_connection,
             ..ServerLimits::default()
         }
     }

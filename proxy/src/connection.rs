@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{ProxyError, is_grpc};
-use crate::limits::{ListenerLimits, Slot, check_headers};
+use crate::limits::{ListenerLimits, RateBucket, ServerLimits, Slot, check_headers};
 use crate::server::ShutdownSignal;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -41,15 +41,19 @@ pub struct ConnState {
     requests: AtomicU64,
     /// Notified when the connection has served `max_requests_per_connection`.
     quota_reached: Notify,
+    /// With `max_request_rate_per_connection`.
+    rate: Option<RateBucket>,
 }
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(limits: &ServerLimits) -> Self {
+        let rate = limits.max_request_rate_per_connection;
         Self {
             started: Instant::now(),
             last_request_ms: AtomicU64::new(u64::MAX),
             requests: AtomicU64::new(0),
             quota_reached: Notify::new(),
+            rate: (rate != 0).then(|| RateBucket::new(rate)),
         }
     }
 
@@ -83,18 +87,44 @@ where
             .store(conn.since_start_ms(), Ordering::Relaxed);
         let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let limits = &self.listener.limits;
-        if limits.max_requests_per_connection != 0 && served == limits.max_requests_per_connection {
+        let last =
+            limits.max_requests_per_connection != 0 && served == limits.max_requests_per_connection;
+        if last {
+            // Counted here, not when the driver acts: HTTP/1 may close on its own first.
+            self.listener.counters.max_requests.inc();
             conn.quota_reached.notify_one();
         }
-        if let Err(e) = check_headers(&req, limits) {
-            tracing::debug!(listener = self.listener.name, error = %e, "request refused");
+        let checked = check_headers(&req, limits).inspect_err(|_| {
             self.listener.counters.header_too_large.inc();
             self.listener.counters.local_431.inc();
+        });
+        let checked = checked.and_then(|()| match &conn.rate {
+            Some(bucket) => bucket.take().inspect_err(|_| {
+                self.listener.counters.connection_rate.inc();
+                self.listener.counters.local_429.inc();
+            }),
+            None => Ok(()),
+        });
+        if let Err(e) = checked {
+            tracing::debug!(listener = self.listener.name, error = %e, "request refused");
             let grpc = is_grpc(req.headers());
             let resp = ProxyError::Limit(e).to_response(grpc, req.version());
             return EitherFuture::Right(future::ready(Ok(resp.map(Either::Right))));
         }
-        let map: MapResponse<B> = |resp| resp.map(Either::Left);
+        // HTTP/1: the last response itself says close (the driver's graceful close may come
+        // after it is written); HTTP/2 gets its GOAWAY from the driver.
+        let map: MapResponse<B> = if last && req.version() < http::Version::HTTP_2 {
+            |resp| {
+                let mut resp = resp.map(Either::Left);
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                resp
+            }
+        } else {
+            |resp| resp.map(Either::Left)
+        };
         EitherFuture::Left(self.inner.call(req).map_ok(map))
     }
 }
@@ -125,7 +155,7 @@ where
 {
     let listener = slot.listener();
     let limits = &listener.limits;
-    let state = Arc::new(ConnState::new());
+    let state = Arc::new(ConnState::new(limits));
     let service = Limited {
         inner: service,
         conn: state.clone(),
@@ -165,9 +195,7 @@ where
             Close::Idle => {
                 listener.counters.idle_timeout.inc();
             }
-            Close::Quota => {
-                listener.counters.max_requests.inc();
-            }
+            Close::Quota => {}
         }
         conn.as_mut().graceful_shutdown();
         break conn.await;

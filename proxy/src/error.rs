@@ -76,7 +76,7 @@ impl ProxyError {
             ProxyError::Resilience(e) => e.status(),
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            ProxyError::Limit(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Limit(e) => e.status(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! | HTTP/2 keep-alive ping | every 60 s, 20 s to answer | hyper: a dead peer's connection is closed |
 //! | idle connection | 5 min without a new request | [`crate::connection`]: graceful close (in-flight responses finish) |
 //! | requests per connection | unlimited | [`crate::connection`]: graceful close after N (HTTP/1 `connection: close`, HTTP/2 GOAWAY) |
+//! | request rate per connection | unlimited | [`RateBucket`]: `429` + `x-weft-reason: connection_rate_limited` |
 //!
 //! Every refusal or cut is counted in `weft_proxy_listener_limits_total{listener, limit}`.
 
@@ -63,6 +64,8 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// Requests per connection before it is closed gracefully; 0 = unlimited.
     pub max_requests_per_connection: u64,
+    /// Requests per second one connection may send (burst: one second's worth); 0 = unlimited.
+    pub max_request_rate_per_connection: u32,
 }
 
 impl Default for ServerLimits {
@@ -77,6 +80,7 @@ impl Default for ServerLimits {
             h2_keepalive_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(300),
             max_requests_per_connection: 0,
+            max_request_rate_per_connection: 0,
         }
     }
 }
@@ -119,11 +123,61 @@ pub enum LimitError {
     HeadersTooLarge { size: usize, limit: usize },
     #[error("{count} request headers exceed this listener's limit of {limit} (--max-headers)")]
     TooManyHeaders { count: usize, limit: usize },
+    #[error(
+        "more than {rate} requests per second on one connection (--max-request-rate-per-connection)"
+    )]
+    ConnectionRate { rate: u32 },
 }
 
 impl LimitError {
     pub fn reason(&self) -> &'static str {
-        "header_too_large"
+        match self {
+            LimitError::ConnectionRate { .. } => "connection_rate_limited",
+            _ => "header_too_large",
+        }
+    }
+
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            LimitError::ConnectionRate { .. } => http::StatusCode::TOO_MANY_REQUESTS,
+            _ => http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+}
+
+/// A token bucket of one connection: `rate` requests per second, bursts of `rate`. Only the
+/// connection's own requests touch it, so the lock is uncontended (and never held across an
+/// await).
+#[derive(Debug)]
+pub struct RateBucket {
+    rate: u32,
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateBucket {
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate,
+            state: std::sync::Mutex::new((f64::from(rate), tokio::time::Instant::now())),
+        }
+    }
+
+    /// Takes one token, or says the connection is over its rate.
+    pub fn take(&self) -> Result<(), LimitError> {
+        self.take_at(tokio::time::Instant::now())
+    }
+
+    fn take_at(&self, now: tokio::time::Instant) -> Result<(), LimitError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = f64::from(self.rate);
+        let refill = now.saturating_duration_since(state.1).as_secs_f64() * rate;
+        *state = ((state.0 + refill).min(rate), now);
+        if state.0 >= 1.0 {
+            state.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(LimitError::ConnectionRate { rate: self.rate })
+        }
     }
 }
 
@@ -164,8 +218,11 @@ pub struct LimitCounters {
     pub header_timeout: Counter,
     pub idle_timeout: Counter,
     pub max_requests: Counter,
+    pub connection_rate: Counter,
     /// `weft_proxy_local_responses_total{reason="header_too_large"}` of the listener's direction.
     pub local_431: Counter,
+    /// `weft_proxy_local_responses_total{reason="connection_rate_limited"}`.
+    pub local_429: Counter,
 }
 
 /// One listener's limits, counters and open-connection count. Shared by its accept loop and
@@ -350,6 +407,23 @@ mod tests {
             check_headers(&many, &limits),
             Err(LimitError::TooManyHeaders { count: 4, limit: 3 })
         ));
+    }
+
+    #[test]
+    fn the_rate_bucket_allows_a_burst_then_the_rate() {
+        let bucket = RateBucket::new(2);
+        let t0 = bucket.state.lock().unwrap().1;
+        assert!(bucket.take_at(t0).is_ok() && bucket.take_at(t0).is_ok());
+        let err = bucket.take_at(t0).unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(err.reason(), "connection_rate_limited");
+        assert!(
+            err.to_string()
+                .contains("--max-request-rate-per-connection")
+        );
+        let later = t0 + Duration::from_millis(500);
+        assert!(bucket.take_at(later).is_ok());
+        assert!(bucket.take_at(later).is_err());
     }
 
     #[tokio::test]

@@ -260,7 +260,7 @@ impl ProxyMetrics {
         let listener_limits = Family::<Labels2, Counter>::default();
         registry.register(
             "listener_limits",
-            "Connections refused or closed and requests refused by a listener limit (max_connections, header_too_large, header_timeout, idle_timeout, max_requests)",
+            "Connections refused or closed and requests refused by a listener limit (max_connections, header_too_large, header_timeout, idle_timeout, max_requests, connection_rate)",
             listener_limits.clone(),
         );
         let mut by_listener = |name: &str, help: &str| {
@@ -435,9 +435,14 @@ impl ProxyMetrics {
             header_timeout: counter("header_timeout"),
             idle_timeout: counter("idle_timeout"),
             max_requests: counter("max_requests"),
+            connection_rate: counter("connection_rate"),
             local_431: self.local_responses.get_or_create_owned(&[
                 ("direction", direction.as_str()),
                 ("reason", "header_too_large"),
+            ]),
+            local_429: self.local_responses.get_or_create_owned(&[
+                ("direction", direction.as_str()),
+                ("reason", "connection_rate_limited"),
             ]),
         }
     }

@@ -1,5 +1,6 @@
 //! Hostile-input fuzzing of everything a proxy parses from outside: mesh YAML, control-plane
-//! protobuf, and requests against the routing table.
+//! protobuf, requests against the routing table, and trace context headers (W3C
+//! `traceparent`, B3 single and multi).
 //!
 //! A seeded mutational fuzzer (no nightly toolchain needed): seeds are real configurations,
 //! mutations are byte edits and splices of YAML/protocol tokens. CI runs a bounded number of
@@ -15,6 +16,7 @@ use weft_proto::pb::ConfigResponse;
 use weft_proto::{Limits, Resources, parse_yaml, to_resources};
 use weft_proxy::routing::Table;
 use weft_proxy::state::{ProxyState, Source};
+use weft_proxy::trace::context::{self as trace, B3Style, Incoming, Outgoing};
 
 const SEEDS: &[&str] = &[
     include_str!("../../control-plane/src/default-mesh.yaml"),
@@ -284,6 +286,94 @@ fn fuzz_config_protobuf() {
             }
             route_some(&state.load_full().table);
         });
+    }
+}
+
+/// Trace headers as callers send them: W3C, B3 single, B3 multi (`trace|span|sampled`).
+const TRACE_SEEDS: &[&str] = &[
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+    "a3ce929d0e0e4736-e457b5a2e4d86bd1-d",
+    "0",
+    "80f198ee56343ba864fe8b2a57d3eff7|e457b5a2e4d86bd1|1",
+    "a3ce929d0e0e4736|e457b5a2e4d86bd1|true",
+];
+
+/// Reading never panics; whatever context is read, the proxy's own span written from it
+/// reads back as the same trace, in the same B3 style, with the same sampling decision.
+fn check_trace(input: &[u8], kind: usize) {
+    let mut headers = http::HeaderMap::new();
+    let header = |bytes: &[u8]| http::HeaderValue::from_bytes(bytes).ok();
+    match kind % 4 {
+        0 => {
+            if let Some(v) = header(input) {
+                headers.insert(trace::TRACEPARENT, v);
+            }
+        }
+        1 => {
+            if let Some(v) = header(input) {
+                headers.insert(trace::B3, v);
+            }
+        }
+        _ => {
+            let names = [
+                trace::B3_TRACE_ID,
+                trace::B3_SPAN_ID,
+                trace::B3_SAMPLED,
+                trace::B3_FLAGS,
+            ];
+            for (name, part) in names.into_iter().zip(input.split(|b| *b == b'|')) {
+                if let Some(v) = header(part) {
+                    headers.insert(name, v);
+                }
+            }
+            if kind % 4 == 3
+                && let Some(v) = header(input)
+            {
+                // Both at once: W3C must win without the B3 part breaking anything.
+                headers.insert(trace::TRACEPARENT, v);
+            }
+        }
+    }
+    let incoming = Incoming::read(&headers);
+    let Some((trace_id, parent_span)) = incoming.parent else {
+        return;
+    };
+    assert_ne!(trace_id, [0; 16], "an all-zero trace id is invalid");
+    let sampled = incoming.sampled.unwrap_or(true);
+    let own = Outgoing {
+        trace_id,
+        span_id: [7; 8],
+        parent_span_id: Some(parent_span),
+        sampled,
+        b3: incoming.b3,
+    };
+    own.inject(&mut headers);
+    let again = Incoming::read(&headers);
+    assert_eq!(
+        again.parent,
+        Some((trace_id, [7; 8])),
+        "round trip of {incoming:?}"
+    );
+    assert_eq!(again.sampled, Some(sampled));
+    assert_eq!(again.b3, incoming.b3);
+    if incoming.b3 == Some(B3Style::Multi) {
+        assert!(headers.get(trace::B3_FLAGS).is_none());
+    }
+}
+
+#[test]
+fn fuzz_trace_headers() {
+    let (seed, mut f) = fuzzer();
+    for (i, seed_text) in TRACE_SEEDS.iter().enumerate() {
+        check_trace(seed_text.as_bytes(), i);
+    }
+    for i in 0..iterations() {
+        let base = TRACE_SEEDS[i % TRACE_SEEDS.len()].as_bytes();
+        let input = f.mutate(base);
+        guarded("trace headers", seed, i, &input, || check_trace(&input, i));
     }
 }
 

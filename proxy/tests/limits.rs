@@ -1,6 +1,6 @@
 //! Hostile downstream clients against a real `weft-proxy` process on loopback: 10,000 idle
 //! connections, a slowloris, oversized headers, half-closed connections, a full listener,
-//! idle and per-connection quotas. Each test checks that a normal client is still served and
+//! idle, per-connection quota and request rate. Each test checks that a normal client is still served and
 //! that the proxy counts what it refused in `/metrics`.
 
 mod common;
@@ -380,6 +380,37 @@ async fn a_full_listener_refuses_clearly_and_serves_again_once_others_leave() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_its_request_rate_gets_429() {
+    let p = start(&["--max-request-rate-per-connection", "3"]).await;
+    let io = TokioIo::new(TcpStream::connect(p.outbound).await.unwrap());
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // A burst of 10 on one connection: the first 3 pass (bucket of one second's worth).
+    let mut codes = Vec::new();
+    for i in 0..10 {
+        let resp = tx
+            .send_request(get("echo.local", &format!("/{i}")))
+            .await
+            .unwrap();
+        codes.push(resp.status().as_u16());
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(resp.headers()["x-weft-reason"], "connection_rate_limited");
+        }
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 3, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 7, "{codes:?}");
+    assert_eq!(
+        metric(p.admin, &limit_series("outbound", "connection_rate")).await,
+        7
+    );
+    // Another connection has its own budget.
+    normal_get(p.outbound, Version::HTTP_11).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
