@@ -182,6 +182,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             metrics.limit_counters(name, direction),
         )
     };
+    let outbound_limits = listener_limits("outbound", Direction::Outbound);
     let transparent = args.transparent.then(|| Transparent {
         opaque_ports: args.opaque_ports.clone().into(),
         detect_timeout: args.detect_timeout,
@@ -191,7 +192,6 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             state: state.clone(),
             fwd: outbound_svc,
             transparent: transparent.clone(),
-            http: telemetry.metrics.conn_counters("outbound"),
             opaque: telemetry.metrics.conn_counters("passthrough"),
         };
         // iptables REDIRECT sends captured IPv6 connections to [::1]: listen there too when
@@ -204,6 +204,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
                     ctx.clone(),
                     signal.clone(),
                     SHUTDOWN_GRACE,
+                    outbound_limits.clone(),
                 ))),
                 Err(error) => tracing::debug!(%v6, %error, "no IPv6 outbound listener"),
             }
@@ -213,6 +214,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             ctx,
             signal.clone(),
             SHUTDOWN_GRACE,
+            outbound_limits,
         )));
     } else {
         servers.push(tokio::spawn(server::serve_limited(
@@ -223,7 +225,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             }),
             signal.clone(),
             SHUTDOWN_GRACE,
-            listener_limits("outbound", Direction::Outbound),
+            outbound_limits,
         )));
     }
 

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::detect::{Detected, detect};
@@ -18,11 +17,10 @@ use super::original_dst::was_redirected;
 use super::{OriginalDst, Transparent, tcp};
 use crate::counting::CountingIo;
 use crate::forward::Forwarder;
+use crate::limits::{ListenerLimits, Slot};
 use crate::metrics::ConnCounters;
-use crate::server::ShutdownSignal;
+use crate::server::{ACCEPT_ERROR_PAUSE, ShutdownSignal};
 use crate::state::ProxyState;
-
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// What each captured connection needs.
 #[derive(Clone)]
@@ -30,33 +28,30 @@ pub struct Outbound {
     pub state: Arc<ProxyState>,
     pub fwd: Forwarder,
     pub transparent: Transparent,
-    /// HTTP connections (`listener="outbound"`).
-    pub http: ConnCounters,
     /// Opaque and passthrough connections (`listener="passthrough"`).
     pub opaque: ConnCounters,
 }
 
-/// Serves `listener` until `signal`, then drains like [`crate::server::serve`].
+/// Serves `listener` until `signal` under `limits` (shared with the IPv6 listener, so the
+/// connection budget is the port's), then drains like [`crate::server::serve_limited`].
 pub async fn serve(
     listener: TcpListener,
     ctx: Outbound,
     mut signal: ShutdownSignal,
     grace: Duration,
+    limits: Arc<ListenerLimits>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(limits.limits.builder());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some((stream, slot)) = limits.admit(stream) else { continue };
                     let _ = stream.set_nodelay(true);
-                    let (ctx, builder, watcher) = (ctx.clone(), builder.clone(), graceful.watcher());
+                    let (ctx, builder, signal) = (ctx.clone(), builder.clone(), signal.clone());
                     // Detection waits on the client: never in the accept loop.
                     tokio::spawn(async move {
-                        connection(stream, ctx, &builder, watcher).await;
+                        connection(stream, ctx, &builder, slot, signal).await;
                         tracing::trace!(%peer, "outbound connection done");
                     });
                 }
@@ -69,19 +64,17 @@ pub async fn serve(
         }
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(listener = "outbound", grace = ?grace, "grace period over, dropping the remaining connections");
-        }
-    }
+    limits.drain(grace).await;
 }
 
+/// One accepted connection; `slot` is its place under the listener's connection limit, held
+/// until it closes (opaque ones included).
 async fn connection(
     stream: TcpStream,
     ctx: Outbound,
     builder: &auto::Builder<TokioExecutor>,
-    graceful: hyper_util::server::graceful::Watcher,
+    slot: Slot,
+    signal: ShutdownSignal,
 ) {
     let orig = was_redirected(&stream);
     let http = match orig {
@@ -120,8 +113,7 @@ async fn connection(
             ctx.opaque.closed.inc();
         }
         _ => {
-            ctx.http.opened.inc();
-            let io = TokioIo::new(CountingIo::new(stream, &ctx.http));
+            let io = TokioIo::new(CountingIo::new(stream, &slot.listener().conn));
             let fwd = ctx.fwd.clone();
             let service = service_fn(move |mut req| {
                 if let Some(dest) = orig {
@@ -130,11 +122,9 @@ async fn connection(
                 let fwd = fwd.clone();
                 async move { Ok::<_, std::convert::Infallible>(fwd.serve(req).await) }
             });
-            let conn = builder.serve_connection(io, service).into_owned();
-            if let Err(error) = graceful.watch(conn).await {
+            if let Err(error) = crate::connection::serve(builder, io, service, slot, signal).await {
                 tracing::debug!(listener = "outbound", %error, "connection ended with an error");
             }
-            ctx.http.closed.inc();
         }
     }
 }
