@@ -215,8 +215,11 @@ async fn failing_endpoint_is_ejected_and_returns_when_healed() {
         bad * 100 < 400 * 5,
         "ejected endpoint got {bad}/400: {split:?}"
     );
+    // The default balancer is P2C over peak-EWMA latency, not round robin: on a busy machine
+    // one healthy endpoint can look slower for a while (a CI run saw 72/28). What matters
+    // here is that both healthy ones carry the traffic the ejected one no longer gets.
     assert!(
-        split.percent("a") > 30.0 && split.percent("b") > 30.0,
+        split.percent("a") > 15.0 && split.percent("b") > 15.0,
         "{split:?}"
     );
     let scrape = weft_tests::observe::scrape(e.proxy.admin).await;
