@@ -17,3 +17,6 @@ python3 bench/run.py "$@"
 echo
 echo "## control-plane scale (in-process config streams against a real weft-control)"
 WEFT_BIN_DIR=target/release target/release/weft-cp-scale 1000 10000 | tee -a bench/results/results.md
+echo
+echo "## instructions per request (callgrind; independent of the machine's load)"
+bash bench/instructions.sh
