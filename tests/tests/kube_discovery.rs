@@ -228,3 +228,100 @@ async fn services_are_discovered_without_the_gateway_api_crds() {
         api.requests()
     );
 }
+
+/// The weights of the discovered `cart.shop` route's weighted rule, and the version, as
+/// replica `cp` serves them.
+async fn served_weights(cp: &ControlPlane) -> Option<(u64, Vec<u64>)> {
+    let c = HttpClient::http1()
+        .get_json(cp.admin, "/api/v1/config")
+        .await
+        .ok()?;
+    let route = c["config"]["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == "cart.shop")?
+        .clone();
+    let weights = route["rules"][1]["backends"]
+        .as_array()?
+        .iter()
+        .filter_map(|b| b["weight"].as_u64())
+        .collect();
+    Some((c["version"].as_u64()?, weights))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_only_the_leader_writes_the_discovered_layer() {
+    let Some(bin) = weft_tests::etcd::etcd_or_skip("on_etcd_only_the_leader_writes") else {
+        return;
+    };
+    let (v1, v2) = (VersionApp::start("v1").await, VersionApp::start("v2").await);
+    let api = FakeApiServer::start(true).await;
+    for name in ["cart", "cart-v1", "cart-v2"] {
+        api.apply(&service(name));
+    }
+    api.apply(&slice("cart-v1", &[&v1]));
+    api.apply(&slice("cart-v2", &[&v2]));
+    api.apply(&route(80, 20));
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = weft_tests::etcd::Etcd::start(&bin, dir.path()).await;
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut cps = Vec::new();
+    for name in ["cp-a", "cp-b"] {
+        let mut extra = weft_tests::etcd::replica_args(&etcd.url(), name);
+        extra.extend([
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ]);
+        let opts = ControlPlaneOpts {
+            extra_args: extra,
+            ..ControlPlaneOpts::default()
+        };
+        cps.push(ControlPlane::start(dir.path(), name, "services: []\nroutes: []\n", opts).await);
+    }
+    // Both serve the discovered route at one version.
+    let same = |w: Vec<u64>| {
+        let cps = &cps;
+        async move {
+            let mut seen = Vec::new();
+            for cp in cps {
+                seen.push(served_weights(cp).await?);
+            }
+            (seen.iter().all(|s| *s == seen[0]) && seen[0].1 == w).then(|| seen[0].0)
+        }
+    };
+    eventually(CONVERGE, "both replicas to serve 80/20", || {
+        same(vec![80, 20])
+    })
+    .await;
+    let leader = eventually(CONVERGE, "a leader", || async {
+        for (i, cp) in cps.iter().enumerate() {
+            if weft_tests::etcd::leader_status(cp).await?["is_leader"] == true {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let follower = 1 - leader;
+    const APPLIED: &str = "discovered configuration applied";
+    assert!(cps[leader].proc.log_text().contains(APPLIED));
+    assert!(
+        !cps[follower].proc.log_text().contains(APPLIED),
+        "the follower wrote:\n{}",
+        cps[follower].proc.log_tail()
+    );
+
+    // The leader dies; the follower takes over and writes the next change itself.
+    cps[leader].proc.kill();
+    eventually(CONVERGE, "the follower to lead", || async {
+        (weft_tests::etcd::leader_status(&cps[follower]).await?["is_leader"] == true).then_some(())
+    })
+    .await;
+    api.apply(&route(0, 100));
+    eventually(CONVERGE, "the new leader to serve 0/100", || async {
+        (served_weights(&cps[follower]).await?.1 == vec![0, 100]).then_some(())
+    })
+    .await;
+    assert!(cps[follower].proc.log_text().contains(APPLIED));
+}
