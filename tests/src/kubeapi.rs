@@ -2,8 +2,9 @@
 //! uses, over real HTTP on loopback.
 //!
 //! - LIST `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`,
-//!   `/apis/gateway.networking.k8s.io/v1/httproutes` (all namespaces): a `…List` object whose
-//!   `metadata.resourceVersion` is the server's current one.
+//!   `/apis/gateway.networking.k8s.io/v1/httproutes` (all namespaces, or one with
+//!   `…/namespaces/<ns>/…`): a `…List` object whose `metadata.resourceVersion` is the server's
+//!   current one.
 //! - WATCH (the same paths with `watch=true&resourceVersion=N`): a chunked stream of
 //!   newline-delimited `{"type": "ADDED"|"MODIFIED"|"DELETED", "object": …}` events newer than
 //!   N, kept open for the events that follow.
@@ -266,8 +267,22 @@ fn not_found(path: &str) -> Response<Body> {
     )
 }
 
+/// Whether `object` is in the namespace a request is restricted to (`None`: all).
+fn in_scope(namespace: Option<&str>, object: &Value) -> bool {
+    namespace.is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+}
+
 fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path();
+    let full_path = req.uri().path();
+    // `/api/v1/namespaces/shop/services` is `/api/v1/services` restricted to `shop`.
+    let (path, namespace) = match full_path.split_once("/namespaces/") {
+        Some((prefix, rest)) => match rest.split_once('/') {
+            Some((ns, resource)) => (format!("{prefix}/{resource}"), Some(ns.to_owned())),
+            None => (full_path.to_owned(), None),
+        },
+        None => (full_path.to_owned(), None),
+    };
+    let path = path.as_str();
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
@@ -279,20 +294,23 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         })
         .unwrap_or_default();
     let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
-    lock(&shared.requests).push(format!("{} {path}", if watch { "WATCH" } else { "GET" }));
+    lock(&shared.requests).push(format!(
+        "{} {full_path}",
+        if watch { "WATCH" } else { "GET" }
+    ));
     let kind = match Kind::of_path(path) {
         Some(Kind::HttpRoute) if !shared.with_routes => None,
         other => other,
     };
     let Some(kind) = kind.filter(|_| req.method() == http::Method::GET) else {
-        return not_found(path);
+        return not_found(full_path);
     };
     if !watch {
         let state = lock(&shared.state);
         let items: Vec<&Value> = state
             .objects
             .iter()
-            .filter(|((k, _, _), _)| *k == kind)
+            .filter(|((k, _, _), v)| *k == kind && in_scope(namespace.as_deref(), v))
             .map(|(_, v)| v)
             .collect();
         let (api_version, list_kind) = kind.list();
@@ -316,19 +334,28 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         let backlog: Vec<Bytes> = state
             .log
             .iter()
-            .filter(|e| e.kind == kind && e.rv > since)
+            .filter(|e| e.kind == kind && e.rv > since && in_scope(namespace.as_deref(), &e.object))
             .map(Event::line)
             .collect();
         (backlog, state.rv)
     };
     let replayed = futures_util::stream::iter(backlog);
-    let following = futures_util::stream::unfold(live, move |mut live| async move {
-        loop {
-            match live.recv().await {
-                Ok(e) if e.kind == kind && e.rv > last.max(since) => return Some((e.line(), live)),
-                Ok(_) => {}
-                // A slow watcher lost events: end the watch; kube-rs re-lists.
-                Err(_) => return None,
+    let following = futures_util::stream::unfold(live, move |mut live| {
+        let namespace = namespace.clone();
+        async move {
+            loop {
+                match live.recv().await {
+                    Ok(e)
+                        if e.kind == kind
+                            && e.rv > last.max(since)
+                            && in_scope(namespace.as_deref(), &e.object) =>
+                    {
+                        return Some((e.line(), live));
+                    }
+                    Ok(_) => {}
+                    // A slow watcher lost events: end the watch; kube-rs re-lists.
+                    Err(_) => return None,
+                }
             }
         }
     });

@@ -74,18 +74,24 @@ async fn until(client: &HttpClient, proxy: &Proxy, what: &str, ok: impl Fn(&Spli
     .await;
 }
 
-async fn start_mesh(dir: &std::path::Path, api: &FakeApiServer) -> (ControlPlane, Proxy) {
+async fn start_mesh(
+    dir: &std::path::Path,
+    api: &FakeApiServer,
+    extra: &[&str],
+) -> (ControlPlane, Proxy) {
     let kubeconfig = api.kubeconfig(dir);
+    let mut args = vec![
+        "--kubernetes".to_owned(),
+        "--kubeconfig".to_owned(),
+        kubeconfig.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     let cp = ControlPlane::start(
         dir,
         "control",
         "services: []\nroutes: []\n",
         ControlPlaneOpts {
-            extra_args: vec![
-                "--kubernetes".into(),
-                "--kubeconfig".into(),
-                kubeconfig.display().to_string(),
-            ],
+            extra_args: args,
             ..ControlPlaneOpts::default()
         },
     )
@@ -123,7 +129,7 @@ async fn a_watched_httproute_canary_routes_and_follows_changes() {
     api.apply(&route(80, 20));
 
     let dir = tempfile::tempdir().unwrap();
-    let (cp, proxy) = start_mesh(dir.path(), &api).await;
+    let (cp, proxy) = start_mesh(dir.path(), &api, &[]).await;
     let client = HttpClient::http1();
     until(&client, &proxy, "the discovered route to answer", |s| {
         s.failed == 0
@@ -204,13 +210,17 @@ async fn a_watched_httproute_canary_routes_and_follows_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn services_are_discovered_without_the_gateway_api_crds() {
+async fn listed_namespaces_are_discovered_without_the_gateway_api_crds() {
     let app = VersionApp::start("v1").await;
     let api = FakeApiServer::start(false).await;
     api.apply(&service("cart"));
     api.apply(&slice("cart", &[&app]));
+    // Another namespace, not in --discovery-namespace: never discovered.
+    let mut elsewhere = service("cart");
+    elsewhere.metadata.namespace = Some("other".into());
+    api.apply(&elsewhere);
     let dir = tempfile::tempdir().unwrap();
-    let (cp, proxy) = start_mesh(dir.path(), &api).await;
+    let (cp, proxy) = start_mesh(dir.path(), &api, &["--discovery-namespace", "shop"]).await;
     let client = HttpClient::http1();
     until(&client, &proxy, "the Service's own route", |s| {
         s.by_version.get("v1") == Some(&40)
@@ -222,11 +232,26 @@ async fn services_are_discovered_without_the_gateway_api_crds() {
         1,
         "the missing CRD is logged once:\n{log}"
     );
-    assert!(
-        api.requests().iter().any(|r| r.contains("httproutes")),
-        "{:?}",
-        api.requests()
-    );
+    let requests = api.requests();
+    for watched in [
+        "/api/v1/namespaces/shop/services",
+        "/namespaces/shop/httproutes",
+    ] {
+        assert!(requests.iter().any(|r| r.contains(watched)), "{requests:?}");
+    }
+    let served = cp.status().await["version"].as_u64().unwrap();
+    let config = HttpClient::http1()
+        .get_json(cp.admin, "/api/v1/config")
+        .await
+        .unwrap();
+    assert_eq!(config["version"].as_u64(), Some(served));
+    let names: Vec<&str> = config["config"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["cart.shop"], "only the discovered namespace");
 }
 
 /// The weights of the discovered `cart.shop` route's weighted rule, and the version, as
