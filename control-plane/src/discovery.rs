@@ -302,6 +302,8 @@ pub fn route_owner(discovered: &MeshConfig, route: &str) -> Option<String> {
         .iter()
         .filter_map(|rule| rule.name.split_once('#').map(|(owner, _)| owner))
         .collect();
+    // Rules are in precedence order, which may interleave HTTPRoutes.
+    owners.sort_unstable();
     owners.dedup();
     Some(if owners.is_empty() {
         let (name, ns) = route.split_once('.').unwrap_or((route, ""));
