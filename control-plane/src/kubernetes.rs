@@ -13,9 +13,9 @@
 //! the watcher retries with kube-runtime's default backoff (exponential, capped), re-listing
 //! when needed; meanwhile nothing is emitted, so the last good discovered config stays served
 //! (it is also in the store, so a restart serves it before the API server answers). A cluster
-//! without the Gateway API CRDs answers 404 on the HTTPRoute list: that is logged once, and
-//! Services and EndpointSlices are discovered without routes (the watcher keeps retrying
-//! quietly, so installing the CRDs later brings the routes in).
+//! without the Gateway API CRDs answers 404 on the HTTPRoute list (403 if RBAC leaves them
+//! out): that is logged once, and Services and EndpointSlices are discovered without routes
+//! (the watcher keeps retrying quietly, so installing the CRDs later brings the routes in).
 //!
 //! [`feed`] connects a source to the registry. In HA mode only the leader writes the
 //! discovered layer (followers run their watchers too and take the layer in through the shared
@@ -227,11 +227,11 @@ where
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => bump(),
             // The store is swapped whole at InitDone; nothing to emit before.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Err(e) if w.optional && is_not_found(&e) => {
+            Err(e) if w.optional && is_unavailable(&e) => {
                 if !missing_logged {
                     warn!(
                         resource = w.resource, scope = %w.scope,
-                        "not served by the API server (Gateway API CRDs not installed?); discovering without them"
+                        "not served by the API server (Gateway API CRDs not installed?) or not readable (RBAC); discovering without them: {e}"
                     );
                     missing_logged = true;
                 }
@@ -250,10 +250,14 @@ where
     }
 }
 
-fn is_not_found(e: &watcher::Error) -> bool {
+/// 404 (the CRD is not installed) or 403 (RBAC does not grant it): an optional resource is
+/// then discovered as empty rather than holding back the others.
+fn is_unavailable(e: &watcher::Error) -> bool {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+            matches!(status.code, 403 | 404)
+        }
         _ => false,
     }
 }
