@@ -554,6 +554,20 @@ impl Registry {
                 };
                 return Ok((outcome, out));
             }
+            if change.config != layers.base {
+                // An experiment of the base (an `apply`) cannot drive a discovered route
+                // either; said before validation, whose complaint would be less clear.
+                for spec in &change.config.experiments {
+                    if let Some(owner) =
+                        Self::owner(&change.config, &change.discovered, &spec.route)
+                    {
+                        return Err(RegistryError::Discovered {
+                            route: spec.route.clone(),
+                            owner,
+                        });
+                    }
+                }
+            }
             if changed {
                 validate(&merged, &Limits::default())
                     .map_err(|i| RegistryError::Invalid(describe(&i)))?;
@@ -955,6 +969,15 @@ routes:
         // A route the base defines stays the operator's.
         let w = [("v1".to_owned(), 60), ("v2".to_owned(), 40)];
         reg.set_weights("reviews", None, &w).await.unwrap();
+        // Nor can an applied experiment drive it.
+        let mut with_experiment = mesh();
+        let spec = r#"{name: c, route: cart.shop, service: reviews, stable: v1, candidate: v2,
+            canary: {steps: [50, 100]}, interval: 1s}"#;
+        with_experiment
+            .experiments
+            .push(serde_yaml_ng::from_str(spec).unwrap());
+        let err = reg.apply(with_experiment).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Discovered { .. }), "{err}");
     }
 
     #[tokio::test]
