@@ -58,6 +58,9 @@ pub enum AdminError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The target is owned elsewhere (a discovered route: its HTTPRoute).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -70,6 +73,7 @@ impl From<RegistryError> for AdminError {
                 AdminError::BadRequest(e.to_string())
             }
             RegistryError::Store { .. } => AdminError::Internal(e.to_string()),
+            RegistryError::Discovered { .. } => AdminError::Conflict(e.to_string()),
         }
     }
 }
@@ -79,6 +83,7 @@ impl IntoResponse for AdminError {
         let code = match &self {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if code.is_server_error() {

@@ -18,6 +18,10 @@ pub struct Status {
     pub source: String,
     /// Why the last edit of the source file was refused; `null` once a valid file is read.
     pub last_source_error: Option<String>,
+    /// Why the last Kubernetes discovery snapshot was refused (the merged config did not
+    /// validate); `null` once one is accepted or without `--kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_discovery_error: Option<String>,
     /// Every proxy seen since start, sorted by node id; disconnected ones stay listed.
     pub proxies: Vec<ProxyStatus>,
     /// The most recent NACKs over all proxies, oldest first (bounded).

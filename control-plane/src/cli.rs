@@ -32,6 +32,14 @@ pub fn status(s: &api::Status, leader: Option<&crate::leader::LeaderStatus>) -> 
         );
         let _ = writeln!(out, "  {err}");
     }
+    if let Some(err) = &s.last_discovery_error {
+        let _ = writeln!(
+            out,
+            "discovery error (last Kubernetes snapshot refused, version {} stays live):",
+            s.version
+        );
+        let _ = writeln!(out, "  {err}");
+    }
     out.push('\n');
     if s.proxies.is_empty() {
         out.push_str("no proxies have connected\n");
@@ -254,6 +262,7 @@ mod tests {
             version: 7,
             source: "embedded".into(),
             last_source_error: None,
+            last_discovery_error: None,
             proxies: vec![
                 proxy("a-proxy", Some(7), None),
                 proxy("b", None, Some(&"x".repeat(100))),

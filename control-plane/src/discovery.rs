@@ -15,9 +15,17 @@
 //!   it sends everything to the Service itself; otherwise its rules come from the attached
 //!   HTTPRoutes in Gateway API precedence order, one weft rule per HTTPRoute match (matches are
 //!   OR'ed there, AND'ed in weft), with weighted `backendRefs` as weighted backends.
+//!
+//! Layering ([`merge`]): the registry serves `merge(base, discovered)`, where `base` is the
+//! mesh file plus API changes and `discovered` the latest translation. On a name clash the base
+//! wins — a service or route written in mesh.yaml replaces the discovered one of that name —
+//! because the operator's explicit policy beats what was inferred from the cluster, and it is
+//! the one way to take over (and then `set-weight`) a route an HTTPRoute would own. A host a
+//! base route answers is removed from discovered routes, so inference never makes the
+//! operator's config invalid by answering the same name twice.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures_util::future::BoxFuture;
 use gateway_api::apis::standard::httproutes::{
@@ -250,6 +258,59 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
         },
         warnings,
     }
+}
+
+/// The configuration the registry serves: `base` with the discovered services and routes
+/// whose names `base` does not define (see the module docs for why the base wins).
+/// Experiments only ever come from the base.
+pub fn merge(base: &MeshConfig, discovered: &MeshConfig) -> MeshConfig {
+    let mut out = base.clone();
+    let services: HashSet<&str> = base.services.iter().map(|s| s.name.as_str()).collect();
+    out.services.extend(
+        discovered
+            .services
+            .iter()
+            .filter(|s| !services.contains(s.name.as_str()))
+            .cloned(),
+    );
+    let routes: HashSet<&str> = base.routes.iter().map(|r| r.name.as_str()).collect();
+    let hosts: HashSet<&str> = base
+        .routes
+        .iter()
+        .flat_map(|r| r.hosts.iter().map(String::as_str))
+        .collect();
+    for route in discovered
+        .routes
+        .iter()
+        .filter(|r| !routes.contains(r.name.as_str()))
+    {
+        let mut route = route.clone();
+        route.hosts.retain(|h| !hosts.contains(h.as_str()));
+        if !route.hosts.is_empty() {
+            out.routes.push(route);
+        }
+    }
+    out
+}
+
+/// Who owns a discovered route, for errors: the HTTPRoutes its rules came from, or else the
+/// Service it was made for. `None` when `discovered` has no route of that name.
+pub fn route_owner(discovered: &MeshConfig, route: &str) -> Option<String> {
+    let r = discovered.routes.iter().find(|r| r.name == route)?;
+    let mut owners: Vec<&str> = r
+        .rules
+        .iter()
+        .filter_map(|rule| rule.name.split_once('#').map(|(owner, _)| owner))
+        .collect();
+    // Rules are in precedence order, which may interleave HTTPRoutes.
+    owners.sort_unstable();
+    owners.dedup();
+    Some(if owners.is_empty() {
+        let (name, ns) = route.split_once('.').unwrap_or((route, ""));
+        format!("Service {ns}/{name} (no HTTPRoute attached)")
+    } else {
+        format!("HTTPRoute {}", owners.join(", HTTPRoute "))
+    })
 }
 
 fn backend(service: &str, weight: u32) -> model::Backend {

@@ -40,6 +40,9 @@ impl From<ExperimentError> for AdminError {
             ExperimentError::Registry(r @ RegistryError::Store { .. }) => {
                 AdminError::Internal(r.to_string())
             }
+            ExperimentError::Registry(r @ RegistryError::Discovered { .. }) => {
+                AdminError::Conflict(r.to_string())
+            }
             ExperimentError::Registry(r) => AdminError::BadRequest(r.to_string()),
         }
     }

@@ -72,6 +72,22 @@ pub struct Args {
     /// This replica's name in leader election and `weftctl status`; default: its admin address.
     #[arg(long, value_name = "NAME")]
     pub replica_id: Option<String>,
+    /// Discover Services, EndpointSlices and Gateway API HTTPRoutes from the Kubernetes API
+    /// server (in-cluster service account, else KUBECONFIG); they are merged under the
+    /// --config mesh, which wins on a name clash.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The kubeconfig file to use with --kubernetes (instead of in-cluster / KUBECONFIG).
+    #[arg(long, value_name = "PATH", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Only discover these namespaces (repeatable or comma-separated); default: all.
+    #[arg(
+        long,
+        value_name = "NS",
+        value_delimiter = ',',
+        requires = "kubernetes"
+    )]
+    pub discovery_namespace: Vec<String>,
     #[command(flatten)]
     pub webhook: crate::webhook::WebhookArgs,
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info,weft_control=debug".
@@ -107,6 +123,10 @@ impl Args {
             }),
             replica_id: self.replica_id.clone(),
             webhook: self.webhook.options(),
+            kubernetes: self.kubernetes.then(|| crate::kubernetes::KubeOptions {
+                kubeconfig: self.kubeconfig.clone(),
+                namespaces: self.discovery_namespace.clone(),
+            }),
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod experiment_api;
 pub mod experiment_cli;
 pub mod flags;
 pub mod inject;
+pub mod kubernetes;
 pub mod leader;
 pub mod metrics;
 pub mod registry;

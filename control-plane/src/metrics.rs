@@ -37,6 +37,8 @@ pub struct ControlMetrics {
     pub config_version: Gauge,
     pushes: Family<[(&'static str, &'static str); 1], Counter>,
     pub nacks: Counter,
+    /// Kubernetes discovery snapshots refused because the merged config did not validate.
+    pub discovery_refused: Counter,
     push_ack_ms: Histogram,
     convergence_ms: Histogram,
     /// Published versions not yet ACKed by every connected proxy, with when they were
@@ -73,6 +75,12 @@ impl ControlMetrics {
         );
         let nacks = Counter::default();
         registry.register("nacks", "Config responses proxies refused", nacks.clone());
+        let discovery_refused = Counter::default();
+        registry.register(
+            "discovery_refused",
+            "Kubernetes discovery snapshots refused (the merged config did not validate; the last good one stays)",
+            discovery_refused.clone(),
+        );
         let push_ack_ms = Histogram::new(BUCKETS_MS);
         registry.register(
             "push_ack_duration_ms",
@@ -91,6 +99,7 @@ impl ControlMetrics {
             config_version,
             pushes,
             nacks,
+            discovery_refused,
             push_ack_ms,
             convergence_ms,
             pending: Mutex::default(),

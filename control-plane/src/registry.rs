@@ -9,6 +9,23 @@
 //!
 //! Per-proxy status (connected, ACKed version, last NACK) lives beside it under a plain mutex
 //! that is only held for a few field updates, never across an `.await`.
+//!
+//! Two layers: the *base* (the source file, `apply`, `set-weight`, experiments) and the
+//! *discovered* layer (the latest Kubernetes translation, [`Registry::apply_discovered`]). The
+//! served config is [`discovery::merge`]`(base, discovered)` — the base wins on a name clash.
+//! Each mutation replaces one layer and keeps the other; validation applies to the merged
+//! result, so a discovery snapshot that would make it invalid is refused like a bad file edit
+//! (the last good config stays, the reason is in `last_discovery_error`). Both layers are saved
+//! together in one state, so every replica and every restart serves the same merged config at
+//! the same version.
+//!
+//! Discovered routes are owned by their HTTPRoute: `set-weight` and experiments on a route
+//! that exists only in the discovered layer are refused with [`RegistryError::Discovered`],
+//! naming the HTTPRoute. Progressive-delivery controllers (Flagger, Argo Rollouts' Gateway API
+//! plugin) shift a canary by editing the HTTPRoute's weights; weft follows that edit, and a
+//! second writer that the next HTTPRoute event would silently overwrite is worse than a clear
+//! refusal. To drive such a route with weft's own experiments, define it in mesh.yaml (the
+//! base then owns it).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +37,7 @@ use weft_proto::ops::{self, OpError};
 use weft_proto::{Issue, Limits, MeshConfig, Resources, pb, to_resources, validate};
 
 use crate::api;
+use crate::discovery;
 use crate::metrics::ControlMetrics;
 use crate::store::{Revisioned, Store, StoreError, StoredState};
 
@@ -56,6 +74,11 @@ pub enum RegistryError {
     Invalid(String),
     #[error(transparent)]
     Op(#[from] OpError),
+    /// The route comes from the discovered layer; its owner (the HTTPRoute) sets its weights.
+    #[error(
+        "route {route:?} is discovered from Kubernetes and owned by {owner}: change the weights there (kubectl, Flagger, Argo Rollouts), or define the route in the mesh file to manage it with weft"
+    )]
+    Discovered { route: String, owner: String },
     /// Nothing was published: a change that is not durable would be lost (and its version
     /// reused) on restart.
     #[error("could not persist version {version}: {source}")]
@@ -94,6 +117,15 @@ struct Inner {
     experiments: Mutex<Vec<crate::experiment::Record>>,
     /// Bumped when another replica's records are taken in.
     experiments_changed: watch::Sender<u64>,
+    /// The two layers the live config merges; written under `writer` only, read by anyone.
+    layers: Mutex<Layers>,
+}
+
+/// The base and discovered layers of the live config (see the module docs).
+#[derive(Debug, Clone, Default)]
+struct Layers {
+    base: MeshConfig,
+    discovered: MeshConfig,
 }
 
 #[derive(Debug)]
@@ -108,7 +140,9 @@ struct Writer {
 /// What a mutation edits: a copy of the live state.
 #[derive(Debug)]
 struct Change {
+    /// The base layer.
     config: MeshConfig,
+    discovered: MeshConfig,
     experiments: Vec<crate::experiment::Record>,
     source_hash: u64,
 }
@@ -121,6 +155,7 @@ struct Book {
     proxies: BTreeMap<String, ProxyRecord>,
     nacks: VecDeque<api::NackEntry>,
     last_source_error: Option<String>,
+    last_discovery_error: Option<String>,
     next_conn: u64,
 }
 
@@ -164,7 +199,7 @@ impl Registry {
         let limits = Limits::default();
         validate(&config, &limits).map_err(|i| RegistryError::Invalid(describe(&i)))?;
         let mut attempt = 0;
-        let (revision, version, config, experiments) = loop {
+        let (revision, version, layers, experiments) = loop {
             let stored = store
                 .load()
                 .await
@@ -175,38 +210,62 @@ impl Registry {
                 .as_ref()
                 .map(|s| s.experiments.clone())
                 .unwrap_or_default();
-            let (version, config, save) = match stored {
+            let resumed = stored.as_ref().is_some_and(|s| {
                 // A stored config that no longer validates (a stricter build) is not resumed.
-                Some(s) if s.source_hash == source_hash && validate(&s.config, &limits).is_ok() => {
+                s.source_hash == source_hash && validate(&s.config, &limits).is_ok()
+            });
+            let base = match &stored {
+                Some(s) if resumed => {
                     info!(version = s.version, "resuming stored configuration");
-                    (s.version, s.config, false)
+                    s.config.clone()
                 }
-                Some(s) if s.config == config => (s.version, s.config, true),
-                Some(s) => {
+                Some(s) if s.config != config => {
                     info!(
                         stored_version = s.version,
                         "source changed since the state was saved; it replaces the stored config"
                     );
-                    (s.version + 1, config.clone(), true)
+                    config.clone()
                 }
-                None => (1, config.clone(), true),
+                _ => config.clone(),
             };
-            if !save {
-                break (revision, version, config, experiments);
+            // The last good discovered layer is served until the API server answers again;
+            // it is dropped only if it no longer fits the (changed) base.
+            let mut discovered = stored
+                .as_ref()
+                .map(|s| s.discovered.clone())
+                .unwrap_or_default();
+            if validate(&discovery::merge(&base, &discovered), &limits).is_err() {
+                tracing::warn!("the stored discovered layer does not fit the config; dropped");
+                discovered = MeshConfig::default();
+            }
+            let merged = discovery::merge(&base, &discovered);
+            let version = match &stored {
+                Some(s) if discovery::merge(&s.config, &s.discovered) == merged => s.version,
+                Some(s) => s.version + 1,
+                None => 1,
+            };
+            let layers = Layers { base, discovered };
+            let unchanged = stored.as_ref().is_some_and(|s| {
+                resumed && s.version == version && s.discovered == layers.discovered
+            });
+            if unchanged {
+                break (revision, version, layers, experiments);
             }
             let state = StoredState {
                 version,
-                config: config.clone(),
+                config: layers.base.clone(),
+                discovered: layers.discovered.clone(),
                 source_hash,
                 experiments: experiments.clone(),
             };
             match store.save(&state, revision).await {
-                Ok(revision) => break (revision, version, config, experiments),
+                Ok(revision) => break (revision, version, layers, experiments),
                 Err(StoreError::Conflict { .. }) if attempt < CONFLICT_RETRIES => attempt += 1,
                 Err(source) => return Err(RegistryError::Store { version, source }),
             }
         };
-        let (current, _) = watch::channel(Arc::new(Versioned::new(version, config)));
+        let merged = discovery::merge(&layers.base, &layers.discovered);
+        let (current, _) = watch::channel(Arc::new(Versioned::new(version, merged)));
         let (experiments_changed, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -221,6 +280,7 @@ impl Registry {
                 metrics: ControlMetrics::new(),
                 experiments: Mutex::new(experiments),
                 experiments_changed,
+                layers: Mutex::new(layers),
             }),
         })
     }
@@ -313,15 +373,20 @@ impl Registry {
                 self.inner.experiments_changed.send_modify(|n| *n += 1);
             }
         }
+        let merged = discovery::merge(&r.state.config, &r.state.discovered);
+        *self.layers_mut() = Layers {
+            base: r.state.config,
+            discovered: r.state.discovered,
+        };
         let current = self.current();
         if r.state.version > current.version {
             let version = r.state.version;
             self.inner
                 .current
-                .send_replace(Arc::new(Versioned::new(version, r.state.config)));
+                .send_replace(Arc::new(Versioned::new(version, merged)));
             self.inner.metrics.published(version, self.connected());
             info!(version, "new configuration version from the shared store");
-        } else if r.state.config != current.config {
+        } else if merged != current.config {
             // Cannot happen with a compare-and-swap store; never move a version backwards.
             tracing::warn!(
                 stored = r.state.version,
@@ -354,6 +419,40 @@ impl Registry {
         self.book().last_source_error = Some(error);
     }
 
+    /// A new discovered layer (a Kubernetes snapshot's translation); the base stays. When the
+    /// merged result is invalid, the live config stays and the reason is reported in
+    /// `last_discovery_error` (like a refused file edit).
+    pub async fn apply_discovered(&self, config: MeshConfig) -> Result<Outcome, RegistryError> {
+        let result = self
+            .update("discovery", |c, _| {
+                c.discovered = config.clone();
+                Ok(())
+            })
+            .await;
+        let mut book = self.book();
+        match &result {
+            Ok(_) => book.last_discovery_error = None,
+            Err(e) => {
+                book.last_discovery_error = Some(e.to_string());
+                self.inner.metrics.discovery_refused.inc();
+            }
+        }
+        result.map(|(outcome, ())| outcome)
+    }
+
+    /// The owner (HTTPRoute or Service) of `route` when only the discovered layer defines it.
+    pub fn discovered_owner(&self, route: &str) -> Option<String> {
+        let layers = self.layers();
+        Self::owner(&layers.base, &layers.discovered, route)
+    }
+
+    fn owner(base: &MeshConfig, discovered: &MeshConfig, route: &str) -> Option<String> {
+        if base.routes.iter().any(|r| r.name == route) {
+            return None;
+        }
+        discovery::route_owner(discovered, route)
+    }
+
     /// Replaces the whole configuration (`POST /api/v1/apply`).
     pub async fn apply(&self, config: MeshConfig) -> Result<Outcome, RegistryError> {
         let (outcome, ()) = self
@@ -374,6 +473,12 @@ impl Registry {
         weights: &[(String, u32)],
     ) -> Result<(Outcome, usize), RegistryError> {
         self.update("set-weight", |c, _| {
+            if let Some(owner) = Self::owner(&c.config, &c.discovered, route) {
+                return Err(RegistryError::Discovered {
+                    route: route.to_owned(),
+                    owner,
+                });
+            }
             Ok(ops::set_weights(&mut c.config, route, rule, weights)?)
         })
         .await
@@ -390,7 +495,8 @@ impl Registry {
 
     /// Changes the config and the experiment records together, in one version and one save
     /// (so a step's weights and the record saying it was applied never disagree). `f` gets
-    /// the version a config change would get. The config is validated as every change is.
+    /// the base layer and the version a config change would get. The merged config is
+    /// validated as every change is.
     pub async fn update_experiments<T>(
         &self,
         cause: &str,
@@ -422,14 +528,25 @@ impl Registry {
         loop {
             let current = self.current();
             let before = self.experiments();
+            let layers = self.layers().clone();
             let mut change = Change {
-                config: current.config.clone(),
+                config: layers.base.clone(),
+                discovered: layers.discovered.clone(),
                 experiments: before.clone(),
                 source_hash: writer.source_hash,
             };
             let out = f(&mut change, current.version + 1)?;
-            let changed = change.config != current.config;
-            if !changed && change.experiments == before && change.source_hash == writer.source_hash
+            let layers_changed =
+                change.config != layers.base || change.discovered != layers.discovered;
+            let merged = if layers_changed {
+                discovery::merge(&change.config, &change.discovered)
+            } else {
+                current.config.clone()
+            };
+            let changed = merged != current.config;
+            if !layers_changed
+                && change.experiments == before
+                && change.source_hash == writer.source_hash
             {
                 let outcome = Outcome {
                     version: current.version,
@@ -437,14 +554,29 @@ impl Registry {
                 };
                 return Ok((outcome, out));
             }
+            if change.config != layers.base {
+                // An experiment of the base (an `apply`) cannot drive a discovered route
+                // either; said before validation, whose complaint would be less clear.
+                for spec in &change.config.experiments {
+                    if let Some(owner) =
+                        Self::owner(&change.config, &change.discovered, &spec.route)
+                    {
+                        return Err(RegistryError::Discovered {
+                            route: spec.route.clone(),
+                            owner,
+                        });
+                    }
+                }
+            }
             if changed {
-                validate(&change.config, &Limits::default())
+                validate(&merged, &Limits::default())
                     .map_err(|i| RegistryError::Invalid(describe(&i)))?;
             }
             let version = current.version + u64::from(changed);
             let state = StoredState {
                 version,
                 config: change.config,
+                discovered: change.discovered,
                 source_hash: change.source_hash,
                 experiments: change.experiments,
             };
@@ -452,6 +584,10 @@ impl Registry {
                 Ok(revision) => {
                     writer.revision = revision;
                     writer.source_hash = state.source_hash;
+                    *self.layers_mut() = Layers {
+                        base: state.config,
+                        discovered: state.discovered,
+                    };
                     *self
                         .inner
                         .experiments
@@ -460,7 +596,7 @@ impl Registry {
                     if changed {
                         self.inner
                             .current
-                            .send_replace(Arc::new(Versioned::new(version, state.config)));
+                            .send_replace(Arc::new(Versioned::new(version, merged)));
                         self.inner.metrics.published(version, self.connected());
                         info!(version, cause, "new configuration version published");
                     }
@@ -481,6 +617,15 @@ impl Registry {
                 Err(source) => return Err(RegistryError::Store { version, source }),
             }
         }
+    }
+
+    fn layers(&self) -> MutexGuard<'_, Layers> {
+        self.inner.layers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Only under the writer lock (the layers must match the saved state).
+    fn layers_mut(&self) -> MutexGuard<'_, Layers> {
+        self.layers()
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -534,6 +679,7 @@ impl Registry {
             version,
             source: self.inner.source.clone(),
             last_source_error: book.last_source_error.clone(),
+            last_discovery_error: book.last_discovery_error.clone(),
             proxies: book.proxies.values().map(|p| p.status.clone()).collect(),
             nacks: book.nacks.iter().cloned().collect(),
         }
@@ -750,6 +896,119 @@ mod tests {
             stored.config.routes[0].rules[1].backends[1].weight,
             Some(60)
         );
+    }
+
+    /// A discovered layer: service `cart.shop` (one endpoint) and its route, plus a
+    /// `reviews` service and route the base (the default mesh) also defines.
+    fn discovered() -> MeshConfig {
+        let yaml = r#"
+services:
+  - name: cart.shop
+    endpoints: [{address: "10.0.0.1:80"}]
+  - name: reviews
+    endpoints: [{address: "10.0.0.9:80"}]
+routes:
+  - name: cart.shop
+    hosts: [cart.shop, cart]
+    rules:
+      - name: "shop/cart#0.0"
+        backends: [{service: cart.shop}]
+  - name: reviews
+    hosts: [reviews]
+    rules:
+      - backends: [{service: reviews}]
+"#;
+        parse_yaml("d", yaml, &Limits::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_base_wins_and_each_layer_keeps_the_other() {
+        let reg = open(Arc::new(MemoryStore::new()), MESH).await;
+        let out = reg.apply_discovered(discovered()).await.unwrap();
+        assert_eq!((out.version, out.changed), (2, true));
+        let live = reg.current().config.clone();
+        assert!(live.routes.iter().any(|r| r.name == "cart.shop"));
+        // The base's `reviews` beats the discovered one (its subsets are still there).
+        let reviews = live.services.iter().find(|s| s.name == "reviews").unwrap();
+        assert_eq!(reviews, &mesh().services[0]);
+        assert_eq!(
+            live.routes.iter().filter(|r| r.name == "reviews").count(),
+            1
+        );
+
+        // A file reload keeps the discovered layer.
+        let edited = MESH.replace("weight: 100", "weight: 70");
+        let cfg = parse_yaml("t", &edited, &Limits::default()).unwrap();
+        reg.apply_source(cfg, content_hash(edited.as_bytes()))
+            .await
+            .unwrap();
+        assert!(
+            reg.current()
+                .config
+                .routes
+                .iter()
+                .any(|r| r.name == "cart.shop")
+        );
+        // A new snapshot keeps the base (and its edit).
+        reg.apply_discovered(MeshConfig::default()).await.unwrap();
+        let live = reg.current().config.clone();
+        assert!(!live.routes.iter().any(|r| r.name == "cart.shop"));
+        assert_eq!(live.routes[0].rules[1].backends[0].weight, Some(70));
+    }
+
+    #[tokio::test]
+    async fn discovered_routes_belong_to_their_httproute() {
+        let reg = open(Arc::new(MemoryStore::new()), MESH).await;
+        reg.apply_discovered(discovered()).await.unwrap();
+        let err = reg
+            .set_weights("cart.shop", None, &[("cart.shop".into(), 1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Discovered { .. }), "{err}");
+        assert!(err.to_string().contains("HTTPRoute shop/cart"), "{err}");
+        // A route the base defines stays the operator's.
+        let w = [("v1".to_owned(), 60), ("v2".to_owned(), 40)];
+        reg.set_weights("reviews", None, &w).await.unwrap();
+        // Nor can an applied experiment drive it.
+        let mut with_experiment = mesh();
+        let spec = r#"{name: c, route: cart.shop, service: reviews, stable: v1, candidate: v2,
+            canary: {steps: [50, 100]}, interval: 1s}"#;
+        with_experiment
+            .experiments
+            .push(serde_yaml_ng::from_str(spec).unwrap());
+        let err = reg.apply(with_experiment).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Discovered { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_merge_is_refused_and_reported() {
+        let reg = open(Arc::new(MemoryStore::new()), MESH).await;
+        reg.apply_discovered(discovered()).await.unwrap();
+        let good = reg.current();
+        let mut bad = discovered();
+        bad.routes[0].rules[0].backends[0].service = "nowhere".into();
+        let err = reg.apply_discovered(bad).await.unwrap_err();
+        assert!(matches!(err, RegistryError::Invalid(_)), "{err}");
+        assert_eq!(reg.current().version, good.version);
+        assert_eq!(reg.current().config, good.config);
+        let reported = reg.status().last_discovery_error.unwrap();
+        assert!(reported.contains("nowhere"), "{reported}");
+        reg.apply_discovered(discovered()).await.unwrap();
+        assert_eq!(reg.status().last_discovery_error, None);
+    }
+
+    #[tokio::test]
+    async fn the_discovered_layer_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = || -> Arc<dyn Store> { Arc::new(FileStore::open(dir.path()).unwrap()) };
+        let reg = open(store(), MESH).await;
+        reg.apply_discovered(discovered()).await.unwrap();
+        let before = reg.current();
+        drop(reg);
+        // The API server may be away at start: the last discovered layer is served.
+        let reg = open(store(), MESH).await;
+        assert_eq!(reg.current().version, before.version);
+        assert_eq!(reg.current().config, before.config);
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use tracing::info;
 use crate::ca::{Ca, CaError, CaOptions};
 use crate::certify::{BootstrapTokens, CertifyServer};
 use crate::etcd::EtcdStore;
+use crate::kubernetes::{KubeError, KubeOptions, KubeSource};
 use crate::leader::{Election, Leadership};
 use crate::registry::{Registry, RegistryError};
 use crate::shutdown::Shutdown;
@@ -43,6 +44,8 @@ pub struct Options {
     pub replica_id: Option<String>,
     /// The sidecar injector's HTTPS endpoint; `None`: not served.
     pub webhook: Option<WebhookOptions>,
+    /// Discovery from a Kubernetes API server; `None`: the mesh file only.
+    pub kubernetes: Option<KubeOptions>,
 }
 
 /// `--etcd-endpoints`, `--etcd-prefix`, `--leader-ttl`.
@@ -68,6 +71,7 @@ impl Default for Options {
             etcd: None,
             replica_id: None,
             webhook: None,
+            kubernetes: None,
         }
     }
 }
@@ -99,6 +103,8 @@ pub enum ServerError {
     Admin(#[source] std::io::Error),
     #[error(transparent)]
     Webhook(#[from] WebhookError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
 }
 
 /// A control plane bound to its listeners, not yet serving.
@@ -116,6 +122,8 @@ pub struct ControlPlane {
     leadership: Leadership,
     election: Option<Election>,
     webhook: Option<Webhook>,
+    /// The API server client and the namespaces to discover (`--kubernetes`).
+    kube: Option<crate::kubernetes::Cluster>,
 }
 
 /// The injector endpoint, bound.
@@ -209,7 +217,16 @@ impl ControlPlane {
             )),
             Source::Embedded => None,
         };
+        // A bad kubeconfig is an error at start; an unreachable API server is not (retried).
+        let kube = match &opts.kubernetes {
+            Some(k) => Some(crate::kubernetes::Cluster {
+                client: crate::kubernetes::client(k).await?,
+                namespaces: k.namespaces.clone(),
+            }),
+            None => None,
+        };
         Ok(Self {
+            kube,
             registry,
             grpc,
             grpc_addr,
@@ -281,6 +298,14 @@ impl ControlPlane {
             .merge(crate::leader::router(self.leadership.clone()));
         let admin = admin::serve(self.admin, self.registry.clone(), extra, shutdown.clone());
         let engine = tokio::spawn(engine.run());
+        let discovery = self.kube.map(|cluster| {
+            tokio::spawn(crate::kubernetes::feed(
+                KubeSource::start(&cluster.client, &cluster.namespaces),
+                self.registry.clone(),
+                self.leadership.clone(),
+                shutdown.clone(),
+            ))
+        });
         let webhook = self.webhook.map(|w| {
             tokio::spawn(crate::webhook::serve(
                 w.listener,
@@ -302,6 +327,9 @@ impl ControlPlane {
             watch,
         )?;
         let _ = engine.await;
+        if let Some(discovery) = discovery {
+            let _ = discovery.await;
+        }
         follow.abort();
         if let Some(election) = election {
             // Revokes the lease so another replica takes over at once.

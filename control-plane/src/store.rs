@@ -31,8 +31,13 @@ pub const STATE_FILE: &str = "state.json";
 pub struct StoredState {
     /// Version of `config`; only grows.
     pub version: u64,
-    /// The live configuration, including mutations made through the admin API.
+    /// The base configuration (the source file, with mutations made through the admin API).
+    /// The served config is [`crate::discovery::merge`] of it and `discovered`.
     pub config: MeshConfig,
+    /// The layer discovered from Kubernetes (`--kubernetes`), kept so a restart or another
+    /// replica serves the last good discovered config before the API server answers.
+    #[serde(default, skip_serializing_if = "is_empty_mesh")]
+    pub discovered: MeshConfig,
     /// [`content_hash`] of the source file text `config` derived from. On restart, a matching
     /// hash means the file did not change meanwhile, so the stored config (with its API
     /// mutations) is still the truth.
@@ -40,6 +45,10 @@ pub struct StoredState {
     /// Experiments and where each one is, so a restart resumes them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub experiments: Vec<crate::experiment::Record>,
+}
+
+fn is_empty_mesh(m: &MeshConfig) -> bool {
+    *m == MeshConfig::default()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +288,7 @@ mod tests {
         StoredState {
             version,
             config,
+            discovered: MeshConfig::default(),
             source_hash: content_hash(b"x"),
             experiments: Vec::new(),
         }

@@ -231,3 +231,54 @@ spec:
     assert_eq!(route.rules.len(), 1);
     assert_eq!(route.rules[0].backends[0].service, "reviews-v1.bookinfo");
 }
+
+#[test]
+fn the_base_layer_wins_name_and_host_clashes() {
+    use weft_control::discovery::{merge, route_owner};
+    let discovered = translate(&snapshot(CANARY_80_20)).config;
+    // The operator's file defines reviews-v2.bookinfo itself and answers the host
+    // `reviews-v1.bookinfo` with its own route.
+    let base = weft_proto::parse_yaml(
+        "mesh.yaml",
+        r#"
+services:
+  - name: reviews-v2.bookinfo
+    endpoints: [{address: "10.9.9.9:9080"}]
+routes:
+  - name: pinned
+    hosts: [reviews-v1.bookinfo]
+    rules:
+      - backends: [{service: reviews-v2.bookinfo}]
+"#,
+        &Limits::default(),
+    )
+    .unwrap();
+    let merged = merge(&base, &discovered);
+    validate(&merged, &Limits::default()).expect("the merge validates");
+    let v2: Vec<_> = merged
+        .services
+        .iter()
+        .filter(|s| s.name == "reviews-v2.bookinfo")
+        .collect();
+    assert_eq!(v2.len(), 1);
+    assert_eq!(v2[0].endpoints[0].address, "10.9.9.9:9080", "the base's");
+    let v1 = merged
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews-v1.bookinfo")
+        .unwrap();
+    assert!(!v1.hosts.contains(&"reviews-v1.bookinfo".to_owned()));
+    assert!(v1.hosts.contains(&"reviews-v1.bookinfo.svc".to_owned()));
+    // Nothing discovered: the base alone.
+    assert_eq!(merge(&base, &Default::default()), base);
+
+    assert_eq!(
+        route_owner(&discovered, "reviews.bookinfo").as_deref(),
+        Some("HTTPRoute bookinfo/reviews-canary")
+    );
+    assert_eq!(
+        route_owner(&discovered, "reviews-v1.bookinfo").as_deref(),
+        Some("Service bookinfo/reviews-v1 (no HTTPRoute attached)")
+    );
+    assert_eq!(route_owner(&discovered, "nope"), None);
+}

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod etcd;
 pub mod http;
 pub mod identity;
+pub mod kubeapi;
 pub mod load;
 pub mod mesh;
 pub mod netns;

@@ -213,6 +213,14 @@ impl Engine {
 
     /// Starts an experiment given through the API (replacing a finished one of that name).
     pub async fn start(&self, spec: ExperimentSpec) -> Result<Status, ExperimentError> {
+        if let Some(owner) = self.inner.registry.discovered_owner(&spec.route) {
+            // Its HTTPRoute sets its weights; see the registry docs.
+            return Err(RegistryError::Discovered {
+                route: spec.route.clone(),
+                owner,
+            }
+            .into());
+        }
         let cfg = self.inner.registry.current().config.clone();
         let issues = weft_proto::experiment::check_spec(&spec, &cfg, &[]);
         if !issues.is_empty() {
