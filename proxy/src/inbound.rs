@@ -36,7 +36,7 @@ use crate::intercept::{Transparent, tcp};
 use crate::limits::{ListenerLimits, Slot};
 use crate::metrics::ConnCounters;
 use crate::policy::{AuthzStats, RequestAttrs};
-use crate::server::{ACCEPT_ERROR_PAUSE, ShutdownSignal};
+use crate::server::{self, ShutdownSignal};
 use crate::state::ProxyState;
 
 /// The caller's SPIFFE ID, set by the inbound proxy for mTLS callers.
@@ -191,58 +191,44 @@ pub async fn serve(
     guard: Guard,
     identity: Option<Arc<Identity>>,
     captured: Option<Captured>,
-    mut signal: ShutdownSignal,
+    signal: ShutdownSignal,
     grace: Duration,
     limits: Arc<ListenerLimits>,
 ) {
     let port = listener.local_addr().map_or(0, |a| a.port());
     let acceptor = identity.map(|id| TlsAcceptor::from(server_config(id)));
     let builder = Arc::new(limits.limits.builder());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Some((stream, slot)) = limits.admit(stream) else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let (guard, acceptor, builder, signal, captured, limits) = (
-                        guard.clone(),
-                        acceptor.clone(),
-                        builder.clone(),
-                        signal.clone(),
-                        captured.clone(),
-                        limits.clone(),
-                    );
-                    // The peek and handshake run in the connection's own task, so a slow
-                    // client never holds up the accept loop.
-                    tokio::spawn(async move {
-                        let (stream, guard, port) = match &captured {
-                            Some(captured) => match capture(stream, port, guard, captured).await {
-                                Ok(Some(next)) => next,
-                                Ok(None) => return,
-                                Err(error) => {
-                                    tracing::debug!(%peer, %error, "captured inbound connection refused or failed");
-                                    return;
-                                }
-                            },
-                            None => (stream, guard, port),
-                        };
-                        // Counted from here: opaque connections have their own counters.
-                        let stream = CountingIo::new(stream, &limits.conn);
-                        if let Err(error) = connection(stream, port, guard, acceptor, &builder, slot, signal).await {
-                            tracing::debug!(%peer, %error, "inbound connection refused or failed");
-                        }
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(listener = "inbound", %error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
-            },
-            () = signal.wait() => break,
+    let conn_signal = signal.clone();
+    server::accept_loop(listener, limits, signal, grace, move |stream, peer, slot| {
+        let (guard, acceptor, builder, signal, captured) = (
+            guard.clone(),
+            acceptor.clone(),
+            builder.clone(),
+            conn_signal.clone(),
+            captured.clone(),
+        );
+        async move {
+            let (stream, guard, port) = match &captured {
+                Some(captured) => match capture(stream, port, guard, captured).await {
+                    Ok(Some(next)) => next,
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "captured inbound connection refused or failed");
+                        return;
+                    }
+                },
+                None => (stream, guard, port),
+            };
+            // Counted from here: opaque connections have their own counters.
+            let stream = CountingIo::new(stream, &slot.listener().conn);
+            if let Err(error) =
+                connection(stream, port, guard, acceptor, &builder, slot, signal).await
+            {
+                tracing::debug!(%peer, %error, "inbound connection refused or failed");
+            }
         }
-    }
-    drop(listener);
-    limits.drain(grace).await;
+    })
+    .await;
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -7,6 +7,7 @@
 //! GOAWAY) and are given a grace period before the runtime drops them.
 
 use std::error::Error as StdError;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,14 +17,14 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::counting::CountingIo;
-use crate::limits::{ListenerLimits, ServerLimits};
+use crate::limits::{ListenerLimits, ServerLimits, Slot};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Tells every accept loop to stop. Dropping it has the same effect.
 #[derive(Debug)]
@@ -80,7 +81,7 @@ pub async fn serve<S, B>(
 pub async fn serve_limited<S, B>(
     listener: TcpListener,
     service: S,
-    mut signal: ShutdownSignal,
+    signal: ShutdownSignal,
     grace: Duration,
     limits: Arc<ListenerLimits>,
 ) where
@@ -90,25 +91,47 @@ pub async fn serve_limited<S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let name = limits.name;
     let builder = Arc::new(limits.limits.builder());
+    let conn_signal = signal.clone();
+    accept_loop(listener, limits, signal, grace, move |stream, peer, slot| {
+        let io = TokioIo::new(CountingIo::new(stream, &slot.listener().conn));
+        let (builder, service, signal) = (builder.clone(), service.clone(), conn_signal.clone());
+        async move {
+            let name = slot.listener().name;
+            if let Err(error) = crate::connection::serve(&builder, io, service, slot, signal).await
+            {
+                tracing::debug!(listener = name, %peer, %error, "connection ended with an error");
+            }
+        }
+    })
+    .await;
+}
+
+/// The accept loop of every traffic listener: admits each connection under `limits` (over the
+/// cap it is refused there), sets TCP_NODELAY (proxied requests are small and
+/// latency-sensitive), and runs `handle` in the connection's own task, so a slow client (TLS
+/// handshake, protocol detection) never holds up accepting. On `signal` it stops accepting and
+/// waits up to `grace` for the listener's open connections to finish.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limits: Arc<ListenerLimits>,
+    mut signal: ShutdownSignal,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Slot) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Some((stream, slot)) = limits.admit(stream) else { continue };
-                    // Proxied requests are latency-sensitive and small; don't batch them.
                     let _ = stream.set_nodelay(true);
-                    let io = TokioIo::new(CountingIo::new(stream, &limits.conn));
-                    let (builder, service, signal) = (builder.clone(), service.clone(), signal.clone());
-                    tokio::spawn(async move {
-                        if let Err(error) = crate::connection::serve(&builder, io, service, slot, signal).await {
-                            tracing::debug!(listener = name, %peer, %error, "connection ended with an error");
-                        }
-                    });
+                    tokio::spawn(handle(stream, peer, slot));
                 }
                 Err(error) => {
-                    tracing::warn!(listener = name, %error, "accept failed");
+                    tracing::warn!(listener = limits.name, %error, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },

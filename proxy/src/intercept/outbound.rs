@@ -19,7 +19,7 @@ use crate::counting::CountingIo;
 use crate::forward::Forwarder;
 use crate::limits::{ListenerLimits, Slot};
 use crate::metrics::ConnCounters;
-use crate::server::{ACCEPT_ERROR_PAUSE, ShutdownSignal};
+use crate::server::{self, ShutdownSignal};
 use crate::state::ProxyState;
 
 /// What each captured connection needs.
@@ -37,34 +37,26 @@ pub struct Outbound {
 pub async fn serve(
     listener: TcpListener,
     ctx: Outbound,
-    mut signal: ShutdownSignal,
+    signal: ShutdownSignal,
     grace: Duration,
     limits: Arc<ListenerLimits>,
 ) {
     let builder = Arc::new(limits.limits.builder());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Some((stream, slot)) = limits.admit(stream) else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let (ctx, builder, signal) = (ctx.clone(), builder.clone(), signal.clone());
-                    // Detection waits on the client: never in the accept loop.
-                    tokio::spawn(async move {
-                        connection(stream, ctx, &builder, slot, signal).await;
-                        tracing::trace!(%peer, "outbound connection done");
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(listener = "outbound", %error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
-            },
-            () = signal.wait() => break,
-        }
-    }
-    drop(listener);
-    limits.drain(grace).await;
+    let conn_signal = signal.clone();
+    server::accept_loop(
+        listener,
+        limits,
+        signal,
+        grace,
+        move |stream, peer, slot| {
+            let (ctx, builder, signal) = (ctx.clone(), builder.clone(), conn_signal.clone());
+            async move {
+                connection(stream, ctx, &builder, slot, signal).await;
+                tracing::trace!(%peer, "outbound connection done");
+            }
+        },
+    )
+    .await;
 }
 
 /// One accepted connection; `slot` is its place under the listener's connection limit, held
