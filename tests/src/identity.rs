@@ -61,7 +61,10 @@ impl HeaderApp {
         Self::serve(move |_| body.clone()).await
     }
 
-    async fn serve(f: impl Fn(&Request<Incoming>) -> String + Send + Sync + 'static) -> HeaderApp {
+    /// Serves the body `f` makes of each request, as JSON.
+    pub async fn serve(
+        f: impl Fn(&Request<Incoming>) -> String + Send + Sync + 'static,
+    ) -> HeaderApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let addr = listener.local_addr().expect("app addr");
         let f = Arc::new(f);

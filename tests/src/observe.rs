@@ -3,23 +3,16 @@
 //! echoes the headers it received, and `/metrics` scraping with a real Prometheus parser.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::http::HttpClient;
+use crate::identity::HeaderApp;
 use crate::procs::Proc;
 
 /// Where `rotel-agent` is: `$WEFT_ROTEL_AGENT`, `rotel-agent` on `PATH`, or inside the
@@ -200,56 +193,24 @@ pub fn parse_debug_log(text: &str) -> Vec<Span> {
     spans
 }
 
-/// An HTTP app that answers with the request headers it received, as a JSON object
-/// (lower-case names; repeated headers joined by `, `).
-pub struct HeaderApp {
-    pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl HeaderApp {
-    pub async fn start() -> HeaderApp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
-        let addr = listener.local_addr().expect("app addr");
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc = service_fn(|req: Request<Incoming>| async move {
-                        let mut seen = serde_json::Map::new();
-                        for name in req.headers().keys() {
-                            let values: Vec<&str> = req
-                                .headers()
-                                .get_all(name)
-                                .iter()
-                                .filter_map(|v| v.to_str().ok())
-                                .collect();
-                            seen.insert(name.as_str().to_owned(), values.join(", ").into());
-                        }
-                        let body = serde_json::Value::Object(seen).to_string();
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body)))
-                                .expect("response"),
-                        )
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        HeaderApp { addr, task }
-    }
-}
-
-impl Drop for HeaderApp {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// An HTTP app that answers with the request headers it received, as a flat JSON object
+/// (lower-case names; repeated headers joined by `, `), which is what the trace-header tests
+/// compare.
+pub async fn header_app() -> HeaderApp {
+    HeaderApp::serve(|req: &Request<Incoming>| {
+        let mut seen = serde_json::Map::new();
+        for name in req.headers().keys() {
+            let values: Vec<&str> = req
+                .headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            seen.insert(name.as_str().to_owned(), values.join(", ").into());
+        }
+        serde_json::Value::Object(seen).to_string()
+    })
+    .await
 }
 
 /// A proxy's `/metrics`, parsed by the `prometheus-parse` crate.

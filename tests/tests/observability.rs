@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use weft_tests::identity::HeaderApp;
 use weft_tests::mesh::two_versions;
-use weft_tests::observe::{Collector, HeaderApp, Span, collector_or_skip, scrape, value};
+use weft_tests::observe::{Collector, Span, collector_or_skip, header_app, scrape, value};
 use weft_tests::{HttpClient, Proxy, ProxyOpts, VersionApp, eventually};
 
 /// A static mesh with one service `reviews` at `endpoint`.
@@ -33,7 +34,7 @@ struct TwoHops {
 }
 
 async fn two_hops(dir: &Path, collector: &Collector) -> TwoHops {
-    let app = HeaderApp::start().await;
+    let app = header_app().await;
     let otlp = |extra: &[&str]| {
         let mut v = vec![
             "--otlp-endpoint".to_owned(),
