@@ -136,17 +136,7 @@ impl Upstream {
         }
         strip_hop_by_hop(&mut parts.headers);
 
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        uri.authority = Some(endpoint.clone());
-        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
+        parts.uri = origin_uri(&parts.uri, Scheme::HTTP, endpoint.clone());
 
         let client = match protocol {
             UpstreamProtocol::Http1 => {
@@ -227,6 +217,20 @@ fn root_cause(err: &(dyn StdError + 'static)) -> String {
         messages.remove(0);
     }
     messages.join(": ")
+}
+
+/// `uri`'s path and query (`/` when it has none) under `scheme` and `authority`: the URI a
+/// request is sent upstream with.
+pub fn origin_uri(uri: &Uri, scheme: Scheme, authority: Authority) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
 }
 
 /// Headers that describe one connection, not the message, and so never cross a proxy

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,7 +25,7 @@ use super::Identity;
 use super::verify::{ALPN_H2, client_config};
 use crate::body::ProxyBody;
 use crate::resilience::replay::RequestBody;
-use crate::upstream::{UpstreamError, strip_hop_by_hop};
+use crate::upstream::{UpstreamError, origin_uri, strip_hop_by_hop};
 
 /// Tells the inbound sidecar which protocol the calling app spoke (only `http1` is sent).
 pub const APP_PROTOCOL_HEADER: &str = "x-weft-app-protocol";
@@ -98,17 +98,11 @@ impl MeshClient {
                 .headers
                 .insert(APP_PROTOCOL_HEADER, HeaderValue::from_static("http1"));
         }
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTPS);
-        uri.authority = Some(authority.unwrap_or_else(|| endpoint.clone()));
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        parts.uri = origin_uri(
+            &parts.uri,
+            Scheme::HTTPS,
+            authority.unwrap_or_else(|| endpoint.clone()),
         );
-        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a valid URI");
         parts.version = Version::HTTP_2;
         let mut req = Request::from_parts(parts, body);
 
