@@ -11,13 +11,14 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
+
+use crate::pool::UpstreamBody;
 
 use crate::resilience::timeout::{BoxError, TrackedBody};
 
 #[derive(Debug)]
 pub enum ProxyBody {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Full<Bytes>),
     /// An upstream body under a resilience policy (slots held, stream idle timeout).
     Tracked(TrackedBody),

@@ -171,6 +171,9 @@ where
     tokio::pin!(idle);
     let result = loop {
         let close = tokio::select! {
+            // In order, the connection first: no random draw per wakeup (this loop is polled on
+            // every read and write of the connection).
+            biased;
             result = conn.as_mut() => break result,
             () = signal.wait() => Close::Shutdown,
             () = state.quota_reached.notified() => Close::Quota,

@@ -38,6 +38,7 @@ pub mod log_level;
 pub mod metrics;
 pub mod observe;
 pub mod policy;
+pub mod pool;
 pub mod resilience;
 pub mod routing;
 pub mod server;

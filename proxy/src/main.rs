@@ -30,11 +30,17 @@ fn main() -> ExitCode {
         || std::thread::available_parallelism().map_or(1, usize::from),
         usize::from,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime, as linkerd2-proxy does on one core. The multi-thread
+    // scheduler with a single worker still pays for cross-thread wakeups between the main thread
+    // and its worker, and its extra thread sleeps and wakes in epoll on every quiet moment.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft-proxy: cannot start the runtime: {e}");

@@ -1,21 +1,22 @@
 //! Upstream connection pools and the one function that sends a request to an endpoint.
 //!
-//! Two `hyper_util` legacy clients are built once and shared by every listener: one speaking
-//! HTTP/1.1 with keep-alive, one speaking HTTP/2 with prior knowledge (h2c). Each pools
-//! connections per endpoint authority; the HTTP/2 one multiplexes requests over them.
+//! Per service, two pools: HTTP/1.1 keep-alive connections in the proxy's own
+//! [`Http1Pool`](crate::pool::Http1Pool) (the hot path), and HTTP/2 with prior knowledge (h2c)
+//! in a `hyper_util` legacy client, which multiplexes requests over one connection per
+//! endpoint.
 
 use std::error::Error as StdError;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
+use crate::pool::{Http1Pool, UpstreamBody};
 use crate::resilience::connector::{Connector, TooManyConnections};
 use crate::resilience::registry::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, PoolKey};
 use crate::resilience::replay::RequestBody;
@@ -55,7 +56,7 @@ impl UpstreamProtocol {
 /// The shared upstream clients. Cheap to clone (the pools are behind `Arc`s).
 #[derive(Clone)]
 pub struct Upstream {
-    http1: Client<Connector, RequestBody>,
+    http1: Http1Pool,
     http2: Client<Connector, RequestBody>,
 }
 
@@ -87,19 +88,17 @@ impl Upstream {
         connector.set_connect_timeout(Some(key.connect_timeout));
         // One connection cap shared by both pools of the service.
         let connector = Connector::new(connector, key.max_connections);
-        let build = |http2_only: bool| {
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(key.idle_timeout)
-                // The proxy keeps the Host the client sent; never invent one from the endpoint.
-                .set_host(false)
-                .http2_only(http2_only)
-                .build(connector.clone())
-        };
+        let http2 = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(key.idle_timeout)
+            // The proxy keeps the Host the client sent; never invent one from the endpoint.
+            .set_host(false)
+            .http2_only(true)
+            .build(connector.clone());
         Self {
-            http1: build(false),
-            http2: build(true),
+            http1: Http1Pool::new(connector, key.idle_timeout),
+            http2,
         }
     }
 
@@ -120,7 +119,7 @@ impl Upstream {
         req: Request<RequestBody>,
         endpoint: Authority,
         protocol: UpstreamProtocol,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let downstream_version = req.version();
         let (mut parts, body) = req.into_parts();
 
@@ -136,22 +135,31 @@ impl Upstream {
         }
         strip_hop_by_hop(&mut parts.headers);
 
-        parts.uri = origin_uri(&parts.uri, Scheme::HTTP, endpoint.clone());
-
-        let client = match protocol {
+        let resp = match protocol {
             UpstreamProtocol::Http1 => {
+                // Origin-form on the wire; the endpoint is the connection, not the URI.
+                parts.uri = Uri::from(
+                    parts
+                        .uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                );
                 parts.version = Version::HTTP_11;
-                &self.http1
+                self.http1
+                    .send(endpoint, Request::from_parts(parts, body))
+                    .await?
             }
             UpstreamProtocol::Http2 => {
+                parts.uri = origin_uri(&parts.uri, Scheme::HTTP, endpoint.clone());
                 parts.version = Version::HTTP_2;
-                &self.http2
+                self.http2
+                    .request(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|e| classify(&e, endpoint.as_str()))?
+                    .map(UpstreamBody::new)
             }
         };
-        let resp = client
-            .request(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| classify(&e, endpoint.as_str()))?;
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -187,7 +195,7 @@ fn in_chain<E: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
 }
 
 /// Whether an `io::ErrorKind::TimedOut` (the connector's connect timeout) is in the chain.
-fn timed_out(err: &(dyn StdError + 'static)) -> bool {
+pub(crate) fn timed_out(err: &(dyn StdError + 'static)) -> bool {
     let mut next = Some(err);
     while let Some(e) = next {
         if e.downcast_ref::<std::io::Error>()
@@ -202,7 +210,7 @@ fn timed_out(err: &(dyn StdError + 'static)) -> bool {
 
 /// The innermost error's message (e.g. `Connection refused (os error 111)`), prefixed by the
 /// outer ones that add something, so a reader sees the OS error without a debug dump.
-fn root_cause(err: &(dyn StdError + 'static)) -> String {
+pub(crate) fn root_cause(err: &(dyn StdError + 'static)) -> String {
     let mut messages: Vec<String> = Vec::new();
     let mut next = Some(err);
     while let Some(e) = next {

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::pool::UpstreamBody;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Version};
@@ -79,7 +80,7 @@ impl MeshClient {
         req: Request<RequestBody>,
         endpoint: Authority,
         expected: Arc<str>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let downstream_version = req.version();
         let (mut parts, body) = req.into_parts();
         // HTTP/2 carries the authority as `:authority`; take it from Host when the app spoke
@@ -116,7 +117,7 @@ impl MeshClient {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts.version = downstream_version;
-                    return Ok(Response::from_parts(parts, body));
+                    return Ok(Response::from_parts(parts, UpstreamBody::new(body)));
                 }
                 Err(mut e) => {
                     self.forget(&key);

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::pool::UpstreamBody;
 use http::header::HeaderName;
 use http::request::Parts;
 use http::{Request, Response};
@@ -276,7 +277,7 @@ async fn attempts(
         };
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let send = || send(mtls, &rt.upstream, attempt, endpoint.clone(), protocol);
-        let result: Result<Response<Incoming>, ProxyError> = match per_try {
+        let result: Result<Response<UpstreamBody>, ProxyError> = match per_try {
             None => send().await.map_err(Into::into),
             Some(t) => match tokio::time::timeout(t, send()).await {
                 Ok(r) => r.map_err(Into::into),
@@ -384,7 +385,7 @@ async fn send(
     attempt: Request<RequestBody>,
     endpoint: http::uri::Authority,
     protocol: UpstreamProtocol,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<UpstreamBody>, UpstreamError> {
     match mtls {
         Some(m) => m.client.send(attempt, endpoint, m.identity.clone()).await,
         None => upstream.send(attempt, endpoint, protocol).await,

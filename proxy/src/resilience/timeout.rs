@@ -7,9 +7,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::bulkhead::Permit;
@@ -48,7 +48,7 @@ pub struct StreamIdleTimeout(pub Duration);
 /// An upstream response body with the slots it holds and an optional idle timer.
 #[derive(Debug)]
 pub struct TrackedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     _inflight: Option<InflightGuard>,
     _permit: Option<Permit>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
@@ -56,7 +56,7 @@ pub struct TrackedBody {
 
 impl TrackedBody {
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         inflight: Option<InflightGuard>,
         permit: Option<Permit>,
         idle: Option<Duration>,
