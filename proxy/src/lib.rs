@@ -28,6 +28,7 @@ pub mod connection;
 pub mod counting;
 pub mod error;
 pub mod forward;
+pub mod h1;
 pub mod health;
 pub mod identity;
 pub mod inbound;

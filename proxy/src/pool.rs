@@ -2,16 +2,15 @@
 //! last-in first-out and given back when the response body has been read to its end.
 //!
 //! Why not hyper-util's legacy client: per request it hashed its key with SipHash twice,
-//! allocated a boxed future and a oneshot, and spawned a task that waited for the connection to
-//! become idle (about a fifth of the proxy's instructions per request). Here a request costs a
-//! lock, a pop and a push; the connection goes back from the response body's `Drop`, which
-//! hyper runs as soon as the last byte is written downstream. Only when the connection is not
-//! idle yet at that moment (its request body still streaming) does a task wait for it.
+//! allocated a boxed future and a oneshot, spawned a task that waited for the connection to
+//! become idle, and drove each connection on a task of its own. Here a request costs a lock, a
+//! pop and a push, and is exchanged on the request's own task ([`crate::h1`]); the connection
+//! goes back from the body as soon as its last byte is read.
 //!
 //! Idle connections close after the service's idle timeout (between 1× and 1.25× of it: a
-//! sweep every quarter of the timeout), or at once when the upstream closes them; a request
-//! that finds its pooled connection closing is sent again on another one, since it was never
-//! written.
+//! sweep every quarter of the timeout), or are dropped at checkout when the upstream closed
+//! them meanwhile; a safe request that finds its reused connection closed under it is sent
+//! again on another, as Go's net/http does.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -26,11 +25,12 @@ use http::uri::Authority;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
 use tower_service::Service;
 
+use crate::h1::{Connection, GiveBack, H1Body, SendError};
 use crate::resilience::connector::{Connector, TooManyConnections};
 use crate::resilience::replay::RequestBody;
+use crate::resilience::timeout::BoxError;
 use crate::upstream::{UpstreamError, root_cause};
 
 /// Sweeps per idle timeout (an idle connection lives 1× to 1 + 1/SWEEPS× the timeout).
@@ -60,7 +60,7 @@ struct Inner {
 }
 
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    conn: Connection,
     epoch: u32,
 }
 
@@ -90,40 +90,34 @@ impl Http1Pool {
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         loop {
-            let (mut sender, pooled) = match self.inner.checkout(&endpoint) {
-                Some(sender) => (sender, true),
+            let (conn, reused) = match self.inner.checkout(&endpoint) {
+                Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its future would otherwise be carried (and
                 // moved) by every request's future.
                 None => (Box::pin(self.connect(&endpoint)).await?, false),
             };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
+            match conn.send(req, reused).await {
+                Ok(exchange) => {
                     let home = Home {
                         pool: self.inner.clone(),
                         endpoint,
-                        sender,
                     };
-                    return Ok(resp.map(|body| UpstreamBody::pooled(body, home)));
+                    let body = UpstreamBody::H1(H1Body::new(exchange.body, home));
+                    return Ok(exchange.head.map(|()| body));
                 }
-                Err(mut e) => match e.take_message() {
-                    // The pooled connection was closing and never took the request: the
-                    // request goes out again, on another connection.
-                    Some(unsent) if pooled => req = unsent,
-                    _ => {
-                        return Err(UpstreamError::Reset {
-                            endpoint: endpoint.to_string(),
-                            cause: root_cause(e.error()),
-                        });
-                    }
-                },
+                // The reused connection was closed under a request that can go again.
+                Err(SendError::Stale(again)) => req = *again,
+                Err(SendError::Failed(e)) => {
+                    return Err(UpstreamError::Reset {
+                        endpoint: endpoint.to_string(),
+                        cause: e.to_string(),
+                    });
+                }
             }
         }
     }
 
-    async fn connect(
-        &self,
-        endpoint: &Authority,
-    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn connect(&self, endpoint: &Authority) -> Result<Connection, UpstreamError> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(endpoint.clone())
@@ -133,28 +127,15 @@ impl Http1Pool {
                 endpoint: endpoint.to_string(),
                 cause: e.to_string(),
             })?;
-        let io = self
+        let conn = self
             .inner
             .connector
             .clone()
             .call(uri)
             .await
             .map_err(|e| connect_error(endpoint, &*e))?;
-        let (sender, conn) =
-            http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|e| UpstreamError::Connect {
-                    endpoint: endpoint.to_string(),
-                    cause: root_cause(&e),
-                })?;
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%endpoint, %error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let (io, slot) = conn.into_parts();
+        Ok(Connection::new(io, slot))
     }
 }
 
@@ -182,24 +163,24 @@ impl Inner {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn checkout(&self, endpoint: &Authority) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self, endpoint: &Authority) -> Option<Connection> {
         let mut idle = self.lock();
         let list = idle.get_mut(endpoint)?;
-        while let Some(entry) = list.pop() {
-            if entry.sender.is_ready() {
-                return Some(entry.sender);
+        while let Some(mut entry) = list.pop() {
+            if entry.conn.usable() {
+                return Some(entry.conn);
             }
-            // Closed (or closing) since it was parked: dropped here.
+            // Closed by the upstream (or sent something unasked) while idle: dropped here.
         }
         None
     }
 
-    fn put(self: &Arc<Self>, endpoint: Authority, sender: SendRequest<RequestBody>) {
+    fn put(self: &Arc<Self>, endpoint: Authority, conn: Connection) {
         let epoch = self.epoch.load(Relaxed);
         self.lock()
             .entry(endpoint)
             .or_default()
-            .push(Idle { sender, epoch });
+            .push(Idle { conn, epoch });
         if !self.sweeping.swap(true, Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(self), self.idle_timeout));
         }
@@ -216,122 +197,70 @@ async fn sweep(pool: Weak<Inner>, idle_timeout: Duration) {
         let now = pool.epoch.fetch_add(1, Relaxed).wrapping_add(1);
         let mut idle = pool.lock();
         idle.retain(|_, list| {
-            list.retain(|e| now.wrapping_sub(e.epoch) <= SWEEPS && !e.sender.is_closed());
+            list.retain_mut(|e| now.wrapping_sub(e.epoch) <= SWEEPS && e.conn.usable());
             !list.is_empty()
         });
     }
 }
 
 /// Where a connection goes back to when its response is done.
-struct Home {
+pub struct Home {
     pool: Arc<Inner>,
     endpoint: Authority,
-    sender: SendRequest<RequestBody>,
 }
 
-impl Home {
-    fn give_back(self) {
-        let Home {
-            pool,
-            endpoint,
-            mut sender,
-        } = self;
-        if sender.is_ready() {
-            pool.put(endpoint, sender);
-        } else if !sender.is_closed()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            // Not idle yet (the request body may still be streaming): park it once it is, but
-            // never wait longer than an idle connection would live.
-            let wait = pool.idle_timeout;
-            rt.spawn(async move {
-                if let Ok(Ok(())) = tokio::time::timeout(wait, sender.ready()).await {
-                    pool.put(endpoint, sender);
-                }
-            });
-        }
+impl GiveBack for Home {
+    fn give_back(self, conn: Connection) {
+        self.pool.put(self.endpoint, conn);
     }
 }
 
-/// An upstream response body. When it is pooled and dropped after its end, its connection
-/// goes back to the pool; dropped before the end, the connection closes with it.
-pub struct UpstreamBody {
-    inner: Incoming,
-    home: Option<Home>,
-    ended: bool,
-}
-
-impl std::fmt::Debug for UpstreamBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
-            .field("pooled", &self.home.is_some())
-            .field("ended", &self.ended)
-            .finish_non_exhaustive()
-    }
+/// An upstream response body: HTTP/1.1 read by the proxy itself (its connection goes back to
+/// the pool at the end), or hyper's (HTTP/2, mesh mTLS).
+#[derive(Debug)]
+pub enum UpstreamBody {
+    H1(H1Body<Home>),
+    Hyper(Incoming),
 }
 
 impl UpstreamBody {
-    /// A body whose connection is not this pool's (HTTP/2 multiplexed, mesh mTLS).
     pub fn new(inner: Incoming) -> Self {
-        Self {
-            inner,
-            home: None,
-            ended: false,
-        }
-    }
-
-    fn pooled(inner: Incoming, home: Home) -> Self {
-        Self {
-            inner,
-            home: Some(home),
-            ended: false,
-        }
+        Self::Hyper(inner)
     }
 }
 
 impl From<Incoming> for UpstreamBody {
     fn from(inner: Incoming) -> Self {
-        Self::new(inner)
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // `is_end_stream` covers bodies hyper never polls (empty, HEAD, 304); `ended` covers
-        // chunked ones, which only say they are done by ending.
-        if let Some(home) = self.home.take()
-            && (self.ended || self.inner.is_end_stream())
-        {
-            home.give_back();
-        }
+        Self::Hyper(inner)
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.ended = true,
-            // An error leaves the connection in an unknown state: it is not reused.
-            Poll::Ready(Some(Err(_))) => this.home = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::Hyper(b) => b.size_hint(),
+        }
     }
 }
 

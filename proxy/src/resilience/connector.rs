@@ -39,8 +39,9 @@ impl Connector {
     }
 }
 
+/// A connection's place under the cap, given back when the connection is dropped.
 #[derive(Debug)]
-struct Slot(Arc<AtomicU32>);
+pub struct Slot(Arc<AtomicU32>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -86,6 +87,13 @@ impl tower_service::Service<Uri> for Connector {
 pub struct Conn {
     io: TokioIo<TcpStream>,
     _slot: Option<Slot>,
+}
+
+impl Conn {
+    /// The socket and its slot, for a client that speaks on the socket itself.
+    pub fn into_parts(self) -> (TcpStream, Option<Slot>) {
+        (self.io.into_inner(), self._slot)
+    }
 }
 
 impl Connection for Conn {

@@ -91,7 +91,7 @@ impl Body for TrackedBody {
                     this._inflight = None;
                     this._permit = None;
                 }
-                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+                Poll::Ready(frame)
             }
             Poll::Pending => {
                 if let Some((d, sleep)) = &mut this.idle

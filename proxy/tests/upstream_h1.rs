@@ -1,7 +1,10 @@
-//! The HTTP/1.1 upstream pool, seen from a scripted upstream that counts its connections:
-//! keep-alive reuse (fixed-length, chunked, empty and HEAD responses), no reuse of a connection
-//! whose response was abandoned or that the upstream closes, idle connections closed after the
-//! service's idle timeout, and requests in parallel each getting their own connection.
+//! The proxy's HTTP/1.1 upstream client and its pool, seen from a scripted upstream that counts
+//! its connections: keep-alive reuse (fixed-length, chunked, empty and HEAD responses), no
+//! reuse of a connection whose response was abandoned or that the upstream closes, idle
+//! connections closed after the idle timeout, parallel requests on their own connections;
+//! request bodies in every framing (against hyper's server), trailers of a chunked response, an
+//! upstream that answers before reading the body, a reused connection closed under a request,
+//! and broken responses.
 
 mod common;
 
@@ -36,7 +39,9 @@ impl Counts {
 
 /// A raw HTTP/1.1 upstream (GET/HEAD, no request bodies) that answers by path:
 /// `/fixed` 2 bytes with content-length, `/chunked` chunked, `/empty` 204, `/close`
-/// `connection: close` then closes, `/big` 4 MiB, `/slow` 1 s late.
+/// `connection: close` then closes, `/big` 4 MiB, `/slow` 1 s late, `/once` only as the first
+/// request of a connection, `/early` 413 without reading the body, `/garbage` not HTTP,
+/// `/short` 3 of 10 bytes, `/trailers` chunked with a chunk extension and trailers.
 async fn scripted_upstream() -> (SocketAddr, Arc<Counts>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -58,6 +63,7 @@ async fn scripted_upstream() -> (SocketAddr, Arc<Counts>) {
 
 async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::new();
+    let mut served = 0;
     loop {
         // One request head at a time (the proxy never pipelines).
         let end = loop {
@@ -76,6 +82,7 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
         let mut line = head.split_whitespace();
         let method = line.next().unwrap_or_default().to_owned();
         let path = line.next().unwrap_or_default().to_owned();
+        served += 1;
         let body = |b: &str| {
             if method == "HEAD" {
                 String::new()
@@ -118,6 +125,34 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
                 stream
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow")
                     .await?;
+            }
+            // Keep-alive for the first request, then closed under the second (the race between
+            // an upstream's keep-alive timeout and the proxy's next request).
+            "/once" if served > 1 => return Ok(()),
+            "/once" => {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce")
+                    .await?
+            }
+            // Answers at once, without reading the request body, and keeps the connection.
+            "/early" => {
+                stream
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbig")
+                    .await?;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                return Ok(());
+            }
+            "/garbage" => stream.write_all(b"SPDY/9 what\r\n\r\n").await?,
+            "/trailers" => {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;ext=1\r\nok\r\n0\r\ngrpc-status: 0\r\nx-more: 1\r\n\r\n")
+                    .await?
+            }
+            "/short" => {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                    .await?;
+                return Ok(());
             }
             _ => {
                 stream
@@ -184,20 +219,29 @@ impl Client {
     }
 
     async fn call(&mut self, method: Method, path: &str) -> (StatusCode, String) {
-        self.0.ready().await.unwrap();
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "up.local")
             .body(Full::default())
             .unwrap();
+        let (status, _, body) = self.request(req).await;
+        (status, body)
+    }
+
+    async fn request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        self.0.ready().await.unwrap();
         let resp = tokio::time::timeout(DEADLINE, self.0.send_request(req))
             .await
             .expect("the proxy answered")
             .unwrap();
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
     }
 }
 
@@ -325,4 +369,197 @@ async fn requests_in_parallel_each_get_a_connection_and_then_share_them() {
         assert_eq!(reply.status, StatusCode::OK);
     }
     assert_eq!(counts.opened(), 4);
+}
+
+#[tokio::test]
+async fn request_bodies_cross_in_every_framing() {
+    // hyper's server as the upstream: it checks our framing strictly.
+    let echo = start_echo().await;
+    let p = start(echo, "1m").await;
+    let post = |body: &'static [u8]| {
+        Request::post("/up")
+            .header("host", "up.local")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    };
+
+    // content-length, and an empty body.
+    let r = send(p.outbound, Version::HTTP_11, post(b"hello")).await;
+    assert_eq!(r.body, "HTTP/1.1 POST /up host=up.local body=hello");
+    let r = send(p.outbound, Version::HTTP_11, post(b"")).await;
+    assert_eq!(r.body, "HTTP/1.1 POST /up host=up.local body=");
+
+    // A body of unknown length from an HTTP/1.1 client (chunked), in several pieces.
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(4);
+    let streamed = Request::post("/up")
+        .header("host", "up.local")
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let io = TokioIo::new(TcpStream::connect(p.outbound).await.unwrap());
+    let (mut tx_req, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let pending = tokio::spawn(async move { tx_req.send_request(streamed).await });
+    for piece in ["one,", "two,", "three"] {
+        tx.send(Ok(http_body::Frame::data(Bytes::from(piece))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    let resp = pending.await.unwrap().unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "HTTP/1.1 POST /up host=up.local body=one,two,three");
+
+    // h2c in with a body: sent upstream with a length (HTTP/2 needs none).
+    let req = Request::post("http://up.local/h2")
+        .version(Version::HTTP_2)
+        .body(Full::new(Bytes::from_static(b"ping")))
+        .unwrap();
+    let r = send(p.outbound, Version::HTTP_2, req).await;
+    assert_eq!(r.body, "HTTP/1.1 POST /h2 host=up.local body=ping");
+
+    // A megabyte each way.
+    let big = vec![b'z'; 1 << 20];
+    let req = Request::post("/big")
+        .header("host", "up.local")
+        .body(Full::new(Bytes::from(big)))
+        .unwrap();
+    let r = send(p.outbound, Version::HTTP_11, req).await;
+    assert_eq!(
+        r.body.len(),
+        "HTTP/1.1 POST /big host=up.local body=".len() + (1 << 20)
+    );
+}
+
+#[tokio::test]
+async fn chunked_trailers_from_an_http1_upstream_reach_an_h2_client() {
+    let (up, counts) = scripted_upstream().await;
+    let p = start(up, "1m").await;
+    for _ in 0..3 {
+        let req = Request::get("http://up.local/trailers")
+            .version(Version::HTTP_2)
+            .header("te", "trailers")
+            .body(Full::default())
+            .unwrap();
+        let r = send(p.outbound, Version::HTTP_2, req).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+        let trailers = r.trailers.expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["x-more"], "1");
+    }
+    // Read to the end, trailers included: the connection was reused.
+    assert_eq!(counts.opened(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_before_reading_the_body_is_heard() {
+    let (up, _) = scripted_upstream().await;
+    let p = start(up, "1m").await;
+    // 8 MiB declared, 256 KiB sent: the upstream answers after the head and reads nothing.
+    let mut raw = TcpStream::connect(p.outbound).await.unwrap();
+    raw.write_all(b"POST /early HTTP/1.1\r\nhost: up.local\r\ncontent-length: 8388608\r\n\r\n")
+        .await
+        .unwrap();
+    raw.write_all(&vec![b'x'; 256 << 10]).await.unwrap();
+    let mut got = Vec::new();
+    let answered = tokio::time::timeout(DEADLINE, async {
+        let mut chunk = [0u8; 4096];
+        while !got.windows(3).any(|w| w == b"big") {
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed without an answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "no answer: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        got.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+#[tokio::test]
+async fn a_reused_connection_closed_under_a_safe_request_is_retried_on_a_new_one() {
+    let (up, counts) = scripted_upstream().await;
+    let p = start(up, "1m").await;
+    let mut c = Client::connect(p.outbound).await;
+    assert_eq!(
+        c.call(Method::GET, "/once").await,
+        (StatusCode::OK, "once".into())
+    );
+    // The pooled connection takes the next GET and closes under it: sent again on a new one.
+    assert_eq!(
+        c.call(Method::GET, "/once").await,
+        (StatusCode::OK, "once".into())
+    );
+    assert_eq!(counts.opened(), 2);
+    // A POST is not sent twice by the pool (it may have been processed): the caller hears.
+    let (status, headers, body) = c
+        .request(
+            Request::post("/once")
+                .header("host", "up.local")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(headers["x-weft-reason"], "upstream_reset");
+    assert!(body.contains("closed before a response"), "{body}");
+    assert_eq!(counts.opened(), 2);
+}
+
+#[tokio::test]
+async fn broken_responses_are_clear_errors_and_the_proxy_carries_on() {
+    let (up, _) = scripted_upstream().await;
+    let p = start(up, "1m").await;
+    let mut c = Client::connect(p.outbound).await;
+    let (status, headers, body) = c
+        .request(
+            Request::get("/garbage")
+                .header("host", "up.local")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(headers["x-weft-reason"], "upstream_reset");
+    assert!(body.contains("invalid response head"), "{body}");
+
+    // 3 of 10 promised bytes: the client's response breaks off (it cannot be told otherwise
+    // once the head is out), and nothing else is affected.
+    let mut short = Client::connect(p.outbound).await;
+    short.0.ready().await.unwrap();
+    let resp = short
+        .0
+        .send_request(
+            Request::get("/short")
+                .header("host", "up.local")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+    // The head may or may not be out before the body breaks; either way it must not look whole.
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.into_body().collect().await.is_err(),
+            "a truncated body looked whole"
+        );
+    }
+
+    assert_eq!(
+        c.call(Method::GET, "/fixed").await,
+        (StatusCode::OK, "ok".into())
+    );
 }
