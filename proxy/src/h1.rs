@@ -155,8 +155,9 @@ impl Connection {
         let mut unsent = None;
         let mut complete = true;
         if has_body {
-            complete = self
-                .write_with_body(req.into_body(), chunked)
+            // Boxed: streaming a body (selects on the upstream answering early) makes a
+            // future of kilobytes that every bodiless request would otherwise carry.
+            complete = Box::pin(self.write_with_body(req.into_body(), chunked))
                 .await
                 .map_err(SendError::Failed)?;
         } else {

@@ -121,52 +121,61 @@ impl Upstream {
         protocol: UpstreamProtocol,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let downstream_version = req.version();
-        let (mut parts, body) = req.into_parts();
-
-        // Keep the authority the client asked for. The URI is about to be rewritten to the
-        // endpoint, so an authority carried there (HTTP/2 `:authority`, HTTP/1 absolute-form,
-        // which RFC 9112 §3.2.2 says wins over Host) moves into Host.
-        if let Some(value) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, value);
-        }
-        strip_hop_by_hop(&mut parts.headers);
-
-        let resp = match protocol {
-            UpstreamProtocol::Http1 => {
-                // Origin-form on the wire; the endpoint is the connection, not the URI.
-                parts.uri = Uri::from(
-                    parts
-                        .uri
-                        .path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| PathAndQuery::from_static("/")),
-                );
-                parts.version = Version::HTTP_11;
-                self.http1
-                    .send(endpoint, Request::from_parts(parts, body))
-                    .await?
-            }
-            UpstreamProtocol::Http2 => {
-                parts.uri = origin_uri(&parts.uri, Scheme::HTTP, endpoint.clone());
-                parts.version = Version::HTTP_2;
-                self.http2
-                    .request(Request::from_parts(parts, body))
-                    .await
-                    .map_err(|e| classify(&e, endpoint.as_str()))?
-                    .map(UpstreamBody::new)
-            }
+        // Prepared apart: only what crosses the await stays in this (per request) future.
+        let req = prepare(req, &endpoint, protocol);
+        let mut resp = match protocol {
+            UpstreamProtocol::Http1 => self.http1.send(endpoint, req).await?,
+            UpstreamProtocol::Http2 => self
+                .http2
+                .request(req)
+                .await
+                .map_err(|e| classify(&e, endpoint.as_str()))?
+                .map(UpstreamBody::new),
         };
-
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(resp.headers_mut());
         // hyper frames the response for the downstream connection; the version says which.
-        parts.version = downstream_version;
-        Ok(Response::from_parts(parts, body))
+        *resp.version_mut() = downstream_version;
+        Ok(resp)
     }
+}
+
+/// `req` as it goes to `endpoint`: the client's authority kept as Host, hop-by-hop headers
+/// removed, the URI in the form the protocol's client wants.
+fn prepare(
+    req: Request<RequestBody>,
+    endpoint: &Authority,
+    protocol: UpstreamProtocol,
+) -> Request<RequestBody> {
+    let (mut parts, body) = req.into_parts();
+    // Keep the authority the client asked for. The URI is about to be rewritten to the
+    // endpoint, so an authority carried there (HTTP/2 `:authority`, HTTP/1 absolute-form,
+    // which RFC 9112 §3.2.2 says wins over Host) moves into Host.
+    if let Some(value) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            // Origin-form on the wire; the endpoint is the connection, not the URI.
+            parts.uri = Uri::from(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+            parts.version = Version::HTTP_11;
+        }
+        UpstreamProtocol::Http2 => {
+            parts.uri = origin_uri(&parts.uri, Scheme::HTTP, endpoint.clone());
+            parts.version = Version::HTTP_2;
+        }
+    }
+    Request::from_parts(parts, body)
 }
 
 fn classify(err: &hyper_util::client::legacy::Error, endpoint: &str) -> UpstreamError {
