@@ -170,15 +170,15 @@ impl Connection {
         let (head, framing, keep_alive) = loop {
             match self.read_head().await {
                 Ok(Some(head))
-                    if head.status().is_informational()
-                        && head.status() != StatusCode::SWITCHING_PROTOCOLS =>
+                    if head.resp.status().is_informational()
+                        && head.resp.status() != StatusCode::SWITCHING_PROTOCOLS =>
                 {
                     // 100 Continue, 103 Early Hints: the final response follows.
                     continue;
                 }
                 Ok(Some(head)) => {
                     let (framing, keep_alive) = framing(&head, head_request);
-                    break (head, framing, keep_alive);
+                    break (head.resp, framing, keep_alive);
                 }
                 // Nothing at all came back: closed (or reset) under the request.
                 Ok(None) => {
@@ -305,7 +305,7 @@ impl Connection {
 
     /// Reads until a whole response head is buffered and parses it; `None` when the connection
     /// closed first.
-    async fn read_head(&mut self) -> Result<Option<Response<()>>, H1Error> {
+    async fn read_head(&mut self) -> Result<Option<Head>, H1Error> {
         loop {
             if !self.read.is_empty()
                 && let Some(head) = self.parse_head()?
@@ -328,10 +328,15 @@ impl Connection {
         }
     }
 
-    fn parse_head(&mut self) -> Result<Option<Response<()>>, H1Error> {
+    /// Parses a buffered response head. Hop-by-hop fields are read for framing and never
+    /// make it into the header map, so the response needs no stripping after.
+    fn parse_head(&mut self) -> Result<Option<Head>, H1Error> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        // Offsets of names and values in the head, so that values become slices of it.
+        // Offsets of the end-to-end names and values, so that values become slices of the head.
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut kept = 0;
+        let mut facts = Facts::default();
+        let mut named: Vec<HeaderName> = Vec::new();
         let buf: &[u8] = &self.read;
         let mut res = httparse::Response::new(&mut []);
         let len = match httparse::ParserConfig::default()
@@ -348,10 +353,35 @@ impl Connection {
         };
         let base = buf.as_ptr() as usize;
         let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-        let count = res.headers.len();
-        for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-            let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
-            *span = (n, n + h.name.len() as u32, v, v + h.value.len() as u32);
+        for h in res.headers.iter() {
+            let name = h.name.as_bytes();
+            match hop_field(name) {
+                Hop::No => {
+                    if name.eq_ignore_ascii_case(b"content-length") {
+                        facts.length(h.value);
+                    }
+                    let (n, v) = (offset(name), offset(h.value));
+                    spans[kept] = (n, n + name.len() as u32, v, v + h.value.len() as u32);
+                    kept += 1;
+                }
+                Hop::TransferEncoding => {
+                    let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                    facts.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                }
+                Hop::Connection => {
+                    for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            facts.close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            facts.keep_alive = true;
+                        } else if let Ok(other) = HeaderName::from_bytes(token) {
+                            // `Connection: x-foo` makes x-foo hop-by-hop too (rare).
+                            named.push(other);
+                        }
+                    }
+                }
+                Hop::Other => {}
+            }
         }
         let status = StatusCode::from_u16(res.code.unwrap_or(0))
             .map_err(|_| H1Error::Head(format!("status {:?}", res.code)))?;
@@ -361,19 +391,22 @@ impl Connection {
             Version::HTTP_11
         };
         let head = self.read.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, ne, vs, ve) in &spans[..count] {
+        let mut headers = HeaderMap::with_capacity(kept);
+        for &(ns, ne, vs, ve) in &spans[..kept] {
             let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
                 .map_err(|e| H1Error::Head(format!("header name: {e}")))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
                 .map_err(|e| H1Error::Head(format!("header {name}: {e}")))?;
             headers.append(name, value);
         }
+        for name in named {
+            headers.remove(name);
+        }
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
-        Ok(Some(resp))
+        Ok(Some(Head { resp, facts }))
     }
 
     /// One read from the socket into the buffer, with room for `want` bytes (within bounds);
@@ -658,14 +691,75 @@ impl<G: GiveBack + Unpin> Body for H1Body<G> {
     }
 }
 
+/// A parsed response head and what its hop-by-hop fields said.
+#[derive(Debug)]
+struct Head {
+    resp: Response<()>,
+    facts: Facts,
+}
+
+/// What the framing and keep-alive decisions need from the head's fields.
+#[derive(Debug, Default)]
+struct Facts {
+    /// The content-length, when every value agrees.
+    length: Option<u64>,
+    /// A content-length was there but unusable (conflicting or not a number).
+    bad_length: bool,
+    /// `transfer-encoding` present: whether its last coding is chunked.
+    chunked: Option<bool>,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Facts {
+    fn length(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok());
+            match (n, self.length) {
+                (Some(n), None) if !self.bad_length => self.length = Some(n),
+                (Some(n), Some(seen)) if n == seen => {}
+                _ => {
+                    self.length = None;
+                    self.bad_length = true;
+                }
+            }
+        }
+    }
+}
+
+enum Hop {
+    No,
+    Connection,
+    TransferEncoding,
+    /// keep-alive, proxy-connection, upgrade, te: dropped.
+    Other,
+}
+
+/// Which hop-by-hop field `name` is (RFC 9110 §7.6.1), by length first: most names are none.
+fn hop_field(name: &[u8]) -> Hop {
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 if is(b"te") => Hop::Other,
+        7 if is(b"upgrade") => Hop::Other,
+        10 if is(b"connection") => Hop::Connection,
+        10 if is(b"keep-alive") => Hop::Other,
+        16 if is(b"proxy-connection") => Hop::Other,
+        17 if is(b"transfer-encoding") => Hop::TransferEncoding,
+        _ => Hop::No,
+    }
+}
+
 /// Framing of the response body and whether the connection may be reused after it.
-fn framing(head: &Response<()>, head_request: bool) -> (Framing, bool) {
-    let headers = head.headers();
-    let mut keep_alive = match head.version() {
-        Version::HTTP_10 => connection_has(headers, "keep-alive"),
-        _ => !connection_has(headers, "close"),
+fn framing(head: &Head, head_request: bool) -> (Framing, bool) {
+    let facts = &head.facts;
+    let mut keep_alive = match head.resp.version() {
+        Version::HTTP_10 => facts.keep_alive && !facts.close,
+        _ => !facts.close,
     };
-    let status = head.status();
+    let status = head.resp.status();
     if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -676,30 +770,20 @@ fn framing(head: &Response<()>, head_request: bool) -> (Framing, bool) {
         }
         return (Framing::Empty, keep_alive);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        if headers.contains_key(header::CONTENT_LENGTH) {
+    if let Some(chunked) = facts.chunked {
+        if facts.length.is_some() || facts.bad_length {
             // Both: transfer-encoding wins, and the connection is not trusted again.
             keep_alive = false;
         }
-        return if chunked_last {
+        return if chunked {
             (Framing::Chunked(Chunk::Size), keep_alive)
         } else {
             (Framing::UntilClose, false)
         };
     }
-    match content_length(headers) {
+    match facts.length {
         Some(n) => (Framing::Length(n), keep_alive),
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
-            // Conflicting or unparsable lengths: read to close, never reuse.
-            (Framing::UntilClose, false)
-        }
+        // No length, or lengths that disagree: read to close, never reuse.
         None => (Framing::UntilClose, false),
     }
 }
@@ -721,13 +805,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         }
     }
     found
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 fn stale_or_failed(req: Option<Request<RequestBody>>, reused: bool, err: H1Error) -> SendError {
@@ -795,7 +872,7 @@ mod tests {
         framing(&parsed, head_request)
     }
 
-    fn parse(buf: &mut BytesMut) -> Response<()> {
+    fn parse(buf: &mut BytesMut) -> Head {
         // The parser without a socket: the same code path as `Connection::parse_head`.
         let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = std.local_addr().unwrap();
@@ -885,12 +962,25 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 201 Created\r\nx-a: 1\r\nset-cookie: a=1\r\nset-cookie: b=2\r\n\r\nrest"[..],
         );
-        let resp = parse(&mut buf);
+        let resp = parse(&mut buf).resp;
         assert_eq!(resp.status(), StatusCode::CREATED);
         assert_eq!(resp.version(), Version::HTTP_11);
         assert_eq!(resp.headers()["x-a"], "1");
         let cookies: Vec<_> = resp.headers().get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn hop_by_hop_fields_frame_the_body_but_never_reach_the_map() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\n\
+               Transfer-Encoding: chunked\r\nx-private: 1\r\nUpgrade: h2c\r\nTE: trailers\r\n\
+               Proxy-Connection: close\r\nx-kept: yes\r\n\r\n"[..],
+        );
+        let head = parse(&mut buf);
+        let names: Vec<_> = head.resp.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!(framing(&head, false), (Framing::Chunked(Chunk::Size), true));
     }
 
     #[test]

@@ -231,7 +231,9 @@ fn content_length(h: &HeaderMap) -> u64 {
 }
 
 fn grpc_status(h: &HeaderMap) -> Option<u16> {
-    h.get("grpc-status")
+    // A constant name: looking up by `&str` parses and validates it on every response.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

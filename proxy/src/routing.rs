@@ -521,16 +521,21 @@ pub fn request_host<B>(req: &Request<B>) -> Cow<'_, str> {
 }
 
 fn strip_port(authority: &str) -> &str {
+    // Byte scans: this runs on every request.
+    let bytes = authority.as_bytes();
     // Drop userinfo, which is never part of a host.
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    if authority.starts_with('[') {
+    let start = bytes.iter().rposition(|&b| b == b'@').map_or(0, |i| i + 1);
+    let authority = &authority[start..];
+    let bytes = authority.as_bytes();
+    if bytes.first() == Some(&b'[') {
         // IPv6 literal: keep the brackets, drop what follows `]`.
-        return authority
-            .find(']')
+        return bytes
+            .iter()
+            .position(|&b| b == b']')
             .map_or(authority, |end| &authority[..=end]);
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+    match bytes.iter().rposition(|&b| b == b':') {
+        Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &authority[..colon],
         _ => authority,
     }
 }

@@ -124,15 +124,19 @@ impl Upstream {
         // Prepared apart: only what crosses the await stays in this (per request) future.
         let req = prepare(req, &endpoint, protocol);
         let mut resp = match protocol {
+            // The HTTP/1.1 client never puts hop-by-hop fields in the map.
             UpstreamProtocol::Http1 => self.http1.send(endpoint, req).await?,
-            UpstreamProtocol::Http2 => self
-                .http2
-                .request(req)
-                .await
-                .map_err(|e| classify(&e, endpoint.as_str()))?
-                .map(UpstreamBody::new),
+            UpstreamProtocol::Http2 => {
+                let mut resp = self
+                    .http2
+                    .request(req)
+                    .await
+                    .map_err(|e| classify(&e, endpoint.as_str()))?
+                    .map(UpstreamBody::new);
+                strip_hop_by_hop(resp.headers_mut());
+                resp
+            }
         };
-        strip_hop_by_hop(resp.headers_mut());
         // hyper frames the response for the downstream connection; the version says which.
         *resp.version_mut() = downstream_version;
         Ok(resp)
