@@ -109,7 +109,10 @@ impl Forwarder {
     /// [`Self::handle`], observed: metrics, trace span and access log around it.
     pub async fn serve(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
         let obs = self.observe(&mut req);
-        let mut meta = RequestMeta::default();
+        let mut meta = RequestMeta {
+            started: Some(obs.started()),
+            ..RequestMeta::default()
+        };
         let resp = self.handle_with(req, &mut meta).await;
         obs.respond(resp, meta)
     }
@@ -172,7 +175,7 @@ impl Forwarder {
                 // Experiments judge a subset by what its callers saw after retries: one
                 // outcome per request, recorded here.
                 let subset_stats = set.subset_stats.clone();
-                let started = std::time::Instant::now();
+                let started = meta.started.unwrap_or_else(std::time::Instant::now);
                 let mtls = self.inner.mesh.as_ref().and_then(|client| {
                     let identity = snapshot.security.identity(&set.service)?;
                     Some(crate::resilience::call::Mtls {
@@ -185,7 +188,9 @@ impl Forwarder {
                 let failed = result
                     .as_ref()
                     .map_or(true, |r| r.status().is_server_error());
-                subset_stats.record(failed, started.elapsed());
+                let elapsed = started.elapsed();
+                meta.elapsed = Some(elapsed);
+                subset_stats.record(failed, elapsed);
                 let resp = result?;
                 if let Some(a) = resp
                     .extensions()

@@ -14,8 +14,8 @@
 //! ([`ProxyMetrics::record_retry`], [`ProxyMetrics::record_reason`], …).
 
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
@@ -61,6 +61,18 @@ pub struct TargetLabels {
     /// The labels' hash, computed once: the metric families hash their key on every request,
     /// and hashing three strings each time was a visible share of a request's cost.
     hash: u64,
+    /// Per direction, this target's series resolved on its first request: a family lookup
+    /// hashes and takes a lock, a handle is one atomic add.
+    handles: [OnceLock<Handles>; 2],
+}
+
+#[derive(Debug, Clone)]
+struct Handles {
+    /// The `ProxyMetrics` they were resolved from (tests build several).
+    owner: u64,
+    duration: Histogram,
+    /// `code="200"` with no reason: nearly every request.
+    ok: OnceLock<Counter>,
 }
 
 impl PartialEq for TargetLabels {
@@ -95,6 +107,7 @@ impl TargetLabels {
             service: service.into(),
             subset: subset.into(),
             hash: h.finish(),
+            handles: Default::default(),
         }
     }
 
@@ -184,6 +197,8 @@ pub struct ConnCounters {
 /// Every metric of the proxy. Create once, share with `Arc`.
 #[derive(Debug)]
 pub struct ProxyMetrics {
+    /// Unique per instance: which instance a target's cached handles belong to.
+    id: u64,
     registry: Registry,
     requests: Family<RequestKey, Counter>,
     duration_ms: Family<TargetKey, Histogram, fn() -> Histogram>,
@@ -339,7 +354,9 @@ impl ProxyMetrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             registry,
             requests,
             duration_ms,
@@ -385,10 +402,28 @@ impl ProxyMetrics {
     }
 
     pub fn record_response(&self, key: &RequestKey, elapsed: Duration) {
-        self.requests.get_or_create(key).inc();
-        self.duration_ms
-            .get_or_create(&key.target)
-            .observe(elapsed.as_secs_f64() * 1000.0);
+        let owner = self.id;
+        let slot = &key.target.target.handles[key.target.direction as usize];
+        let handles = slot.get_or_init(|| Handles {
+            owner,
+            duration: self.duration_ms.get_or_create_owned(&key.target),
+            ok: OnceLock::new(),
+        });
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if handles.owner == owner {
+            handles.duration.observe(ms);
+            if key.code == 200 && key.reason.is_empty() {
+                handles
+                    .ok
+                    .get_or_init(|| self.requests.get_or_create_owned(key))
+                    .inc();
+            } else {
+                self.requests.get_or_create(key).inc();
+            }
+        } else {
+            self.requests.get_or_create(key).inc();
+            self.duration_ms.get_or_create(&key.target).observe(ms);
+        }
         if !key.reason.is_empty() {
             self.record_reason(key.target.direction, key.reason);
         }

@@ -14,7 +14,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -105,6 +105,10 @@ pub struct RequestMeta {
     pub reason: Option<&'static str>,
     /// Retries made (set by the resilience work).
     pub retries: u32,
+    /// When the request was first seen (the observation's start), and how long it took to
+    /// get its response head: the request path reads the clock as little as it can.
+    pub started: Option<Instant>,
+    pub elapsed: Option<Duration>,
 }
 
 /// Request details copied only when a span is sampled or the request is logged.
@@ -130,6 +134,11 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// When the request was first seen.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
     /// Call before forwarding: may rewrite the trace headers of `req`.
     pub fn start<B>(
         telemetry: &Arc<Telemetry>,
@@ -183,7 +192,8 @@ impl Observation {
             code,
             reason,
         };
-        t.metrics.record_response(&key, self.start.elapsed());
+        let elapsed = meta.elapsed.unwrap_or_else(|| self.start.elapsed());
+        t.metrics.record_response(&key, elapsed);
         // The resilience counters, from what the request went through (its retries) and from
         // the reason of the proxy's own answer.
         let labels = &key.target.target;

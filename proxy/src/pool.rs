@@ -60,7 +60,7 @@ struct Inner {
 }
 
 struct Idle {
-    conn: Connection,
+    conn: Box<Connection>,
     epoch: u32,
 }
 
@@ -117,7 +117,7 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(&self, endpoint: &Authority) -> Result<Connection, UpstreamError> {
+    async fn connect(&self, endpoint: &Authority) -> Result<Box<Connection>, UpstreamError> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(endpoint.clone())
@@ -163,7 +163,7 @@ impl Inner {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn checkout(&self, endpoint: &Authority) -> Option<Connection> {
+    fn checkout(&self, endpoint: &Authority) -> Option<Box<Connection>> {
         let mut idle = self.lock();
         let list = idle.get_mut(endpoint)?;
         while let Some(mut entry) = list.pop() {
@@ -175,7 +175,7 @@ impl Inner {
         None
     }
 
-    fn put(self: &Arc<Self>, endpoint: Authority, conn: Connection) {
+    fn put(self: &Arc<Self>, endpoint: Authority, conn: Box<Connection>) {
         let epoch = self.epoch.load(Relaxed);
         self.lock()
             .entry(endpoint)
@@ -210,7 +210,7 @@ pub struct Home {
 }
 
 impl GiveBack for Home {
-    fn give_back(self, conn: Connection) {
+    fn give_back(self, conn: Box<Connection>) {
         self.pool.put(self.endpoint, conn);
     }
 }

@@ -24,7 +24,7 @@ use super::registry::{
 };
 use super::replay::{ReplayBody, RequestBody};
 use super::retry::{self, RetryConfig};
-use super::stats::now_ms;
+use super::stats::ms_at;
 use super::timeout::{TimeoutKind, TrackedBody};
 use super::{ResilienceError, mirror};
 use crate::balance::EndpointSet;
@@ -240,8 +240,10 @@ async fn attempts(
     let single = retry.is_none() && mirror.is_none();
     let mut head = Some(parts);
     let no_headers = http::HeaderMap::new();
-    let now = now_ms();
-    rt.shared.budget.deposit(&rt.budget, now);
+    // The clock is read once when an attempt starts and once when it ends; everything
+    // else (budget, EWMA, ejection) takes its time from those.
+    let mut started = Instant::now();
+    rt.shared.budget.deposit(&rt.budget, ms_at(started));
     let mut exclude = None;
     let mut retries = 0u32;
     loop {
@@ -270,7 +272,6 @@ async fn attempts(
         let stats = &set.stats[idx];
         let inflight = stats.start();
         let endpoint = set.endpoint(idx).authority.clone();
-        let started = Instant::now();
         let attempt = match head.as_ref() {
             Some(parts) if !single => request(parts, body),
             _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
@@ -289,17 +290,18 @@ async fn attempts(
                 .into()),
             },
         };
-        let elapsed = started.elapsed();
-        let now = now_ms();
+        let ended = Instant::now();
+        let elapsed = ended.saturating_duration_since(started);
+        let now = ms_at(ended);
         let failed = match &result {
             Ok(resp) => {
-                stats.observe_latency(elapsed);
+                stats.observe_latency_at(elapsed, ended);
                 resp.status().is_server_error()
             }
             Err(_) => {
                 // A fast failure (refused connection) must not look like a fast endpoint to
                 // peak-EWMA; outlier ejection does the rest.
-                stats.observe_latency(elapsed.max(Duration::from_millis(100)));
+                stats.observe_latency_at(elapsed.max(Duration::from_millis(100)), ended);
                 true
             }
         };
@@ -364,6 +366,7 @@ async fn attempts(
                 drop(inflight);
                 exclude = (set.stats.len() > 1).then_some(idx);
                 tokio::time::sleep(pause).await;
+                started = Instant::now();
             }
             None => {
                 let mut resp = result?;

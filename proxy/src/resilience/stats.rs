@@ -11,11 +11,16 @@ const EWMA_DECAY_NS: f64 = 10e9;
 
 /// Milliseconds on a process-wide monotonic clock (never 0, so 0 can mean "never").
 pub fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64 + 1
+    ms_at(Instant::now())
 }
 
-fn now_ns() -> u64 {
-    epoch().elapsed().as_nanos() as u64 + 1
+/// [`now_ms`] of an instant already read (a request reads the clock once per step).
+pub fn ms_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64 + 1
+}
+
+fn ns_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64 + 1
 }
 
 fn epoch() -> Instant {
@@ -63,7 +68,7 @@ impl EndpointStats {
     /// since the last sample (as tower's and Finagle's peak EWMA), so an endpoint that was slow
     /// once is tried again eventually.
     pub fn ewma_ns(&self) -> f64 {
-        self.ewma_at(now_ns())
+        self.ewma_at(ns_at(Instant::now()))
     }
 
     fn ewma_at(&self, now: u64) -> f64 {
@@ -75,8 +80,13 @@ impl EndpointStats {
     /// Peak EWMA: a slower sample is taken at once, a faster one blends in with a weight that
     /// depends on the time since the last sample.
     pub fn observe_latency(&self, rtt: Duration) {
+        self.observe_latency_at(rtt, Instant::now());
+    }
+
+    /// [`Self::observe_latency`] of a sample taken at `at`.
+    pub fn observe_latency_at(&self, rtt: Duration, at: Instant) {
         let rtt = (rtt.as_nanos() as f64).max(1.0);
-        let now = now_ns();
+        let now = ns_at(at);
         let prev = self.ewma_at(now);
         let last = self.ewma_at_ns.swap(now, Relaxed);
         let next = if prev == 0.0 || rtt > prev {
