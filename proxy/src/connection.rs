@@ -8,13 +8,16 @@
 //! preface) has nothing in flight and is dropped at once.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::TryFutureExt as _;
 use futures_util::future::{self, Either as EitherFuture, MapOk, Ready};
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::Either;
@@ -169,20 +172,34 @@ where
     );
     let idle = tokio::time::sleep(Duration::from_millis(header_ms.min(idle_ms)));
     tokio::pin!(idle);
+    // The watchers (shutdown, quota, idle timer) are polled only after one of them woke the
+    // task; every other wakeup is the connection's I/O and polls the connection alone.
+    let woken = Arc::new(Flag::default());
     let result = loop {
-        let close = tokio::select! {
-            // In order, the connection first: no random draw per wakeup (this loop is polled on
-            // every read and write of the connection).
-            biased;
-            result = conn.as_mut() => break result,
-            () = signal.wait() => Close::Shutdown,
-            () = state.quota_reached.notified() => Close::Quota,
-            () = idle.as_mut() => {
+        // New watcher futures: poll them once so that they register.
+        woken.set.store(true, Ordering::Release);
+        let watchers = async {
+            tokio::select! {
+                biased;
+                () = signal.wait() => Some(Close::Shutdown),
+                () = state.quota_reached.notified() => Some(Close::Quota),
+                () = idle.as_mut() => None,
+            }
+        };
+        let close = match first_of(conn.as_mut(), watchers, &woken).await {
+            EitherFuture::Left(result) => break result,
+            EitherFuture::Right(Some(close)) => close,
+            EitherFuture::Right(None) => {
                 let last = state.last_request_ms.load(Ordering::Relaxed);
-                let due = if last == u64::MAX { header_ms } else { last.saturating_add(idle_ms) };
+                let due = if last == u64::MAX {
+                    header_ms
+                } else {
+                    last.saturating_add(idle_ms)
+                };
                 let now = state.since_start_ms();
                 if now < due {
-                    idle.as_mut().reset(Instant::now() + Duration::from_millis(due - now));
+                    idle.as_mut()
+                        .reset(Instant::now() + Duration::from_millis(due - now));
                     continue;
                 }
                 if last == u64::MAX {
@@ -216,6 +233,107 @@ where
     result
 }
 
+/// Set by the watchers' waker: something other than the connection's I/O woke the task.
+#[derive(Debug)]
+struct Flag {
+    set: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for Flag {
+    fn default() -> Self {
+        // Set: the watchers are polled (and register) on the first poll.
+        Self {
+            set: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.set.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Resolves with `main`'s output, or `watchers`' when they finish first; `watchers` is
+/// polled only when its own waker fired since it was last polled.
+async fn first_of<A: Future, B: Future>(
+    main: A,
+    watchers: B,
+    flag: &Arc<Flag>,
+) -> EitherFuture<A::Output, B::Output> {
+    let waker = Waker::from(flag.clone());
+    let mut main = std::pin::pin!(main);
+    let mut watchers = std::pin::pin!(watchers);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = main.as_mut().poll(cx) {
+            return Poll::Ready(EitherFuture::Left(out));
+        }
+        flag.task.register(cx.waker());
+        if flag.set.swap(false, Ordering::AcqRel)
+            && let Poll::Ready(out) = watchers.as_mut().poll(&mut Context::from_waker(&waker))
+        {
+            return Poll::Ready(EitherFuture::Right(out));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn watchers_are_polled_only_after_they_woke_the_task() {
+        let flag = Arc::new(Flag::default());
+        let polls = Arc::new(AtomicU64::new(0));
+        let notify = Arc::new(Notify::new());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        // The connection stand-in: woken by 100 messages, never finishing on its own.
+        let main = async move {
+            while rx.recv().await.is_some() {}
+            std::future::pending::<()>().await;
+        };
+        let (p, n) = (polls.clone(), notify.clone());
+        let watchers = async move {
+            let mut notified = std::pin::pin!(n.notified());
+            std::future::poll_fn(|cx| {
+                p.fetch_add(1, Ordering::Relaxed);
+                notified.as_mut().poll(cx)
+            })
+            .await;
+            "watcher"
+        };
+        let driver = tokio::spawn({
+            let flag = flag.clone();
+            async move { first_of(main, watchers, &flag).await }
+        });
+        for _ in 0..100 {
+            tx.send(()).unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            1,
+            "polled on the connection's wakeups"
+        );
+        notify.notify_one();
+        let out = tokio::time::timeout(Duration::from_secs(5), driver)
+            .await
+            .expect("the watcher's wakeup was heard")
+            .unwrap();
+        assert!(matches!(out, EitherFuture::Right("watcher")));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
 }
