@@ -187,18 +187,13 @@ impl Forwarder {
                 let result = crate::resilience::call::forward(set, policy, req, mtls).await;
                 let failed = result
                     .as_ref()
-                    .map_or(true, |r| r.status().is_server_error());
+                    .map_or(true, |(r, _)| r.status().is_server_error());
                 let elapsed = started.elapsed();
                 meta.elapsed = Some(elapsed);
                 subset_stats.record(failed, elapsed);
-                let resp = result?;
-                if let Some(a) = resp
-                    .extensions()
-                    .get::<crate::resilience::call::Attempted>()
-                {
-                    meta.upstream = Some(a.endpoint.clone());
-                    meta.retries = a.retries;
-                }
+                let (resp, attempted) = result?;
+                meta.upstream = Some(attempted.endpoint);
+                meta.retries = attempted.retries;
                 return Ok(resp);
             }
             Mode::Inbound { app, protocol } => {

@@ -137,13 +137,13 @@ impl RulePolicy {
     }
 }
 
-/// Forwards `req` to `set` under `policy`.
+/// Forwards `req` to `set` under `policy`; with the response, which endpoint gave it.
 pub async fn forward(
     set: Arc<EndpointSet>,
     policy: Arc<RulePolicy>,
     req: Request<Incoming>,
     mtls: Option<Mtls>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     if let Some(bucket) = &policy.rate_limit
         && let Err(wait) = bucket.try_take()
     {
@@ -204,7 +204,7 @@ async fn attempts(
     policy: &RulePolicy,
     req: Request<Incoming>,
     mtls: Option<&Mtls>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     let rt = &set.runtime;
     let mut permit = match rt.max_requests {
         None => None,
@@ -369,13 +369,14 @@ async fn attempts(
                 started = Instant::now();
             }
             None => {
-                let mut resp = result?;
-                resp.extensions_mut()
-                    .insert(Attempted { endpoint, retries });
+                let resp = result?;
                 let idle = policy.stream_idle_timeout;
-                return Ok(resp.map(|b| {
+                let resp = resp.map(|b| {
                     ProxyBody::Tracked(TrackedBody::new(b, Some(inflight), permit.take(), idle))
-                }));
+                });
+                // Returned beside the response, not in its extensions: inserting one there
+                // allocates a map and a box per request.
+                return Ok((resp, Attempted { endpoint, retries }));
             }
         }
     }
