@@ -521,6 +521,20 @@ impl BodyState {
         Poll::Ready(Ok(()))
     }
 
+    /// One more byte than is buffered (an incomplete line or section), unless `limit` bytes
+    /// are already buffered: then `too_long`.
+    fn poll_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: usize,
+        too_long: &'static str,
+    ) -> Poll<Result<(), H1Error>> {
+        if self.conn.read.len() > limit {
+            return Poll::Ready(Err(H1Error::Chunked(too_long)));
+        }
+        self.poll_need(cx, self.conn.read.len() + 1)
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         loop {
             match self.framing {
@@ -559,13 +573,9 @@ impl BodyState {
                             });
                         }
                         Ok(httparse::Status::Partial) => {
-                            if self.conn.read.len() > 4096 {
-                                return Poll::Ready(Some(Err(H1Error::Chunked(
-                                    "chunk size line too long",
-                                ))));
-                            }
-                            let n = self.conn.read.len() + 1;
-                            if let Err(e) = ready!(self.poll_need(cx, n)) {
+                            if let Err(e) =
+                                ready!(self.poll_more(cx, 4096, "chunk size line too long"))
+                            {
                                 return Poll::Ready(Some(Err(e)));
                             }
                         }
@@ -627,13 +637,9 @@ impl BodyState {
                             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                         }
                         Ok(httparse::Status::Partial) => {
-                            if self.conn.read.len() > MAX_HEAD {
-                                return Poll::Ready(Some(Err(H1Error::Chunked(
-                                    "trailers too large",
-                                ))));
-                            }
-                            let n = self.conn.read.len() + 1;
-                            if let Err(e) = ready!(self.poll_need(cx, n)) {
+                            if let Err(e) =
+                                ready!(self.poll_more(cx, MAX_HEAD, "trailers too large"))
+                            {
                                 return Poll::Ready(Some(Err(e)));
                             }
                         }

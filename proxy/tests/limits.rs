@@ -19,60 +19,17 @@ use tokio::net::TcpStream;
 /// How long a normal client waits for its answer while the proxy is under attack.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
-struct Running {
-    _proxy: ProxyProcess,
-    _dir: TempDir,
-    outbound: SocketAddr,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-}
-
 /// A proxy routing `echo.local` to a local echo upstream (also its app), with `extra` flags.
-async fn start(extra: &[&str]) -> Running {
+async fn start(extra: &[&str]) -> Proxy {
     let echo = start_echo().await;
-    let dir = TempDir::new();
-    let config = dir.path("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "services:\n  - {{name: echo, endpoints: [{{address: \"{echo}\"}}]}}\n\
-             routes:\n  - {{name: echo, hosts: [echo.local], rules: [{{backends: [{{service: echo}}]}}]}}\n"
-        ),
-    )
-    .unwrap();
-    let addr_file = dir.path("addrs.json");
+    let config = format!(
+        "services:\n  - {{name: echo, endpoints: [{{address: \"{echo}\"}}]}}\n\
+         routes:\n  - {{name: echo, hosts: [echo.local], rules: [{{backends: [{{service: echo}}]}}]}}\n"
+    );
     let echo = echo.to_string();
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--outbound-addr",
-        "127.0.0.1:0",
-        "--inbound-addr",
-        "127.0.0.1:0",
-        "--app-addr",
-        &echo,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--addr-file",
-        addr_file.to_str().unwrap(),
-        "--log",
-        "warn",
-    ];
+    let mut args = vec!["--app-addr", echo.as_str()];
     args.extend_from_slice(extra);
-    let proxy = spawn_proxy(&args);
-    let addrs = wait_for_addrs(&addr_file).await;
-    let running = Running {
-        _proxy: proxy,
-        outbound: addr(&addrs, "outbound"),
-        inbound: addr(&addrs, "inbound"),
-        admin: addr(&addrs, "admin"),
-        _dir: dir,
-    };
-    poll("/ready", async || {
-        (admin_get(running.admin, "/ready").await.status == StatusCode::OK).then_some(())
-    })
-    .await;
-    running
+    start_proxy(&config, &args).await
 }
 
 /// One series of the proxy's `/metrics`, e.g. `weft_proxy_listener_limits_total{...}`.
@@ -262,7 +219,7 @@ async fn oversized_headers_get_431_with_the_reason() {
     for (addr, version) in [
         (p.outbound, Version::HTTP_11),
         (p.outbound, Version::HTTP_2),
-        (p.inbound, Version::HTTP_11),
+        (p.inbound.unwrap(), Version::HTTP_11),
     ] {
         let reply = send(addr, version, big()).await;
         assert_eq!(
@@ -318,7 +275,7 @@ async fn oversized_headers_get_431_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_closed_connections_get_their_response_then_close() {
     let p = start(&[]).await;
-    for addr in [p.outbound, p.inbound] {
+    for addr in [p.outbound, p.inbound.unwrap()] {
         let answer = raw(
             addr,
             b"GET /half HTTP/1.1\r\nhost: echo.local\r\n\r\n",

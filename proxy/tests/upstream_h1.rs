@@ -163,48 +163,13 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
-struct Running {
-    _proxy: ProxyProcess,
-    _dir: TempDir,
-    outbound: SocketAddr,
-}
-
-async fn start(upstream: SocketAddr, idle_timeout: &str) -> Running {
-    let dir = TempDir::new();
-    let config = dir.path("mesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "services:\n  - {{name: up, protocol: http1, endpoints: [{{address: \"{upstream}\"}}], \
-             policy: {{idle_timeout: {idle_timeout}}}}}\n\
-             routes:\n  - {{name: up, hosts: [up.local], rules: [{{backends: [{{service: up}}]}}]}}\n"
-        ),
-    )
-    .unwrap();
-    let addr_file = dir.path("addrs.json");
-    let proxy = spawn_proxy(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--outbound-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--addr-file",
-        addr_file.to_str().unwrap(),
-        "--log",
-        "warn",
-    ]);
-    let addrs = wait_for_addrs(&addr_file).await;
-    let admin = addr(&addrs, "admin");
-    poll("/ready", async || {
-        (admin_get(admin, "/ready").await.status == StatusCode::OK).then_some(())
-    })
-    .await;
-    Running {
-        _proxy: proxy,
-        _dir: dir,
-        outbound: addr(&addrs, "outbound"),
-    }
+async fn start(upstream: SocketAddr, idle_timeout: &str) -> Proxy {
+    let config = format!(
+        "services:\n  - {{name: up, protocol: http1, endpoints: [{{address: \"{upstream}\"}}], \
+         policy: {{idle_timeout: {idle_timeout}}}}}\n\
+         routes:\n  - {{name: up, hosts: [up.local], rules: [{{backends: [{{service: up}}]}}]}}\n"
+    );
+    start_proxy(&config, &[]).await
 }
 
 /// One keep-alive client connection to the proxy.
@@ -219,14 +184,23 @@ impl Client {
     }
 
     async fn call(&mut self, method: Method, path: &str) -> (StatusCode, String) {
+        let (status, _, body) = self.exchange(method, path).await;
+        (status, body)
+    }
+
+    /// `method path` to `up.local` without a body: status, headers, body.
+    async fn exchange(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> (StatusCode, http::HeaderMap, String) {
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "up.local")
             .body(Full::default())
             .unwrap();
-        let (status, _, body) = self.request(req).await;
-        (status, body)
+        self.request(req).await
     }
 
     async fn request(
@@ -505,14 +479,7 @@ async fn a_reused_connection_closed_under_a_safe_request_is_retried_on_a_new_one
     );
     assert_eq!(counts.opened(), 2);
     // A POST is not sent twice by the pool (it may have been processed): the caller hears.
-    let (status, headers, body) = c
-        .request(
-            Request::post("/once")
-                .header("host", "up.local")
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
+    let (status, headers, body) = c.exchange(Method::POST, "/once").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(headers["x-weft-reason"], "upstream_reset");
     assert!(body.contains("closed before a response"), "{body}");
@@ -524,14 +491,7 @@ async fn broken_responses_are_clear_errors_and_the_proxy_carries_on() {
     let (up, _) = scripted_upstream().await;
     let p = start(up, "1m").await;
     let mut c = Client::connect(p.outbound).await;
-    let (status, headers, body) = c
-        .request(
-            Request::get("/garbage")
-                .header("host", "up.local")
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
+    let (status, headers, body) = c.exchange(Method::GET, "/garbage").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(headers["x-weft-reason"], "upstream_reset");
     assert!(body.contains("invalid response head"), "{body}");

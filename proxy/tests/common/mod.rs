@@ -171,6 +171,53 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     send(admin, Version::HTTP_11, get("admin", path)).await
 }
 
+/// A proxy started on `config` (YAML written to a scratch dir) with loopback port-0 listeners
+/// (outbound, inbound, admin) and `extra` flags; returned once `/ready` answers 200.
+pub struct Proxy {
+    pub process: ProxyProcess,
+    pub dir: TempDir,
+    pub outbound: SocketAddr,
+    /// Only with `--app-addr` among the flags.
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+pub async fn start_proxy(config: &str, extra: &[&str]) -> Proxy {
+    let dir = TempDir::new();
+    let config_path = dir.path("mesh.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let addr_file = dir.path("addrs.json");
+    let mut args = vec![
+        "--config",
+        config_path.to_str().unwrap(),
+        "--outbound-addr",
+        "127.0.0.1:0",
+        "--inbound-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--addr-file",
+        addr_file.to_str().unwrap(),
+        "--log",
+        "warn",
+    ];
+    args.extend_from_slice(extra);
+    let process = spawn_proxy(&args);
+    let addrs = wait_for_addrs(&addr_file).await;
+    let admin = addr(&addrs, "admin");
+    poll("/ready", async || {
+        (admin_get(admin, "/ready").await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    Proxy {
+        process,
+        dir,
+        outbound: addr(&addrs, "outbound"),
+        inbound: addrs["inbound"].as_str().and_then(|a| a.parse().ok()),
+        admin,
+    }
+}
+
 pub fn spawn_proxy(args: &[&str]) -> ProxyProcess {
     let child = proxy_command()
         .args(args)
