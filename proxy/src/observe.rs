@@ -227,7 +227,7 @@ impl Observation {
             parts,
             ObservedBody {
                 inner: body,
-                finish: Some(finish),
+                finish: Some(Box::new(finish)),
             },
         )
     }
@@ -377,7 +377,9 @@ fn version(v: Version) -> &'static str {
 #[derive(Debug)]
 pub struct ObservedBody {
     inner: ProxyBody,
-    finish: Option<Finish>,
+    /// Boxed: the response (and this body in it) is moved several times on its way through
+    /// hyper, and the finish record is most of its size.
+    finish: Option<Box<Finish>>,
 }
 
 impl ObservedBody {
