@@ -17,54 +17,8 @@ W=$(mktemp -d /tmp/weft-instr.XXXXXX)
 trap 'rm -rf "$W"' EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 UP=$(free_port); P_WEFT=$(free_port); A_WEFT=$(free_port); P_ENVOY=$(free_port); A_ENVOY=$(free_port); P_HA=$(free_port)
-cat > "$W/nginx.conf" <<NG
-daemon off; worker_processes 1; pid $W/nginx.pid; error_log $W/nginx.err;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP; client_body_temp_path $W; location = / { return 200 "ok"; } } }
-NG
-cat > "$W/mesh.yaml" <<MY
-services:
-  - {name: upstream, protocol: http1, endpoints: [{address: "127.0.0.1:$UP"}]}
-routes:
-  - {name: all, hosts: ["*"], rules: [{backends: [{service: upstream}]}]}
-MY
-cat > "$W/envoy.yaml" <<EY
-static_resources:
-  listeners:
-  - address: {socket_address: {address: 127.0.0.1, port_value: $P_ENVOY}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          route_config:
-            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: upstream}}]}]
-          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
-  clusters:
-  - name: upstream
-    type: STATIC
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP}}}}]}]
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $A_ENVOY}}}
-EY
-cat > "$W/haproxy.cfg" <<HA
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$P_HA
-  default_backend be
-backend be
-  server up 127.0.0.1:$UP
-HA
+# The same peers, configured the same way, as bench/run.py.
+python3 bench/peers.py "$W" "$UP" "$P_WEFT" "$P_ENVOY" "$A_ENVOY" "$P_HA"
 
 run() { # name seconds -> "requests instructions"
   local name=$1 dur=$2 port ready

@@ -8,6 +8,8 @@ Results: bench/results/results.md + raw.json.
 """
 import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
+from peers import write_configs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -189,70 +191,15 @@ def main():
     raw = {"duration_s": d, "scenarios": {}}
     try:
         up = free_port()
-        with open(os.path.join(work, "nginx.conf"), "w") as f:
-            f.write(f"""daemon off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx.err;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{up}; client_body_temp_path {work};
-    location = / {{ return 200 "ok"; }}
-    location = /1k {{ return 200 "{'x' * 1024}"; }}
-    location = /64k {{ alias {work}/64k; }} }} }}
-""")
-        with open(os.path.join(work, "64k"), "wb") as f:
-            f.write(b"y" * 65536)
+        ports = {"direct": up, "weft": free_port(), "envoy": free_port(), "haproxy": free_port()}
+        write_configs(work, up, ports["weft"], ports["envoy"], free_port(), ports["haproxy"])
         procs.start("nginx", ["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work], work)
         wait_port(up)
-
-        ports = {"direct": up, "weft": free_port(), "envoy": free_port(), "haproxy": free_port()}
-        with open(os.path.join(work, "mesh.yaml"), "w") as f:
-            f.write(f"""services:
-  - {{name: upstream, protocol: http1, endpoints: [{{address: "127.0.0.1:{up}"}}]}}
-routes:
-  - {{name: all, hosts: ["*"], rules: [{{backends: [{{service: upstream}}]}}]}}
-""")
         weft = procs.start("weft", [args.weft, "--config", os.path.join(work, "mesh.yaml"), "--outbound-addr",
                                     f"127.0.0.1:{ports['weft']}", "--admin-addr", "127.0.0.1:0", "--workers", "1",
                                     "--log", "warn"], work)
-        with open(os.path.join(work, "envoy.yaml"), "w") as f:
-            f.write(f"""static_resources:
-  listeners:
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: {ports['envoy']}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
-          route_config:
-            virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}]}}]
-          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
-  clusters:
-  - name: upstream
-    type: STATIC
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up}}}}}}}}}]}}]
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {free_port()}}}}}}}
-""")
         envoy = procs.start("envoy", [envoy_bin(), "-c", os.path.join(work, "envoy.yaml"), "--concurrency", "1",
                                       "--log-level", "warn"], work)
-        with open(os.path.join(work, "haproxy.cfg"), "w") as f:
-            f.write(f"""global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:{ports['haproxy']}
-  default_backend be
-backend be
-  server up 127.0.0.1:{up}
-""")
         haproxy = procs.start("haproxy", ["haproxy", "-f", os.path.join(work, "haproxy.cfg")], work)
         for name, p in ports.items():
             try:
