@@ -205,3 +205,27 @@ impl SidecarMesh {
         }
     }
 }
+
+/// The discovery tests' `cart` HTTPRoute, checked through a proxy: 1,000 requests to `host`
+/// split 80/20 between v1 and v2 (± 4 points), none failing, and 100 requests with
+/// `x-user-group: beta` all on v2. Returns the split for further checks.
+pub async fn assert_cart_route(client: &HttpClient, outbound: SocketAddr, host: &str) -> Split {
+    let split = drive(client, outbound, host, &[], 1000, 8).await;
+    assert_eq!(split.failed, 0, "{:?}", split.failures);
+    let v2_share = split.percent("v2");
+    assert!(
+        (16.0..=24.0).contains(&v2_share),
+        "v2 share {v2_share:.1}% is not 20 ± 4 ({split:?})"
+    );
+    let beta = drive(
+        client,
+        outbound,
+        "cart",
+        &[("x-user-group", "beta")],
+        100,
+        4,
+    )
+    .await;
+    assert_eq!(beta.by_version.get("v2"), Some(&100), "{beta:?}");
+    split
+}

@@ -6,7 +6,7 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weft_control::discovery::{ClusterSnapshot, translate};
-use weft_tests::mesh::drive;
+use weft_tests::mesh::assert_cart_route;
 use weft_tests::{ControlPlane, ControlPlaneOpts, HttpClient, Proxy, ProxyOpts, VersionApp};
 
 fn docs<T: serde::de::DeserializeOwned>(yaml: &str) -> Vec<T> {
@@ -74,30 +74,5 @@ spec:
     .await;
     let client = HttpClient::http1();
 
-    let split = drive(
-        &client,
-        proxy.outbound,
-        "cart.shop.svc.cluster.local",
-        &[],
-        1000,
-        8,
-    )
-    .await;
-    assert_eq!(split.failed, 0, "{:?}", split.failures);
-    let v2_share = split.percent("v2");
-    assert!(
-        (16.0..=24.0).contains(&v2_share),
-        "v2 share {v2_share:.1}% is not 20 ± 4 ({split:?})"
-    );
-
-    let beta = drive(
-        &client,
-        proxy.outbound,
-        "cart",
-        &[("x-user-group", "beta")],
-        100,
-        4,
-    )
-    .await;
-    assert_eq!(beta.by_version.get("v2"), Some(&100), "{beta:?}");
+    assert_cart_route(&client, proxy.outbound, "cart.shop.svc.cluster.local").await;
 }
