@@ -176,8 +176,6 @@ where
     // task; every other wakeup is the connection's I/O and polls the connection alone.
     let woken = Arc::new(Flag::default());
     let result = loop {
-        // New watcher futures: poll them once so that they register.
-        woken.set.store(true, Ordering::Release);
         let watchers = async {
             tokio::select! {
                 biased;
@@ -234,20 +232,10 @@ where
 }
 
 /// Set by the watchers' waker: something other than the connection's I/O woke the task.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Flag {
     set: AtomicBool,
     task: AtomicWaker,
-}
-
-impl Default for Flag {
-    fn default() -> Self {
-        // Set: the watchers are polled (and register) on the first poll.
-        Self {
-            set: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        }
-    }
 }
 
 impl Wake for Flag {
@@ -262,13 +250,15 @@ impl Wake for Flag {
 }
 
 /// Resolves with `main`'s output, or `watchers`' when they finish first; `watchers` is
-/// polled only when its own waker fired since it was last polled.
+/// polled on the first poll and then only when its own waker fired since it was last polled.
 async fn first_of<A: Future, B: Future>(
     main: A,
     watchers: B,
     flag: &Arc<Flag>,
 ) -> EitherFuture<A::Output, B::Output> {
     let waker = Waker::from(flag.clone());
+    // New watcher futures: poll them once, so that they register their wakers.
+    flag.set.store(true, Ordering::Release);
     let mut main = std::pin::pin!(main);
     let mut watchers = std::pin::pin!(watchers);
     std::future::poll_fn(|cx| {

@@ -798,21 +798,12 @@ fn framing(head: &Head, head_request: bool) -> (Framing, bool) {
 
 /// The one content-length of `headers` (all values equal), if valid.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut found = None;
+    // The response parser's rule, applied to a request's header map.
+    let mut facts = Facts::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let n: u64 = part.parse().ok()?;
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
-            found = Some(n);
-        }
+        facts.length(value.as_bytes());
     }
-    found
+    facts.length
 }
 
 fn stale_or_failed(req: Option<Request<RequestBody>>, reused: bool, err: H1Error) -> SendError {
