@@ -193,6 +193,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             fwd: outbound_svc,
             transparent: transparent.clone(),
             opaque: telemetry.metrics.conn_counters("passthrough"),
+            tunnels: telemetry.metrics.conn_counters("mesh_tcp"),
         };
         // iptables REDIRECT sends captured IPv6 connections to [::1]: listen there too when
         // the outbound address is IPv4 loopback and the host has IPv6.
@@ -245,7 +246,12 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
         // The guard authenticates and authorizes before forwarding; it observes every answer,
         // its own refusals included.
         let inbound_svc = Forwarder::with_telemetry(mode, upstream, telemetry.clone());
-        let guard = inbound::Guard::new(state.clone(), &args.service, inbound_svc);
+        let guard = inbound::Guard::new(
+            state.clone(),
+            &args.service,
+            inbound_svc,
+            telemetry.metrics.conn_counters("inbound_mesh_tcp"),
+        );
         let captured = transparent.map(|transparent| inbound::Captured {
             transparent,
             has_app_addr: args.app_addr.is_some(),

@@ -70,6 +70,19 @@ impl Forwarder {
         }
     }
 
+    /// The mTLS client, when this proxy has an identity.
+    pub fn mesh(&self) -> Option<&MeshClient> {
+        self.inner.mesh.as_ref()
+    }
+
+    /// The local app an inbound forwarder sends to; `None` outbound.
+    pub fn app(&self) -> Option<&Authority> {
+        match &self.inner.mode {
+            Mode::Inbound { app, .. } => Some(app),
+            Mode::Outbound(_) => None,
+        }
+    }
+
     pub fn new(mode: Mode, upstream: Upstream) -> Self {
         Self::with(mode, upstream, Telemetry::disabled(), None)
     }

@@ -29,7 +29,7 @@ use crate::error::{ProxyError, is_grpc};
 use crate::forward::Forwarder;
 use crate::identity::Identity;
 use crate::identity::mesh::{APP_PROTOCOL_HEADER, MESH_SNI};
-use crate::identity::verify::{server_config, spiffe_id_of};
+use crate::identity::verify::{ALPN_TCP, server_config, spiffe_id_of};
 use crate::intercept::detect::{Detected, detect, peek_sni};
 use crate::intercept::original_dst::was_redirected;
 use crate::intercept::{Transparent, tcp};
@@ -66,14 +66,22 @@ pub struct Guard {
     /// The service this proxy fronts: whose policies apply.
     service: Arc<str>,
     fwd: Forwarder,
+    /// Opaque TCP from sidecars over mTLS (`listener="inbound_mesh_tcp"`).
+    tunnels: ConnCounters,
 }
 
 impl Guard {
-    pub fn new(state: Arc<ProxyState>, service: &str, fwd: Forwarder) -> Self {
+    pub fn new(
+        state: Arc<ProxyState>,
+        service: &str,
+        fwd: Forwarder,
+        tunnels: ConnCounters,
+    ) -> Self {
         Self {
             state,
             service: Arc::from(service),
             fwd,
+            tunnels,
         }
     }
 
@@ -83,7 +91,36 @@ impl Guard {
             state: self.state.clone(),
             service: self.service.clone(),
             fwd: self.fwd.for_app(app),
+            tunnels: self.tunnels.clone(),
         }
+    }
+
+    /// An opaque TCP stream from a sidecar (mTLS, ALPN `weft-tcp`): authorized on who calls
+    /// and the port, then copied to the app as it is.
+    async fn tunnel<S>(&self, tls: S, principal: Option<&str>, port: u16) -> Result<(), BoxError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let policy = self.state.load().security.service(&self.service);
+        if let Some(Err(denied)) = policy.map(|p| p.authorize_connection(principal, port)) {
+            self.stats().denied.fetch_add(1, Ordering::Relaxed);
+            return Err(format!(
+                "opaque TCP from {} to port {port} denied by policy {:?}",
+                principal.unwrap_or("(no identity)"),
+                denied.policy
+            )
+            .into());
+        }
+        self.stats().allowed.fetch_add(1, Ordering::Relaxed);
+        let app = self
+            .fwd
+            .app()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .ok_or("opaque TCP over mTLS needs the app at an IP address (--app-addr)")?;
+        self.tunnels.opened.inc();
+        tcp::proxy(tls, app, &self.tunnels).await;
+        self.tunnels.closed.inc();
+        Ok(())
     }
 
     fn stats(&self) -> &AuthzStats {
@@ -209,7 +246,9 @@ pub async fn serve(
         );
         async move {
             let (stream, guard, port) = match &captured {
-                Some(captured) => match capture(stream, port, guard, captured).await {
+                Some(captured) => match capture(stream, port, guard, captured, acceptor.is_some())
+                    .await
+                {
                     Ok(Some(next)) => next,
                     Ok(None) => return,
                     Err(error) => {
@@ -234,13 +273,16 @@ pub async fn serve(
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Transparent mode, before TLS and HTTP: a captured connection's original port is the app's;
-/// opaque ports and non-HTTP, non-TLS bytes are copied to the app as TCP. Returns what the
-/// usual path serves, or `None` when the connection was handled here.
+/// plaintext on opaque ports and non-HTTP, non-TLS bytes are copied to the app as TCP (unless
+/// peer authentication is STRICT). `mesh`: this proxy terminates mTLS, so a sidecar's
+/// ClientHello is looked for on opaque ports too. Returns what the usual path serves, or
+/// `None` when the connection was handled here.
 async fn capture(
     stream: TcpStream,
     port: u16,
     guard: Guard,
     captured: &Captured,
+    mesh: bool,
 ) -> Result<Option<(TcpStream, Guard, u16)>, BoxError> {
     let Some(orig) = was_redirected(&stream) else {
         if captured.has_app_addr {
@@ -256,16 +298,34 @@ async fn capture(
     };
     let app = SocketAddr::new(loopback, port);
     let t = &captured.transparent;
-    let opaque = t.is_opaque(port)
-        || match detect(&stream, t.detect_timeout).await? {
-            // A sidecar says MESH_SNI; any other name is the app's own TLS, passed through.
-            Detected::Tls => peek_sni(&stream, t.detect_timeout)
-                .await
-                .is_some_and(|sni| sni != MESH_SNI),
+    let mode = guard.peer_mode(port);
+    let opaque = if t.is_opaque(port) && (!mesh || mode == PeerAuthMode::Disable) {
+        // Server-first protocols: nothing to wait for.
+        true
+    } else if t.is_opaque(port) && mode == PeerAuthMode::Strict {
+        // Only a sidecar's mTLS is accepted here: no detection, the TLS path decides.
+        false
+    } else {
+        match detect(&stream, t.detect_timeout).await? {
+            // A sidecar says MESH_SNI (HTTP or, by ALPN, opaque TCP over mTLS); on other
+            // ports a hello without SNI goes to the mTLS path too, any other name is the
+            // app's own TLS, passed through.
+            Detected::Tls => {
+                let sni = peek_sni(&stream, t.detect_timeout).await;
+                match sni.as_deref() {
+                    Some(MESH_SNI) => false,
+                    None => t.is_opaque(port),
+                    Some(_) => true,
+                }
+            }
+            // On a declared-opaque port a plaintext client (the server speaks first) waited
+            // out the detection; it is not HTTP whatever it sends.
+            _ if t.is_opaque(port) => true,
             found => !found.is_http(),
-        };
+        }
+    };
     if opaque {
-        if guard.peer_mode(port) == PeerAuthMode::Strict && !t.is_opaque(port) {
+        if mode == PeerAuthMode::Strict {
             guard
                 .stats()
                 .plaintext_refused
@@ -324,6 +384,10 @@ async fn connection(
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(spiffe_id_of);
+    if conn.alpn_protocol() == Some(ALPN_TCP) {
+        // `slot` is held until the stream ends, as for every other connection.
+        return guard.tunnel(tls, principal.as_deref(), port).await;
+    }
     let peer = Peer {
         identity: principal
             .as_deref()

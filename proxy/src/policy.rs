@@ -99,12 +99,31 @@ impl ServicePolicy {
     }
 
     pub fn authorize(&self, req: &RequestAttrs<'_>) -> Result<(), Denied> {
-        if let Some(p) = self.deny.iter().find(|p| policy_matches(p, req)) {
+        let matches = |r: &AuthzRule| rule_matches(r, req);
+        self.decide(matches, matches)
+    }
+
+    /// Authorization of an opaque TCP stream from a sidecar (no request to look at), as Istio
+    /// does for TCP: a rule with HTTP-only fields (paths, methods, claims) never matches in an
+    /// ALLOW policy, and is matched without them in a DENY policy (which so denies more).
+    pub fn authorize_connection(&self, principal: Option<&str>, port: u16) -> Result<(), Denied> {
+        let peer = |r: &AuthzRule| peer_matches(r, principal, port);
+        self.decide(peer, |r| !has_http_fields(r) && peer(r))
+    }
+
+    /// DENY policies first (a rule of one matching by `deny_rule` denies), then ALLOW ones
+    /// (when there is at least one, something no rule matches by `allow_rule` is denied).
+    fn decide(
+        &self,
+        deny_rule: impl Fn(&AuthzRule) -> bool,
+        allow_rule: impl Fn(&AuthzRule) -> bool,
+    ) -> Result<(), Denied> {
+        if let Some(p) = self.deny.iter().find(|p| p.rules.iter().any(&deny_rule)) {
             return Err(Denied {
                 policy: p.name.clone(),
             });
         }
-        if self.allow.is_empty() || self.allow.iter().any(|p| policy_matches(p, req)) {
+        if self.allow.is_empty() || self.allow.iter().any(|p| p.rules.iter().any(&allow_rule)) {
             Ok(())
         } else {
             Err(Denied {
@@ -112,10 +131,6 @@ impl ServicePolicy {
             })
         }
     }
-}
-
-fn policy_matches(p: &AuthorizationPolicy, req: &RequestAttrs<'_>) -> bool {
-    p.rules.iter().any(|r| rule_matches(r, req))
 }
 
 fn string_matches(m: &StringMatch, s: &str) -> bool {
@@ -128,19 +143,28 @@ fn string_matches(m: &StringMatch, s: &str) -> bool {
 }
 
 fn rule_matches(r: &AuthzRule, req: &RequestAttrs<'_>) -> bool {
-    let principal = req.principal.unwrap_or("");
-    (r.principals.is_empty()
-        || (req.principal.is_some() && r.principals.iter().any(|m| string_matches(m, principal))))
-        && (r.namespaces.is_empty()
-            || spiffe_namespace(principal).is_some_and(|ns| r.namespaces.iter().any(|n| n == ns)))
+    peer_matches(r, req.principal, req.port)
         && (r.paths.is_empty() || r.paths.iter().any(|m| string_matches(m, req.path)))
         && (r.methods.is_empty() || r.methods.iter().any(|m| m == req.method.as_str()))
-        && (r.ports.is_empty() || r.ports.contains(&req.port))
         && r.claims.iter().all(|(name, accepted)| {
             req.claims
                 .and_then(|c| c.get(name))
                 .is_some_and(|v| claim_matches(v, accepted))
         })
+}
+
+/// The fields of a rule that a connection has too: who calls, and on which port.
+fn peer_matches(r: &AuthzRule, principal: Option<&str>, port: u16) -> bool {
+    let id = principal.unwrap_or("");
+    (r.principals.is_empty()
+        || (principal.is_some() && r.principals.iter().any(|m| string_matches(m, id))))
+        && (r.namespaces.is_empty()
+            || spiffe_namespace(id).is_some_and(|ns| r.namespaces.iter().any(|n| n == ns)))
+        && (r.ports.is_empty() || r.ports.contains(&port))
+}
+
+fn has_http_fields(r: &AuthzRule) -> bool {
+    !r.paths.is_empty() || !r.methods.is_empty() || !r.claims.is_empty()
 }
 
 fn claim_matches(v: &Value, accepted: &[String]) -> bool {
@@ -255,6 +279,47 @@ mod tests {
         let claims: Map<String, Value> =
             serde_json::from_str(r#"{"group": ["users", "admins"]}"#).unwrap();
         assert!(p.authorize(&attrs(None, "/", Some(&claims))).is_ok());
+    }
+
+    #[test]
+    fn connections_match_only_peer_fields() {
+        let p = table(
+            r#"      authorization:
+        - {name: no-other-on-9000, action: deny, rules: [{namespaces: [other], ports: [9000], paths: [{prefix: /x}]}]}
+        - {name: db-clients, rules: [{principals: [{exact: "spiffe://td/ns/default/sa/a"}]}]}
+        - {name: http-only, rules: [{principals: [{exact: "spiffe://td/ns/default/sa/b"}], methods: [GET]}]}"#,
+        );
+        let (a, b, other) = (
+            Some("spiffe://td/ns/default/sa/a"),
+            Some("spiffe://td/ns/default/sa/b"),
+            Some("spiffe://td/ns/other/sa/a"),
+        );
+        assert!(p.authorize_connection(a, 3306).is_ok());
+        // b is allowed for GET requests only: a connection has no method, so no.
+        assert!(p.authorize(&attrs(b, "/", None)).is_ok());
+        assert_eq!(
+            p.authorize_connection(b, 3306).unwrap_err().policy,
+            "no ALLOW policy matched"
+        );
+        assert!(p.authorize_connection(None, 3306).is_err());
+        // The DENY rule's path is left out for a connection: all of port 9000 is denied to
+        // `other`, while its requests are denied only under /x.
+        assert_eq!(
+            p.authorize_connection(other, 9000).unwrap_err().policy,
+            "no-other-on-9000"
+        );
+        let on_9000 = |path| RequestAttrs {
+            port: 9000,
+            ..attrs(other, path, None)
+        };
+        assert_eq!(
+            p.authorize(&on_9000("/x")).unwrap_err().policy,
+            "no-other-on-9000"
+        );
+        assert_eq!(
+            p.authorize(&on_9000("/y")).unwrap_err().policy,
+            "no ALLOW policy matched"
+        );
     }
 
     #[test]

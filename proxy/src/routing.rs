@@ -55,10 +55,11 @@ pub struct Table {
     hosts: HashMap<String, usize>,
     /// The route that serves host `*`, tried when no exact host matches.
     wildcard: Option<usize>,
-    /// Every service endpoint address → the route of its service if it has one: transparent
-    /// mode treats these as mesh destinations and routes requests whose `Host` names no
-    /// route (e.g. an IP) by original destination.
-    by_addr: HashMap<std::net::SocketAddr, Option<usize>>,
+    /// Every service endpoint address → its service and that service's route if it has one:
+    /// transparent mode treats these as mesh destinations, routes requests whose `Host` names
+    /// no route (e.g. an IP) by original destination, and sends opaque TCP over mTLS when the
+    /// service has an identity.
+    by_addr: HashMap<std::net::SocketAddr, ByAddr>,
     routes: Vec<Route>,
 }
 
@@ -158,6 +159,11 @@ impl Table {
         self.by_addr.contains_key(addr)
     }
 
+    /// The service that has `addr` as an endpoint (the first one, when several do).
+    pub fn service_at(&self, addr: &std::net::SocketAddr) -> Option<&str> {
+        self.by_addr.get(addr).map(|a| &*a.service)
+    }
+
     /// [`Table::resolve`] for a captured connection whose original destination was `orig`:
     /// a `Host` naming a route wins, else the route of the service at `orig`.
     pub fn resolve_at<B>(
@@ -213,7 +219,7 @@ impl Table {
         let index = self
             .hosts
             .get(host.as_ref())
-            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.as_ref()))
+            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.route.as_ref()))
             .or(self.wildcard.as_ref())
             .ok_or_else(no_route)?;
         let rule = self.routes[*index]
@@ -233,12 +239,21 @@ impl Table {
     }
 }
 
-/// For every service endpoint with an IP address: the route named after the service (its
-/// `hosts` hold the service name), else the first route with a backend in it, else none.
+/// What a captured connection's original destination tells about it.
+#[derive(Debug)]
+struct ByAddr {
+    /// The route of its service, when one leads there.
+    route: Option<usize>,
+    service: Arc<str>,
+}
+
+/// For every service endpoint with an IP address: its service and the route named after the
+/// service (its `hosts` hold the service name), else the first route with a backend in it,
+/// else none.
 fn routes_by_address(
     cfg: &MeshConfig,
     hosts: &HashMap<String, usize>,
-) -> HashMap<std::net::SocketAddr, Option<usize>> {
+) -> HashMap<std::net::SocketAddr, ByAddr> {
     let mut out = HashMap::new();
     for svc in &cfg.services {
         let route = hosts
@@ -251,9 +266,13 @@ fn routes_by_address(
                         .any(|rule| rule.backends.iter().any(|b| b.service == svc.name))
                 })
             });
+        let service: Arc<str> = Arc::from(svc.name.as_str());
         for ep in &svc.endpoints {
             if let Ok(addr) = ep.address.parse() {
-                out.entry(addr).or_insert(route);
+                out.entry(addr).or_insert_with(|| ByAddr {
+                    route,
+                    service: service.clone(),
+                });
             }
         }
     }

@@ -137,6 +137,11 @@ fn curl_to_the_other_pods_ip_goes_through_both_sidecars_with_mtls() {
     security:
       identity: spiffe://weft.local/ns/default/sa/server
       peer_authentication: {{mode: strict}}
+  # Opaque TCP to the same pod: 3306 declared opaque (server first), 7000 detected as opaque.
+  - name: db
+    endpoints: [{{address: "{ip_b}:3306"}}, {{address: "{ip_b}:7000"}}]
+    security:
+      identity: spiffe://weft.local/ns/default/sa/server
 routes:
   - name: server
     hosts: [server]
@@ -201,15 +206,24 @@ routes:
     );
     init(&pods.b, &["--exclude-inbound-ports", "15020"]);
 
+    let app_bin = bin("weft-netns-app").display().to_string();
     let _app = pods.b.spawn(
         "app",
         dir.path(),
         None,
-        &[
-            bin("weft-netns-app").display().to_string(),
-            s("http"),
-            s("0.0.0.0:8080"),
-        ],
+        &[app_bin.clone(), s("http"), s("0.0.0.0:8080")],
+    );
+    let db = pods.b.spawn(
+        "db",
+        dir.path(),
+        None,
+        &[app_bin.clone(), s("greet"), s("0.0.0.0:3306")],
+    );
+    let chatty = pods.b.spawn(
+        "chatty",
+        dir.path(),
+        None,
+        &[app_bin, s("greet"), s("0.0.0.0:7000")],
     );
     let identity = |sa: &str, token: &str| {
         vec![
@@ -309,6 +323,73 @@ routes:
         inb >= 1.0,
         "proxy b counted {inb} inbound requests\n{}",
         proxy_b.log_tail()
+    );
+
+    // Opaque TCP to a service with an identity goes over mTLS too (ALPN weft-tcp), so STRICT
+    // accepts it: a server-first port declared opaque, and one where detection gave up.
+    wait_listening(&pods.b, "127.0.0.1:3306", &db);
+    wait_listening(&pods.b, "127.0.0.1:7000", &chatty);
+    for port in [3306, 7000] {
+        let (_, v) = first_byte(&pods, &format!("{ip_b}:{port}"));
+        assert_eq!(v["greeting"], "220 weft greeting\n", "port {port}: {v}");
+        assert_eq!(v["echo"], "ping\n", "port {port}: {v}");
+    }
+    let tunnels_out = metric(
+        &pods.a,
+        "weft_proxy_tcp_connections_opened_total",
+        &[r#"listener="mesh_tcp""#],
+    );
+    let tunnels_in = metric(
+        &pods.b,
+        "weft_proxy_tcp_connections_opened_total",
+        &[r#"listener="inbound_mesh_tcp""#],
+    );
+    let plain_in = metric(
+        &pods.b,
+        "weft_proxy_tcp_connections_opened_total",
+        &[r#"listener="inbound_passthrough""#],
+    );
+    assert_eq!(
+        (tunnels_out, tunnels_in, plain_in),
+        (2.0, 2.0, 0.0),
+        "opaque connections over mTLS out of a, into b, and in plaintext into b\n{}\n{}",
+        proxy_a.log_tail(),
+        proxy_b.log_tail()
+    );
+    // Plaintext to the opaque port (sent as the proxy's uid, which pod a does not capture) is
+    // refused under STRICT: it is no longer the way around mTLS it used to be.
+    let plain = pods
+        .a
+        .command("setpriv")
+        .args([
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{ip_b}:3306/"))
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plaintext to a STRICT opaque port got through: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    let cfg: serde_json::Value = serde_json::from_str(&pods.b.output(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:15020/config",
+    ]))
+    .unwrap();
+    assert_eq!(
+        cfg["identity"]["authz"]["plaintext_refused"], 1,
+        "{}",
+        cfg["identity"]["authz"]
     );
 
     // Probes from outside the pod (as the kubelet sends them) reach the health port, which is

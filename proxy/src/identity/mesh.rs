@@ -1,5 +1,6 @@
 //! The outbound side of mesh mTLS: HTTP/2 over TLS 1.3 to the destination's sidecar, one
-//! multiplexed connection per (expected identity, endpoint), whatever the app spoke.
+//! multiplexed connection per (expected identity, endpoint), whatever the app spoke; and, for
+//! opaque TCP, one TLS connection per app connection (ALPN `weft-tcp`, [`MeshClient::tunnel`]).
 //!
 //! The pool is keyed by the identity too, so a connection verified for one SPIFFE ID is never
 //! reused for a destination that expects another. The original authority travels as
@@ -21,9 +22,10 @@ use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::Identity;
-use super::verify::{ALPN_H2, client_config};
+use super::verify::{ALPN_H2, ALPN_TCP, client_config};
 use crate::body::ProxyBody;
 use crate::resilience::replay::RequestBody;
 use crate::upstream::{UpstreamError, origin_uri, strip_hop_by_hop};
@@ -38,13 +40,15 @@ pub const MESH_SNI: &str = "weft.mesh";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Key = (Arc<str>, Authority);
+/// A client config per expected identity and ALPN protocol.
+type ConfigKey = (Arc<str>, &'static [u8]);
 
 /// Shared by every outbound request; cheap to clone.
 #[derive(Clone)]
 pub struct MeshClient {
     identity: Arc<Identity>,
     conns: Arc<Mutex<HashMap<Key, SendRequest<RequestBody>>>>,
-    configs: Arc<Mutex<HashMap<Arc<str>, Arc<ClientConfig>>>>,
+    configs: Arc<Mutex<HashMap<ConfigKey, Arc<ClientConfig>>>>,
 }
 
 impl std::fmt::Debug for MeshClient {
@@ -168,12 +172,63 @@ impl MeshClient {
         Ok(sender)
     }
 
-    fn config(&self, expected: &Arc<str>) -> Arc<ClientConfig> {
+    fn config(&self, expected: &Arc<str>, alpn: &'static [u8]) -> Arc<ClientConfig> {
         let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
         configs
-            .entry(expected.clone())
-            .or_insert_with(|| client_config(self.identity.clone(), expected.clone()))
+            .entry((expected.clone(), alpn))
+            .or_insert_with(|| client_config(self.identity.clone(), expected.clone(), alpn))
             .clone()
+    }
+
+    /// An mTLS connection to the sidecar in front of `dest` (which must prove it is
+    /// `expected`) carrying one opaque TCP stream to `dest`'s port; not pooled.
+    pub async fn tunnel(
+        &self,
+        dest: std::net::SocketAddr,
+        expected: &Arc<str>,
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        let endpoint = dest.to_string();
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.handshake(&endpoint, expected, ALPN_TCP),
+        )
+        .await
+        .map_err(|_| UpstreamError::Connect {
+            endpoint,
+            cause: format!("timed out after {CONNECT_TIMEOUT:?}"),
+        })?
+    }
+
+    /// TCP connect and TLS handshake with `addr`, whose sidecar must prove it is `expected`
+    /// and agree to `alpn`.
+    async fn handshake(
+        &self,
+        addr: &str,
+        expected: &Arc<str>,
+        alpn: &'static [u8],
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        let fail = |cause: String| UpstreamError::Connect {
+            endpoint: addr.to_owned(),
+            cause,
+        };
+        let connector = TlsConnector::from(self.config(expected, alpn));
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        // The name is not checked (the SPIFFE ID is); it only fills SNI.
+        let name = ServerName::try_from(MESH_SNI).expect("a valid DNS name");
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(format!("mTLS handshake (expecting {expected}): {e}")))?;
+        if tls.get_ref().1.alpn_protocol() != Some(alpn) {
+            return Err(fail(format!(
+                "the peer did not negotiate {}",
+                String::from_utf8_lossy(alpn)
+            )));
+        }
+        Ok(tls)
     }
 
     async fn connect(
@@ -184,22 +239,9 @@ impl MeshClient {
             endpoint: endpoint.to_string(),
             cause,
         };
-        let connector = TlsConnector::from(self.config(expected));
         let addr = format!("{}:{}", endpoint.host(), endpoint.port_u16().unwrap_or(443));
         let connect = async {
-            let tcp = TcpStream::connect(&addr)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let _ = tcp.set_nodelay(true);
-            // The name is not checked (the SPIFFE ID is); it only fills SNI.
-            let name = ServerName::try_from(MESH_SNI).expect("a valid DNS name");
-            let tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| fail(format!("mTLS handshake (expecting {expected}): {e}")))?;
-            if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-                return Err(fail("the peer did not negotiate h2".into()));
-            }
+            let tls = self.handshake(&addr, expected, ALPN_H2).await?;
             let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(TokioIo::new(tls))

@@ -1,4 +1,5 @@
-//! rustls glue for mesh mTLS: TLS 1.3 only, ring provider, ALPN h2, no session resumption
+//! rustls glue for mesh mTLS: TLS 1.3 only, ring provider, ALPN h2 (HTTP) or weft-tcp
+//! (an opaque TCP stream), no session resumption
 //! (every connection verifies the peer's current certificate).
 //!
 //! Certificates carry no DNS names, only a SPIFFE ID in a URI SAN, so verification is done
@@ -23,8 +24,11 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::Identity;
 
-/// The ALPN protocol sidecars speak to each other.
+/// The ALPN protocol sidecars speak to each other for HTTP (of any version the apps spoke).
 pub const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol of an opaque TCP stream between sidecars: after the handshake the
+/// connection carries the app's bytes as they are, to the port the client app dialled.
+pub const ALPN_TCP: &[u8] = b"weft-tcp";
 
 /// The SPIFFE ID in a certificate's URI SAN, if it has exactly one `spiffe://` URI.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<String> {
@@ -229,14 +233,19 @@ pub fn server_config(identity: Arc<Identity>) -> Arc<ServerConfig> {
             identity: identity.clone(),
         }))
         .with_cert_resolver(Arc::new(Resolver { identity }));
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()];
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Arc::new(cfg)
 }
 
-/// The config for connections to a destination whose sidecars must be `expected`.
-pub fn client_config(identity: Arc<Identity>, expected: Arc<str>) -> Arc<ClientConfig> {
+/// The config for connections to a destination whose sidecars must be `expected`, offering
+/// one ALPN protocol (`ALPN_H2` or `ALPN_TCP`).
+pub fn client_config(
+    identity: Arc<Identity>,
+    expected: Arc<str>,
+    alpn: &[u8],
+) -> Arc<ClientConfig> {
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
@@ -246,7 +255,7 @@ pub fn client_config(identity: Arc<Identity>, expected: Arc<str>) -> Arc<ClientC
             expected,
         }))
         .with_client_cert_resolver(Arc::new(Resolver { identity }));
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Arc::new(cfg)
 }

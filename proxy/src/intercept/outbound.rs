@@ -1,9 +1,11 @@
 //! The outbound listener in transparent mode: every accepted connection is either the app
 //! using the proxy explicitly (connected to the listener itself) or one iptables captured.
 //! Captured connections to a mesh service are detected and, when HTTP, routed with their
-//! original destination attached; everything else passes through as opaque TCP to where it
+//! original destination attached; everything else is opaque TCP: over mTLS to the
+//! destination's sidecar when its service has an identity, else passed through to where it
 //! was going (Istio's PassthroughCluster).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +32,8 @@ pub struct Outbound {
     pub transparent: Transparent,
     /// Opaque and passthrough connections (`listener="passthrough"`).
     pub opaque: ConnCounters,
+    /// Opaque connections sent over mTLS to a mesh destination (`listener="mesh_tcp"`).
+    pub tunnels: ConnCounters,
 }
 
 /// Serves `listener` until `signal` under `limits` (shared with the IPv6 listener, so the
@@ -99,11 +103,22 @@ async fn connection(
         },
     };
     match (http, orig) {
-        (false, Some(dest)) => {
-            ctx.opaque.opened.inc();
-            tcp::proxy(stream, dest, &ctx.opaque).await;
-            ctx.opaque.closed.inc();
-        }
+        (false, Some(dest)) => match tunnel_identity(&ctx, &dest) {
+            Some((mesh, expected)) => {
+                let counters = &ctx.tunnels;
+                counters.opened.inc();
+                match mesh.tunnel(dest, &expected).await {
+                    Ok(tls) => tcp::copy(stream, tls, &dest, counters).await,
+                    Err(error) => tracing::debug!(%dest, %error, "opaque TCP over mTLS failed"),
+                }
+                counters.closed.inc();
+            }
+            None => {
+                ctx.opaque.opened.inc();
+                tcp::proxy(stream, dest, &ctx.opaque).await;
+                ctx.opaque.closed.inc();
+            }
+        },
         _ => {
             let io = TokioIo::new(CountingIo::new(stream, &slot.listener().conn));
             let fwd = ctx.fwd.clone();
@@ -119,4 +134,16 @@ async fn connection(
             }
         }
     }
+}
+
+/// The mesh client and the identity `dest`'s sidecar must prove, when opaque TCP to it goes
+/// over mTLS: this proxy has an identity and `dest`'s service has one.
+fn tunnel_identity<'a>(
+    ctx: &'a Outbound,
+    dest: &SocketAddr,
+) -> Option<(&'a crate::identity::mesh::MeshClient, Arc<str>)> {
+    let mesh = ctx.fwd.mesh()?;
+    let snapshot = ctx.state.load();
+    let service = snapshot.table.service_at(dest)?;
+    Some((mesh, snapshot.security.identity(service)?))
 }
