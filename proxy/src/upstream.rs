@@ -305,6 +305,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         (HOP_TE, header::TE),
         (HOP_KEEP_ALIVE, KEEP_ALIVE),
         (HOP_PROXY_CONNECTION, PROXY_CONNECTION),
+        (HOP_EXPECT, header::EXPECT),
     ] {
         if found & bit != 0 {
             headers.remove(name);
@@ -323,6 +324,7 @@ const HOP_UPGRADE: u8 = 4;
 const HOP_TE: u8 = 8;
 const HOP_KEEP_ALIVE: u8 = 16;
 const HOP_PROXY_CONNECTION: u8 = 32;
+const HOP_EXPECT: u8 = 64;
 
 /// Which hop-by-hop header `name` is (a bit), 0 for an end-to-end one.
 fn hop_bit(name: &HeaderName) -> u8 {
@@ -338,6 +340,12 @@ fn hop_bit(name: &HeaderName) -> u8 {
         HOP_KEEP_ALIVE
     } else if name.as_str() == "proxy-connection" {
         HOP_PROXY_CONNECTION
+    } else if *name == header::EXPECT {
+        // Not hop-by-hop by RFC, but answered here: the proxy's server side sends the client
+        // `100 Continue` when the body is first read (hyper does). Forwarded, it has the
+        // upstream send its own 100, which the HTTP/1.1 client would take for an early final
+        // answer and stop sending the body the upstream waits for (as Envoy, by default).
+        HOP_EXPECT
     } else {
         0
     }
@@ -356,6 +364,7 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
+            ("expect", "100-continue"),
             ("x-private", "1"),
             ("te", "gzip, trailers"),
             ("x-kept", "yes"),
