@@ -15,11 +15,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::body::DownstreamBody;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::log_level;
@@ -81,7 +81,7 @@ impl Admin {
 /// Serves one admin request.
 pub async fn handle(
     admin: Arc<Admin>,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     if parts.method == Method::POST && parts.uri.path() == "/log-level" {

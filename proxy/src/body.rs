@@ -69,3 +69,47 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// A downstream request's body: hyper's for the requests hyper parsed, none for those the
+/// HTTP/1.1 fast path served (it takes only requests that are all head, see
+/// [`crate::h1_server`]). Errors are hyper's, whichever side read it.
+#[derive(Debug)]
+pub enum DownstreamBody {
+    Empty,
+    Hyper(hyper::body::Incoming),
+}
+
+impl From<hyper::body::Incoming> for DownstreamBody {
+    fn from(body: hyper::body::Incoming) -> Self {
+        DownstreamBody::Hyper(body)
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            DownstreamBody::Empty => Poll::Ready(None),
+            DownstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownstreamBody::Empty => true,
+            DownstreamBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownstreamBody::Empty => SizeHint::with_exact(0),
+            DownstreamBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}

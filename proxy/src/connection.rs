@@ -1,5 +1,6 @@
-//! One downstream connection under its listener's limits: serves it with hyper, refuses
-//! oversized request heads, closes it when it idles, when it has served its quota of
+//! One downstream connection under its listener's limits: serves it (the HTTP/1.1 fast path
+//! of [`crate::h1_server`] first, hyper from the first request the fast path hands over),
+//! refuses oversized request heads, closes it when it idles, when it has served its quota of
 //! requests, or when the listener shuts down; counts why.
 //!
 //! Closing is graceful in every case but one: HTTP/1 finishes the response in progress and
@@ -22,14 +23,16 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::rt::{Read, Write};
 use hyper::service::Service;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::body::DownstreamBody;
 use crate::error::{ProxyError, is_grpc};
+use crate::h1_server;
 use crate::limits::{ListenerLimits, RateBucket, ServerLimits, Slot, check_headers};
 use crate::server::ShutdownSignal;
 
@@ -38,9 +41,9 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// What the service side of a connection tells its driver.
 #[derive(Debug)]
 pub struct ConnState {
-    started: Instant,
+    pub(crate) started: Instant,
     /// Milliseconds after `started` at which the last request arrived; `u64::MAX` = none yet.
-    last_request_ms: AtomicU64,
+    pub(crate) last_request_ms: AtomicU64,
     requests: AtomicU64,
     /// Notified when the connection has served `max_requests_per_connection`.
     quota_reached: Notify,
@@ -60,7 +63,7 @@ impl ConnState {
         }
     }
 
-    fn since_start_ms(&self) -> u64 {
+    pub(crate) fn since_start_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 }
@@ -75,16 +78,16 @@ pub struct Limited<S> {
 
 type MapResponse<B> = fn(Response<B>) -> Response<Either<B, crate::body::ProxyBody>>;
 
-impl<S, B> Service<Request<Incoming>> for Limited<S>
+impl<S, B> Service<Request<DownstreamBody>> for Limited<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>>,
+    S: Service<Request<DownstreamBody>, Response = Response<B>>,
 {
     type Response = Response<Either<B, crate::body::ProxyBody>>;
     type Error = S::Error;
     type Future =
         EitherFuture<MapOk<S::Future, MapResponse<B>>, Ready<Result<Self::Response, Self::Error>>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<DownstreamBody>) -> Self::Future {
         let conn = &self.conn;
         conn.last_request_ms
             .store(conn.since_start_ms(), Ordering::Relaxed);
@@ -132,6 +135,19 @@ where
     }
 }
 
+/// The service as hyper calls it: its bodies are [`DownstreamBody::Hyper`].
+struct ForHyper<S>(S);
+
+impl<S: Service<Request<DownstreamBody>>> Service<Request<Incoming>> for ForHyper<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.0.call(req.map(DownstreamBody::Hyper))
+    }
+}
+
 /// Why the driver stopped waiting on the connection's own end.
 enum Close {
     Shutdown,
@@ -141,16 +157,16 @@ enum Close {
 
 /// Serves `io` with `service` on `builder` until the connection ends, applying the limits of
 /// the listener that `slot` belongs to. `signal` starts a graceful close (listener shutdown).
-pub async fn serve<I, S, B>(
+pub async fn serve<T, S, B>(
     builder: &auto::Builder<TokioExecutor>,
-    io: I,
+    io: T,
     service: S,
     slot: Slot,
     mut signal: ShutdownSignal,
 ) -> Result<(), BoxError>
 where
-    I: Read + Write + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<DownstreamBody>, Response = Response<B>> + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -164,7 +180,13 @@ where
         conn: state.clone(),
         listener: slot.shared().clone(),
     };
-    let conn = builder.serve_connection(io, service);
+    // Boxed once per connection: the fast path holds a request's future in place, and the
+    // connection's future (moved at spawn, awaited by its callers) stays small.
+    let io = match Box::pin(h1_server::serve(io, &service, &state, listener, &signal)).await {
+        h1_server::Outcome::Closed(result) => return result,
+        h1_server::Outcome::Handover(io) => io,
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), ForHyper(service));
     tokio::pin!(conn);
     let (header_ms, idle_ms) = (
         millis(limits.header_read_timeout),
@@ -233,9 +255,9 @@ where
 
 /// Set by the watchers' waker: something other than the connection's I/O woke the task.
 #[derive(Debug, Default)]
-struct Flag {
-    set: AtomicBool,
-    task: AtomicWaker,
+pub(crate) struct Flag {
+    pub(crate) set: AtomicBool,
+    pub(crate) task: AtomicWaker,
 }
 
 impl Wake for Flag {

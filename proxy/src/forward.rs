@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
+use crate::body::DownstreamBody;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
@@ -120,7 +120,7 @@ impl Forwarder {
     }
 
     /// [`Self::handle`], observed: metrics, trace span and access log around it.
-    pub async fn serve(&self, mut req: Request<Incoming>) -> Response<ObservedBody> {
+    pub async fn serve(&self, mut req: Request<DownstreamBody>) -> Response<ObservedBody> {
         let obs = self.observe(&mut req);
         let mut meta = RequestMeta {
             started: Some(obs.started()),
@@ -132,18 +132,18 @@ impl Forwarder {
 
     /// Starts observing a request; for callers that answer some requests themselves (the
     /// inbound guard) and must still have every answer counted and traced.
-    pub(crate) fn observe(&self, req: &mut Request<Incoming>) -> Observation {
+    pub(crate) fn observe(&self, req: &mut Request<DownstreamBody>) -> Observation {
         Observation::start(&self.inner.telemetry, self.inner.direction, req)
     }
 
     /// Never fails: errors become responses, so the connection stays up for the next request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<DownstreamBody>) -> Response<ProxyBody> {
         self.handle_with(req, &mut RequestMeta::default()).await
     }
 
     pub(crate) async fn handle_with(
         &self,
-        req: Request<Incoming>,
+        req: Request<DownstreamBody>,
         meta: &mut RequestMeta,
     ) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
@@ -169,7 +169,7 @@ impl Forwarder {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<DownstreamBody>,
         meta: &mut RequestMeta,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (endpoint, protocol) = match &self.inner.mode {

@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -130,7 +129,7 @@ impl Guard {
     /// [`Self::check_and_forward`], observed like every other request (denials included).
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<crate::body::DownstreamBody>,
         peer: &Peer,
     ) -> Response<crate::observe::ObservedBody> {
         let obs = self.fwd.observe(&mut req);
@@ -142,7 +141,7 @@ impl Guard {
     /// Strips spoofable headers, authenticates, authorizes, then forwards.
     async fn check_and_forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<crate::body::DownstreamBody>,
         peer: &Peer,
         meta: &mut crate::observe::RequestMeta,
     ) -> Response<ProxyBody> {
@@ -260,9 +259,12 @@ pub async fn serve(
             };
             // Counted from here: opaque connections have their own counters.
             let stream = CountingIo::new(stream, &slot.listener().conn);
-            if let Err(error) =
-                connection(stream, port, guard, acceptor, &builder, slot, signal).await
-            {
+            // Boxed once per connection (TLS, HTTP and tunnel states side by side are large);
+            // requests are served inside without further boxing.
+            let serve = Box::pin(connection(
+                stream, port, guard, acceptor, &builder, slot, signal,
+            ));
+            if let Err(error) = serve.await {
                 tracing::debug!(%peer, %error, "inbound connection refused or failed");
             }
         }
@@ -358,7 +360,7 @@ async fn connection(
         ..Peer::default()
     };
     let Some(acceptor) = acceptor else {
-        return serve_conn(TokioIo::new(stream), plain, guard, builder, slot, signal).await;
+        return serve_conn(stream, plain, guard, builder, slot, signal).await;
     };
     let mode = guard.peer_mode(port);
     let is_tls = if mode == PeerAuthMode::Disable {
@@ -376,7 +378,7 @@ async fn connection(
                 .fetch_add(1, Ordering::Relaxed);
             return Err("plaintext refused: peer authentication is STRICT".into());
         }
-        return serve_conn(TokioIo::new(stream), plain, guard, builder, slot, signal).await;
+        return serve_conn(stream, plain, guard, builder, slot, signal).await;
     }
     let tls = tokio::time::timeout(PEEK_TIMEOUT, acceptor.accept(stream)).await??;
     let conn = tls.get_ref().1;
@@ -399,11 +401,11 @@ async fn connection(
         }),
         port,
     };
-    serve_conn(TokioIo::new(tls), peer, guard, builder, slot, signal).await
+    serve_conn(tls, peer, guard, builder, slot, signal).await
 }
 
 async fn serve_conn<I>(
-    io: TokioIo<I>,
+    io: I,
     peer: Peer,
     guard: Guard,
     builder: &auto::Builder<TokioExecutor>,

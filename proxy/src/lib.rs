@@ -29,6 +29,7 @@ pub mod counting;
 pub mod error;
 pub mod forward;
 pub mod h1;
+pub mod h1_server;
 pub mod health;
 pub mod identity;
 pub mod inbound;

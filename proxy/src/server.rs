@@ -11,12 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::DownstreamBody;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -51,6 +50,11 @@ impl ShutdownSignal {
         // An error means the sender is gone, which also means shut down.
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// Whether shutdown has been triggered (or its sender dropped), without waiting.
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow() || self.0.has_changed().is_err()
+    }
 }
 
 /// Serves `service` under the default limits, uncounted (the admin listener).
@@ -61,7 +65,7 @@ pub async fn serve<S, B>(
     signal: ShutdownSignal,
     grace: Duration,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<DownstreamBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -85,7 +89,7 @@ pub async fn serve_limited<S, B>(
     grace: Duration,
     limits: Arc<ListenerLimits>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<DownstreamBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -94,7 +98,7 @@ pub async fn serve_limited<S, B>(
     let builder = Arc::new(limits.limits.builder());
     let conn_signal = signal.clone();
     accept_loop(listener, limits, signal, grace, move |stream, peer, slot| {
-        let io = TokioIo::new(CountingIo::new(stream, &slot.listener().conn));
+        let io = CountingIo::new(stream, &slot.listener().conn);
         let (builder, service, signal) = (builder.clone(), service.clone(), conn_signal.clone());
         async move {
             let name = slot.listener().name;

@@ -15,7 +15,6 @@ use crate::pool::UpstreamBody;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
@@ -69,7 +68,7 @@ impl MeshClient {
     /// Sends `req` to the sidecar at `endpoint`, which must prove it is `expected`.
     pub async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<crate::body::DownstreamBody>,
         endpoint: Authority,
         expected: Arc<str>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {

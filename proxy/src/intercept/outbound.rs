@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -120,7 +120,7 @@ async fn connection(
             }
         },
         _ => {
-            let io = TokioIo::new(CountingIo::new(stream, &slot.listener().conn));
+            let io = CountingIo::new(stream, &slot.listener().conn);
             let fwd = ctx.fwd.clone();
             let service = service_fn(move |mut req| {
                 if let Some(dest) = orig {

@@ -7,11 +7,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::DownstreamBody;
 use crate::pool::UpstreamBody;
 use http::header::HeaderName;
 use http::request::Parts;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use weft_proto::model;
 use weft_proto::policy::{LbAlgorithm, RetryBudget, retry_defaults};
 
@@ -141,7 +141,7 @@ impl RulePolicy {
 pub async fn forward(
     set: Arc<EndpointSet>,
     policy: Arc<RulePolicy>,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     mtls: Option<Mtls>,
 ) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     if let Some(bucket) = &policy.rate_limit
@@ -202,7 +202,7 @@ pub fn request(parts: &Parts, body: RequestBody) -> Request<RequestBody> {
 async fn attempts(
     set: &Arc<EndpointSet>,
     policy: &RulePolicy,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     mtls: Option<&Mtls>,
 ) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     let rt = &set.runtime;

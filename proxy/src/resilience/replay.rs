@@ -8,10 +8,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
+use crate::body::DownstreamBody;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::timeout::BoxError;
 
@@ -19,19 +19,19 @@ use super::timeout::BoxError;
 #[derive(Debug)]
 pub enum RequestBody {
     /// Streamed once, straight from the client.
-    Stream(Incoming),
+    Stream(DownstreamBody),
     Replay(ReplayBody),
 }
 
-impl From<Incoming> for RequestBody {
-    fn from(b: Incoming) -> Self {
+impl From<DownstreamBody> for RequestBody {
+    fn from(b: DownstreamBody) -> Self {
         RequestBody::Stream(b)
     }
 }
 
 #[derive(Debug)]
 struct Shared {
-    source: Option<Incoming>,
+    source: Option<DownstreamBody>,
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     buffered: usize,
@@ -55,7 +55,7 @@ pub struct ReplayBody {
 
 impl ReplayBody {
     /// `None` when the body is known to exceed `cap` (`content-length`): stream it instead.
-    pub fn new(body: Incoming, cap: usize) -> Result<Self, Incoming> {
+    pub fn new(body: DownstreamBody, cap: usize) -> Result<Self, DownstreamBody> {
         let hint = body.size_hint();
         if hint.lower() as usize > cap {
             return Err(body);
