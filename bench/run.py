@@ -6,7 +6,7 @@ shared; the headline scenario (a) runs --rounds rounds (default 3) in a rotating
 warm-up and reports each target's median run. Usage: bench/run.sh [--duration 10] [--rounds 3].
 Results: bench/results/results.md + raw.json.
 """
-import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, re, resource, shutil, signal, socket, subprocess, sys, tempfile, time
 
 from peers import write_configs
 
@@ -38,10 +38,22 @@ def rss_kb(pid):
     return 0
 
 
-def cpu_seconds(pid):
+def cpu_split(pid):
+    """(user, system) CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def cpu_seconds(pid):
+    return sum(cpu_split(pid))
+
+
+def child_pid(pid):
+    """The first child of `pid` (nginx's worker under its master)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return int(f.read().split()[0])
 
 
 class Procs:
@@ -75,14 +87,18 @@ def wrk(port, duration, conns=32, path="/", host=None):
     args = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"]
     if host:
         args[1:1] = ["-H", f"Host: {host}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     def lat(pct):
         m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": lat(50), "p99_ms": lat(99), "non2xx": int(errors.group(1)) if errors else 0}
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"rps": rps, "p50_ms": lat(50), "p99_ms": lat(99), "non2xx": int(errors.group(1)) if errors else 0,
+            "wrk_cpu_s": wrk_cpu}
 
 
 def h2load_fixed(port, duration, rate, h1=True):
@@ -176,6 +192,29 @@ routes:
     return outbound
 
 
+def cpu_budget(a, cpus):
+    """Scenario (a)'s CPU per request by process, and the req/s ceiling it implies.
+
+    On loopback the proxy's system time is its four socket calls plus the TCP delivery to the
+    peer they wake; it is the same for every proxy that makes those calls (weft and HAProxy
+    do). So even a proxy with no user time at all cannot go faster than one core running only
+    that system time, nor than the machine's cores shared with the upstream and the load
+    generator: that is the ceiling for the HTTP/1.1 targets on this machine."""
+    rows = ["CPU per request in scenario (a), µs (mean of the rounds):", "",
+            "| target | proxy user | proxy system | nginx | wrk | total |", "|---|---|---|---|---|---|"]
+    for t in ["direct", "weft", "envoy", "haproxy"]:
+        c = a[t]["cpu_us_per_req"]
+        rows.append(f"| {t} | {c['proxy_user']:.2f} | {c['proxy_sys']:.2f} | {c['nginx']:.2f} | {c['wrk']:.2f} | "
+                    f"{sum(c.values()):.2f} |")
+    sys_floor = min(a[t]["cpu_us_per_req"]["proxy_sys"] for t in ["weft", "haproxy"])
+    peers = sum(a["weft"]["cpu_us_per_req"][k] for k in ["nginx", "wrk"])
+    ceiling = min(1e6 / sys_floor, cpus * 1e6 / (peers + sys_floor))
+    rows += ["", f"Ceiling for a proxy with zero user time (system {sys_floor:.2f} µs, nginx + wrk {peers:.2f} µs, "
+             f"{cpus} CPUs): {ceiling:.0f} req/s = {ceiling / a['envoy']['rps']:.2f}× Envoy, "
+             f"{ceiling / a['haproxy']['rps']:.2f}× HAProxy in this run."]
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -219,23 +258,31 @@ def main():
         for t in order:
             wrk(ports[t], 2)
         runs = {t: [] for t in order}
-        cpu = {t: [] for t in pids}
+        # CPU per request (µs) of every process on the path: the proxy (user, system), the
+        # upstream (nginx's worker) and the load generator (wrk).
+        cpu = {t: [] for t in order}
+        nginx_worker = child_pid(procs.procs[0].pid)
         for r in range(args.rounds):
             for t in order[r % len(order):] + order[:r % len(order)]:
-                before = cpu_seconds(pids[t]) if t in pids else None
+                proxy0, nginx0 = cpu_split(pids.get(t, nginx_worker)), cpu_seconds(nginx_worker)
                 res = wrk(ports[t], d)
-                if before is not None:
-                    cpu[t].append((cpu_seconds(pids[t]) - before) / (res["rps"] * d) * 10000)
+                proxy1, nginx1 = cpu_split(pids.get(t, nginx_worker)), cpu_seconds(nginx_worker)
+                per = 1e6 / (res["rps"] * d)
+                cpu[t].append({"proxy_user": (proxy1[0] - proxy0[0]) * per if t in pids else 0.0,
+                               "proxy_sys": (proxy1[1] - proxy0[1]) * per if t in pids else 0.0,
+                               "nginx": (nginx1 - nginx0) * per, "wrk": res["wrk_cpu_s"] * per})
                 runs[t].append(res)
         sc["a_http1_c32"] = {}
         for t in order:
             ranked = sorted(runs[t], key=lambda x: x["rps"])
             med = dict(ranked[len(ranked) // 2])
             med["all_rps"] = [x["rps"] for x in runs[t]]
+            med["cpu_us_per_req"] = {k: sum(c[k] for c in cpu[t]) / len(cpu[t]) for k in cpu[t][0]}
             if t in pids:
-                med["cpu_s_per_10k"] = sum(cpu[t]) / len(cpu[t])
+                med["cpu_s_per_10k"] = (med["cpu_us_per_req"]["proxy_user"] + med["cpu_us_per_req"]["proxy_sys"]) / 100
                 med["loaded_rss_kb"] = rss_kb(pids[t])
             sc["a_http1_c32"][t] = med
+        raw["cpus"] = os.cpu_count()
         sc["b_fixed_8k"] = {t: h2load_fixed(ports[t], d, 8000) for t in order}
         sc["c_h2_mux"] = {t: h2load_mux(ports[t], d) for t in ["weft", "envoy"]}
         for size in ["1k", "64k"]:
@@ -280,8 +327,9 @@ def main():
     lines += [f"| idle RSS MB | {raw['idle_rss_kb']['weft']/1024:.1f} | {raw['idle_rss_kb']['envoy']/1024:.1f} | {raw['idle_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 10 MB |",
               f"| loaded RSS MB | {raw['loaded_rss_kb']['weft']/1024:.1f} | {raw['loaded_rss_kb']['envoy']/1024:.1f} | {raw['loaded_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 20 MB |",
               f"| CPU s per 10k req | {a['weft']['cpu_s_per_10k']:.3f} | {a['envoy']['cpu_s_per_10k']:.3f} | {a['haproxy']['cpu_s_per_10k']:.3f} | | | |",
-              "", f"Direct (no proxy): {a['direct']['rps']:.0f} req/s, p99 {a['direct']['p99_ms']:.2f} ms.",
-              "", "Raw numbers: raw.json."]
+              "", f"Direct (no proxy): {a['direct']['rps']:.0f} req/s, p99 {a['direct']['p99_ms']:.2f} ms.", ""]
+    lines += cpu_budget(a, raw["cpus"])
+    lines += ["", "Raw numbers: raw.json."]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
