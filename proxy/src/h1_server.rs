@@ -691,6 +691,56 @@ mod tests {
         );
     }
 
+    /// Mutated heads never panic the parser, and no byte is lost or invented: a taken head
+    /// leaves exactly what followed it, a handover gives back every byte, a partial head
+    /// leaves the buffer as it was.
+    #[test]
+    fn mutated_heads_are_taken_whole_or_given_back_whole() {
+        const SEEDS: &[&[u8]] = &[
+            b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
+            b"HEAD / HTTP/1.1\r\nconnection: close\r\nx-a: \t b \r\n\r\n",
+            b"POST /p HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
+            b"OPTIONS * HTTP/1.1\r\nhost: h\r\n\r\n",
+            b"GET http://h:8/p HTTP/1.1\r\n\r\n",
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        // Taken, handed over, partial: each must come up often, or the test proves little.
+        let mut seen = [0usize; 3];
+        for i in 0..20_000 {
+            let mut input = SEEDS[i % SEEDS.len()].to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..=input.len());
+                match rng.u8(..4) {
+                    0 if at < input.len() => input[at] = rng.u8(..),
+                    1 if at < input.len() => {
+                        input.remove(at);
+                    }
+                    2 => input.insert(at, *b" :\r\n\t,\x7f\x00".get(rng.usize(..8)).unwrap()),
+                    _ => input.truncate(at),
+                }
+            }
+            let mut buf = BytesMut::from(&input[..]);
+            match parse(&mut buf) {
+                Parse::Complete(req, _) => {
+                    seen[0] += 1;
+                    assert!(input.ends_with(&buf), "{input:?}");
+                    assert_eq!(req.version(), Version::HTTP_11);
+                    assert!(req.headers().len() <= MAX_HEADERS);
+                }
+                Parse::Handover(all) => {
+                    seen[1] += 1;
+                    assert_eq!(&all[..], &input[..]);
+                    assert!(buf.is_empty());
+                }
+                Parse::Partial => {
+                    seen[2] += 1;
+                    assert_eq!(&buf[..], &input[..]);
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n > 1000), "{seen:?}");
+    }
+
     #[tokio::test]
     async fn a_handed_over_connection_reads_the_unused_bytes_first() {
         let (mut near, far) = tokio::io::duplex(64);
