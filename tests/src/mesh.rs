@@ -207,15 +207,18 @@ impl SidecarMesh {
 }
 
 /// The discovery tests' `cart` HTTPRoute, checked through a proxy: 1,000 requests to `host`
-/// split 80/20 between v1 and v2 (± 4 points), none failing, and 100 requests with
+/// split 80/20 between v1 and v2 (± 6 points), none failing, and 100 requests with
 /// `x-user-group: beta` all on v2. Returns the split for further checks.
 pub async fn assert_cart_route(client: &HttpClient, outbound: SocketAddr, host: &str) -> Split {
     let split = drive(client, outbound, host, &[], 1000, 8).await;
     assert_eq!(split.failed, 0, "{:?}", split.failures);
     let v2_share = split.percent("v2");
+    // One standard deviation of 1,000 weighted picks at 20% is 1.26 points: ± 4 (3.2σ) failed
+    // about once in 700 runs (seen: 24.4%); ± 6 is 4.7σ, and a wrong split (50/50, 70/30, all
+    // on one version) is still far outside.
     assert!(
-        (16.0..=24.0).contains(&v2_share),
-        "v2 share {v2_share:.1}% is not 20 ± 4 ({split:?})"
+        (14.0..=26.0).contains(&v2_share),
+        "v2 share {v2_share:.1}% is not 20 ± 6 ({split:?})"
     );
     let beta = drive(
         client,
