@@ -186,7 +186,7 @@ where
         h1_server::Outcome::Closed(result) => return result,
         h1_server::Outcome::Handover(io) => io,
     };
-    let conn = builder.serve_connection(TokioIo::new(io), ForHyper(service));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), ForHyper(service));
     tokio::pin!(conn);
     let (header_ms, idle_ms) = (
         millis(limits.header_read_timeout),

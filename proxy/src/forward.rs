@@ -197,6 +197,19 @@ impl Forwarder {
                     })
                 });
                 drop(snapshot);
+                if crate::upgrade::is_upgrade(&req) {
+                    let idx =
+                        set.choose(req.headers(), None)
+                            .ok_or_else(|| RouteError::NoEndpoints {
+                                service: set.service.clone(),
+                                subset: set.subset.clone(),
+                            })?;
+                    let endpoint = set.endpoint(idx).authority.clone();
+                    meta.upstream = Some(endpoint.clone());
+                    // Boxed: rare, and the request's future stays small.
+                    let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref());
+                    return Ok(Box::pin(upgrade).await?);
+                }
                 let result = crate::resilience::call::forward(set, policy, req, mtls).await;
                 let failed = result
                     .as_ref()
@@ -215,6 +228,9 @@ impl Forwarder {
             }
         };
         meta.upstream = Some(endpoint.clone());
+        if crate::upgrade::is_upgrade(&req) {
+            return Ok(Box::pin(crate::upgrade::forward(req, endpoint, None)).await?);
+        }
         let protocol = UpstreamProtocol::resolve(protocol, req.version());
         Ok(self
             .inner

@@ -48,5 +48,6 @@ pub mod state;
 pub mod stats;
 pub mod sticky;
 pub mod trace;
+pub mod upgrade;
 pub mod upstream;
 pub mod xds;

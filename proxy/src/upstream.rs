@@ -151,16 +151,7 @@ fn prepare(
     protocol: UpstreamProtocol,
 ) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
-    // Keep the authority the client asked for. The URI is about to be rewritten to the
-    // endpoint, so an authority carried there (HTTP/2 `:authority`, HTTP/1 absolute-form,
-    // which RFC 9112 §3.2.2 says wins over Host) moves into Host.
-    if let Some(value) = parts
-        .uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, value);
-    }
+    authority_to_host(&mut parts);
     strip_hop_by_hop(&mut parts.headers);
     match protocol {
         UpstreamProtocol::Http1 => {
@@ -252,6 +243,19 @@ pub fn origin_uri(uri: &Uri, scheme: Scheme, authority: Authority) -> Uri {
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
     Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
+}
+
+/// Keeps the authority the client asked for: the URI is about to be rewritten to the endpoint,
+/// so an authority carried there (HTTP/2 `:authority`, HTTP/1 absolute-form, which RFC 9112
+/// §3.2.2 says wins over Host) moves into Host.
+pub(crate) fn authority_to_host(parts: &mut http::request::Parts) {
+    if let Some(value) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, value);
+    }
 }
 
 /// Headers that describe one connection, not the message, and so never cross a proxy

@@ -1,10 +1,11 @@
 //! The downstream HTTP/1.1 fast path (`h1_server`) and its handover to hyper, seen from a raw
 //! client on one connection: pipelined heads, a request with a body (hyper's from then on),
-//! `connection: close`, HEAD, HTTP/1.0, chunked responses, the proxy's own answers, and bytes
-//! that are not HTTP.
+//! `connection: close`, HEAD, HTTP/1.0, chunked responses, the proxy's own answers, bytes
+//! that are not HTTP; and upgrades (WebSocket) through the explicit listener.
 
 mod common;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -139,47 +140,92 @@ impl Client {
     }
 }
 
-/// An upstream that answers every request head with a chunked body, `abc` then `de`.
-async fn chunked_upstream() -> SocketAddr {
+/// A loopback upstream that runs `serve` on each connection it accepts.
+async fn raw_upstream<F: Future<Output = ()> + Send + 'static>(
+    serve: fn(TcpStream) -> F,
+) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..i + 4);
-                        let resp = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
-                                    3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-                        if stream.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve(stream));
         }
     });
     addr
 }
 
+/// An upstream that answers every request head with a chunked body, `abc` then `de`.
+async fn chunked_upstream() -> SocketAddr {
+    raw_upstream(|mut stream| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..i + 4);
+                let resp = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                                    3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+                if stream.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+}
+
+/// An upstream that switches protocols for `Upgrade: websocket` (101, then echoes every byte)
+/// and answers anything else with 426 and a body.
+async fn upgrade_upstream() -> SocketAddr {
+    raw_upstream(|mut stream| async move {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if !(head.contains("\r\nupgrade: websocket\r\n")
+            && head.contains("\r\nconnection: upgrade\r\n"))
+        {
+            let _ = stream
+                .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 7\r\n\r\nupgrade")
+                .await;
+            return;
+        }
+        let switch = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                              upgrade: websocket\r\nsec-websocket-accept: yes\r\n\r\n";
+        stream.write_all(switch.as_bytes()).await.unwrap();
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
 async fn proxy() -> Proxy {
     let (echo, chunked) = (start_echo().await, chunked_upstream().await);
+    let ws = upgrade_upstream().await;
     let config = format!(
         r#"services:
   - name: echo
     endpoints: [{{address: "{echo}"}}]
+  - name: ws
+    endpoints: [{{address: "{ws}"}}]
   - name: chunked
     endpoints: [{{address: "{chunked}"}}]
   - name: empty
     endpoints: []
 routes:
+  - name: ws
+    hosts: [ws]
+    rules:
+      - backends: [{{service: ws}}]
   - name: chunked
     hosts: [chunked]
     rules:
@@ -297,4 +343,33 @@ async fn chunked_and_own_answers_are_framed_and_garbage_gets_400() {
     let a = c.answer(false).await;
     assert_eq!(a.status, 400, "{a:?}");
     assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_the_explicit_listener() {
+    let proxy = proxy().await;
+    let mut c = Client::connect(proxy.outbound).await;
+    // An upgrade the upstream refuses is an ordinary answer; the connection goes on.
+    c.send("GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!((a.status, a.body.as_str()), (426, "upgrade"), "{a:?}");
+    // Accepted: 101 with the upstream's fields, then bytes both ways.
+    c.send(
+        "GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: keep-alive, Upgrade\r\n\
+         upgrade: websocket\r\nsec-websocket-key: k\r\n\r\n",
+    )
+    .await;
+    let a = c.answer(true).await;
+    assert_eq!(a.status, 101, "{a:?}");
+    assert_eq!(a.header("upgrade"), Some("websocket"), "{a:?}");
+    assert_eq!(a.header("sec-websocket-accept"), Some("yes"), "{a:?}");
+    for frame in ["frame one\n", "frame two\n"] {
+        c.send(frame).await;
+        while c.buf.len() < frame.len() {
+            assert!(c.fill().await, "closed before the echo");
+        }
+        assert_eq!(String::from_utf8_lossy(&c.buf), frame);
+        c.buf.clear();
+    }
 }

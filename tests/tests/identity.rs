@@ -128,6 +128,13 @@ async fn sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
         "{seen}"
     );
 
+    // An upgrade request cannot cross the HTTP/2 hop: it goes through an mTLS tunnel to the
+    // reviews sidecar (STRICT accepts it), which hands it to the app with its upgrade fields.
+    let seen = upgrade_through(client.outbound).await;
+    assert_eq!(seen["headers"]["upgrade"], "websocket", "{seen}");
+    assert_eq!(seen["headers"]["connection"], "upgrade", "{seen}");
+    assert_eq!(seen["path"], "/ws", "{seen}");
+
     // Plaintext straight to the STRICT inbound port is refused.
     let plain = http.get(s.inbound, "reviews", "/hello", &[]).await;
     assert!(plain.is_err(), "plaintext got through: {plain:?}");
@@ -170,6 +177,47 @@ async fn sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
         "{}",
         r.text()
     );
+}
+
+/// Sends a WebSocket upgrade request for `reviews` to `outbound` and returns the app's JSON
+/// answer (the app does not switch protocols).
+async fn upgrade_through(outbound: SocketAddr) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nhost: reviews\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .expect("a content-length");
+                if body.len() >= len {
+                    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                    return serde_json::from_str(&body[..len]).unwrap();
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("an answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
