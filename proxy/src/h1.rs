@@ -333,7 +333,7 @@ impl Connection {
     fn parse_head(&mut self) -> Result<Option<Head>, H1Error> {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         // Offsets of the end-to-end names and values, so that values become slices of the head.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
         let mut kept = 0;
         let mut facts = Facts::default();
         let mut named: Vec<HeaderName> = Vec::new();
@@ -351,17 +351,14 @@ impl Connection {
             }
             Err(e) => return Err(H1Error::Head(e.to_string())),
         };
-        let base = buf.as_ptr() as usize;
-        let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
         for h in res.headers.iter() {
             let name = h.name.as_bytes();
             match hop_field(name) {
                 Hop::No => {
                     if name.eq_ignore_ascii_case(b"content-length") {
-                        facts.length(h.value);
+                        facts.length.add(h.value);
                     }
-                    let (n, v) = (offset(name), offset(h.value));
-                    spans[kept] = (n, n + name.len() as u32, v, v + h.value.len() as u32);
+                    spans[kept] = span(buf, name, h.value);
                     kept += 1;
                 }
                 Hop::TransferEncoding => {
@@ -391,14 +388,7 @@ impl Connection {
             Version::HTTP_11
         };
         let head = self.read.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(kept);
-        for &(ns, ne, vs, ve) in &spans[..kept] {
-            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
-                .map_err(|e| H1Error::Head(format!("header name: {e}")))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-                .map_err(|e| H1Error::Head(format!("header {name}: {e}")))?;
-            headers.append(name, value);
-        }
+        let mut headers = header_map(&head, &spans[..kept]).map_err(H1Error::Head)?;
         for name in named {
             headers.remove(name);
         }
@@ -709,33 +699,82 @@ struct Head {
 /// What the framing and keep-alive decisions need from the head's fields.
 #[derive(Debug, Default)]
 struct Facts {
-    /// The content-length, when every value agrees.
-    length: Option<u64>,
-    /// A content-length was there but unusable (conflicting or not a number).
-    bad_length: bool,
+    length: ContentLength,
     /// `transfer-encoding` present: whether its last coding is chunked.
     chunked: Option<bool>,
     close: bool,
     keep_alive: bool,
 }
 
-impl Facts {
-    fn length(&mut self, value: &[u8]) {
+/// The content-length of a message, from each of its `content-length` values in turn: one
+/// number (repeated values must agree, RFC 9112 §6.3), anything else is unusable. The one rule
+/// for responses read from upstreams, requests sent to them and responses written downstream.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ContentLength {
+    value: Option<u64>,
+    /// Present but unusable (conflicting or not a number).
+    bad: bool,
+}
+
+impl ContentLength {
+    pub(crate) fn add(&mut self, value: &[u8]) {
         for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             let n = std::str::from_utf8(part)
                 .ok()
                 .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|p| p.parse::<u64>().ok());
-            match (n, self.length) {
-                (Some(n), None) if !self.bad_length => self.length = Some(n),
+            match (n, self.value) {
+                (Some(n), None) if !self.bad => self.value = Some(n),
                 (Some(n), Some(seen)) if n == seen => {}
                 _ => {
-                    self.length = None;
-                    self.bad_length = true;
+                    self.value = None;
+                    self.bad = true;
                 }
             }
         }
     }
+
+    /// The length, when every value was the same number.
+    pub(crate) fn value(&self) -> Option<u64> {
+        self.value
+    }
+
+    /// Whether any value was seen, usable or not.
+    pub(crate) fn present(&self) -> bool {
+        self.value.is_some() || self.bad
+    }
+}
+
+/// Whether the comma-separated `value` has `token` (ASCII case-insensitive), e.g. `close` in
+/// `Connection`.
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Offsets of one header's name and value within a buffered head: `(name start, name end,
+/// value start, value end)`, so that values become slices of the head once it is frozen.
+pub(crate) type Span = (u32, u32, u32, u32);
+
+/// The span of `name` and `value`, both borrowed from the buffer that starts at `base`.
+pub(crate) fn span(base: &[u8], name: &[u8], value: &[u8]) -> Span {
+    let offset = |s: &[u8]| (s.as_ptr() as usize - base.as_ptr() as usize) as u32;
+    let (n, v) = (offset(name), offset(value));
+    (n, n + name.len() as u32, v, v + value.len() as u32)
+}
+
+/// The header map of a frozen head from its spans: names parsed, values sliced (no copy).
+pub(crate) fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(ns, ne, vs, ve) in spans {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+            .map_err(|e| format!("header name: {e}"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|e| format!("header {name}: {e}"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 enum Hop {
@@ -779,7 +818,7 @@ fn framing(head: &Head, head_request: bool) -> (Framing, bool) {
         return (Framing::Empty, keep_alive);
     }
     if let Some(chunked) = facts.chunked {
-        if facts.length.is_some() || facts.bad_length {
+        if facts.length.present() {
             // Both: transfer-encoding wins, and the connection is not trusted again.
             keep_alive = false;
         }
@@ -789,7 +828,7 @@ fn framing(head: &Head, head_request: bool) -> (Framing, bool) {
             (Framing::UntilClose, false)
         };
     }
-    match facts.length {
+    match facts.length.value() {
         Some(n) => (Framing::Length(n), keep_alive),
         // No length, or lengths that disagree: read to close, never reuse.
         None => (Framing::UntilClose, false),
@@ -799,11 +838,11 @@ fn framing(head: &Head, head_request: bool) -> (Framing, bool) {
 /// The one content-length of `headers` (all values equal), if valid.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     // The response parser's rule, applied to a request's header map.
-    let mut facts = Facts::default();
+    let mut length = ContentLength::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        facts.length(value.as_bytes());
+        length.add(value.as_bytes());
     }
-    facts.length
+    length.value()
 }
 
 fn stale_or_failed(req: Option<Request<RequestBody>>, reused: bool, err: H1Error) -> SendError {

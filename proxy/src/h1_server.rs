@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::service::Service;
@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::DownstreamBody;
 use crate::connection::{ConnState, Flag};
+use crate::h1::{ContentLength, Span, has_token, header_map, span};
 use crate::limits::ListenerLimits;
 use crate::server::ShutdownSignal;
 
@@ -185,7 +186,7 @@ enum Parse {
 
 /// A request head from `buf`, taken out of it when complete; `bool`: the client asked to close.
 fn parse(buf: &mut BytesMut) -> Parse {
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
     let (len, method, path, count, close) = match scan(buf, &mut spans) {
         Scan::Complete {
             len,
@@ -226,7 +227,7 @@ enum Scan {
 
 /// Parses the head at the start of `buf` into offsets (`spans`: name and value of each
 /// header), deciding whether the fast path may serve it.
-fn scan(buf: &[u8], spans: &mut [(u32, u32, u32, u32); MAX_HEADERS]) -> Scan {
+fn scan(buf: &[u8], spans: &mut [Span; MAX_HEADERS]) -> Scan {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
@@ -239,8 +240,6 @@ fn scan(buf: &[u8], spans: &mut [(u32, u32, u32, u32); MAX_HEADERS]) -> Scan {
     if head.version != Some(1) || head.method == Some("CONNECT") {
         return Scan::Other;
     }
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
     let mut close = false;
     for (i, h) in head.headers.iter().enumerate() {
         let name = h.name.as_bytes();
@@ -263,14 +262,13 @@ fn scan(buf: &[u8], spans: &mut [(u32, u32, u32, u32); MAX_HEADERS]) -> Scan {
         if !simple {
             return Scan::Other;
         }
-        let (n, v) = (offset(name), offset(h.value));
-        spans[i] = (n, n + name.len() as u32, v, v + h.value.len() as u32);
+        spans[i] = span(buf, name, h.value);
     }
     let Ok(method) = Method::from_bytes(head.method.unwrap_or("").as_bytes()) else {
         return Scan::Other;
     };
     let path = head.path.unwrap_or("").as_bytes();
-    let start = offset(path) as usize;
+    let start = path.as_ptr() as usize - buf.as_ptr() as usize;
     Scan::Complete {
         len,
         method,
@@ -284,15 +282,10 @@ fn build(
     head: &Bytes,
     method: Method,
     path: std::ops::Range<usize>,
-    spans: &[(u32, u32, u32, u32)],
+    spans: &[Span],
 ) -> Option<Request<DownstreamBody>> {
     let uri = Uri::from_maybe_shared(head.slice(path)).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(ns, ne, vs, ve) in spans {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
-        headers.append(name, value);
-    }
+    let headers = header_map(head, spans).ok()?;
     let mut req = Request::new(DownstreamBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -334,10 +327,10 @@ where
     out.extend_from_slice(b"\r\n");
     // The fields that decide framing are noticed while the head is written (comparisons of
     // standard names, not lookups).
-    let (mut length, mut has_date, mut has_connection) = (None, false, false);
+    let (mut length, mut has_date, mut has_connection) = (ContentLength::default(), false, false);
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH {
-            length = Some(value);
+            length.add(value.as_bytes());
         } else if name == header::DATE {
             has_date = true;
         } else if name == header::CONNECTION {
@@ -355,11 +348,8 @@ where
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::None
-    } else if let Some(cl) = length {
-        std::str::from_utf8(cl.as_bytes())
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map_or(Framing::Close, Framing::Length)
+    } else if length.present() {
+        length.value().map_or(Framing::Close, Framing::Length)
     } else {
         match body.size_hint().exact() {
             Some(n) => {
@@ -464,12 +454,6 @@ async fn write_two<T: AsyncWrite + Unpin>(io: &mut T, a: &[u8], b: &[u8]) -> std
         b = &b[n - from_a..];
     }
     io.write_all(b).await
-}
-
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&c| c == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 fn push_number(out: &mut Vec<u8>, mut n: u64, radix: u64) {

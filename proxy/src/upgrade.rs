@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::body::{DownstreamBody, ProxyBody};
+use crate::h1::has_token;
 use crate::pool::UpstreamBody;
 use crate::resilience::call::Mtls;
 use crate::upstream::UpstreamError;
@@ -28,11 +29,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-        })
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"upgrade"))
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
