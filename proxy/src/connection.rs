@@ -10,6 +10,7 @@
 
 use std::error::Error as StdError;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
@@ -206,7 +207,14 @@ where
                 () = idle.as_mut() => None,
             }
         };
-        let close = match first_of(conn.as_mut(), watchers, &woken).await {
+        // New watchers: polled once, so that they register their wakers.
+        woken.set.store(true, Ordering::Release);
+        let woke = {
+            // Pinned in this block: their borrow of `idle` ends before the arms reset it.
+            let watchers = std::pin::pin!(watchers);
+            first_of(conn.as_mut(), watchers, &woken).await
+        };
+        let close = match woke {
             EitherFuture::Left(result) => break result,
             EitherFuture::Right(Some(close)) => close,
             EitherFuture::Right(None) => {
@@ -272,17 +280,16 @@ impl Wake for Flag {
 }
 
 /// Resolves with `main`'s output, or `watchers`' when they finish first; `watchers` is
-/// polled on the first poll and then only when its own waker fired since it was last polled.
-async fn first_of<A: Future, B: Future>(
+/// polled only when its own waker fired since it was last polled. The caller sets the flag
+/// when `watchers` is new, so that it is polled once and registers its wakers; watchers that
+/// outlive one call (the HTTP/1.1 fast path keeps its own for the connection) are not.
+pub(crate) async fn first_of<A: Future, B: Future>(
     main: A,
-    watchers: B,
+    mut watchers: Pin<&mut B>,
     flag: &Arc<Flag>,
 ) -> EitherFuture<A::Output, B::Output> {
     let waker = Waker::from(flag.clone());
-    // New watcher futures: poll them once, so that they register their wakers.
-    flag.set.store(true, Ordering::Release);
     let mut main = std::pin::pin!(main);
-    let mut watchers = std::pin::pin!(watchers);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = main.as_mut().poll(cx) {
             return Poll::Ready(EitherFuture::Left(out));
@@ -329,7 +336,10 @@ mod tests {
         };
         let driver = tokio::spawn({
             let flag = flag.clone();
-            async move { first_of(main, watchers, &flag).await }
+            async move {
+                flag.set.store(true, Ordering::Release);
+                first_of(main, std::pin::pin!(watchers), &flag).await
+            }
         });
         for _ in 0..100 {
             tx.send(()).unwrap();

@@ -19,10 +19,11 @@ use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
 use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -30,7 +31,7 @@ use hyper::service::Service;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::DownstreamBody;
-use crate::connection::{ConnState, Flag};
+use crate::connection::{ConnState, Flag, first_of};
 use crate::h1::{ContentLength, Span, has_token, header_map, span};
 use crate::limits::ListenerLimits;
 use crate::server::ShutdownSignal;
@@ -97,7 +98,6 @@ where
     let mut watchers = pin!(watch(signal.clone(), header_ms));
     let flag = Arc::new(Flag::default());
     flag.set.store(true, Ordering::Release);
-    let waker = Waker::from(flag.clone());
     loop {
         let (req, mut close) = loop {
             match parse(&mut buf) {
@@ -109,25 +109,13 @@ where
                 Parse::Partial => {}
             }
             buf.reserve(READ_CHUNK);
-            let woke = std::future::poll_fn(|cx| {
-                if let Poll::Ready(read) = poll_read_buf(&mut io, cx, &mut buf) {
-                    return Poll::Ready(Ok(read));
-                }
-                flag.task.register(cx.waker());
-                if flag.set.swap(false, Ordering::AcqRel)
-                    && let Poll::Ready(w) = watchers.as_mut().poll(&mut Context::from_waker(&waker))
-                {
-                    return Poll::Ready(Err(w));
-                }
-                Poll::Pending
-            })
-            .await;
-            match woke {
-                Ok(Ok(0)) => return Outcome::Closed(Ok(())),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Outcome::Closed(Err(e.into())),
-                Err(Wake::Shutdown) => return Outcome::Closed(Ok(())),
-                Err(Wake::Timer) => {
+            let read = std::future::poll_fn(|cx| poll_read_buf(&mut io, cx, &mut buf));
+            match first_of(read, watchers.as_mut(), &flag).await {
+                Either::Left(Ok(0)) => return Outcome::Closed(Ok(())),
+                Either::Left(Ok(_)) => {}
+                Either::Left(Err(e)) => return Outcome::Closed(Err(e.into())),
+                Either::Right(Wake::Shutdown) => return Outcome::Closed(Ok(())),
+                Either::Right(Wake::Timer) => {
                     let now = conn.since_start_ms();
                     let head_due = waiting_since + header_ms;
                     let last = conn.last_request_ms.load(Ordering::Relaxed);
