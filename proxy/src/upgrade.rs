@@ -20,7 +20,7 @@ use crate::body::{DownstreamBody, ProxyBody};
 use crate::h1::has_token;
 use crate::pool::UpstreamBody;
 use crate::resilience::call::Mtls;
-use crate::upstream::UpstreamError;
+use crate::upstream::{UpstreamError, strip_hop_by_hop};
 
 /// Connect, handshake and the upstream's answer to the upgrade request, together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,7 +119,7 @@ pub async fn forward(
 }
 
 /// The request as the endpoint gets it: origin-form, `Host` kept (or taken from an
-/// absolute-form URI), the upgrade fields kept and the other hop-by-hop ones dropped.
+/// absolute-form URI), hop-by-hop fields dropped but for the upgrade's own.
 fn prepare(req: Request<DownstreamBody>, endpoint: &Authority) -> Request<DownstreamBody> {
     let (mut parts, body) = req.into_parts();
     crate::upstream::authority_to_host(&mut parts);
@@ -128,8 +128,11 @@ fn prepare(req: Request<DownstreamBody>, endpoint: &Authority) -> Request<Downst
     {
         parts.headers.insert(header::HOST, host);
     }
-    for name in ["keep-alive", "proxy-connection", "te", "transfer-encoding"] {
-        parts.headers.remove(name);
+    // The proxy's one hop-by-hop rule, then the two fields this hop exists for, back.
+    let upgrade = parts.headers.remove(header::UPGRADE);
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(upgrade) = upgrade {
+        parts.headers.insert(header::UPGRADE, upgrade);
     }
     parts
         .headers
@@ -181,6 +184,7 @@ mod tests {
             .header("connection", "Upgrade, keep-alive")
             .header("upgrade", "websocket")
             .header("keep-alive", "timeout=5")
+            .header("expect", "100-continue")
             .header("sec-websocket-key", "k")
             .body(DownstreamBody::Empty)
             .unwrap();
@@ -191,6 +195,6 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["sec-websocket-key"], "k");
-        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key("keep-alive") && !h.contains_key("expect"));
     }
 }
