@@ -70,9 +70,18 @@ impl Forwarder {
         }
     }
 
-    /// The mTLS client, when this proxy has an identity.
-    pub fn mesh(&self) -> Option<&MeshClient> {
-        self.inner.mesh.as_ref()
+    /// How to reach `service` over mTLS: when this proxy has an identity and `service` has
+    /// one (HTTP requests, upgrades and captured opaque TCP alike).
+    pub fn mtls(
+        &self,
+        security: &crate::policy::SecurityTable,
+        service: &str,
+    ) -> Option<crate::resilience::call::Mtls> {
+        let client = self.inner.mesh.as_ref()?;
+        Some(crate::resilience::call::Mtls {
+            client: client.clone(),
+            identity: security.identity(service)?,
+        })
     }
 
     /// The local app an inbound forwarder sends to; `None` outbound.
@@ -189,13 +198,7 @@ impl Forwarder {
                 // outcome per request, recorded here.
                 let subset_stats = set.subset_stats.clone();
                 let started = meta.started.unwrap_or_else(std::time::Instant::now);
-                let mtls = self.inner.mesh.as_ref().and_then(|client| {
-                    let identity = snapshot.security.identity(&set.service)?;
-                    Some(crate::resilience::call::Mtls {
-                        client: client.clone(),
-                        identity,
-                    })
-                });
+                let mtls = self.mtls(&snapshot.security, &set.service);
                 drop(snapshot);
                 if crate::upgrade::is_upgrade(&req) {
                     let idx =

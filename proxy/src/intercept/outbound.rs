@@ -103,11 +103,11 @@ async fn connection(
         },
     };
     match (http, orig) {
-        (false, Some(dest)) => match tunnel_identity(&ctx, &dest) {
-            Some((mesh, expected)) => {
+        (false, Some(dest)) => match tunnel_to(&ctx, &dest) {
+            Some(mtls) => {
                 let counters = &ctx.tunnels;
                 counters.opened.inc();
-                match mesh.tunnel(dest, &expected).await {
+                match mtls.client.tunnel(dest, &mtls.identity).await {
                     Ok(tls) => tcp::copy(stream, tls, &dest, counters).await,
                     Err(error) => tracing::debug!(%dest, %error, "opaque TCP over mTLS failed"),
                 }
@@ -136,14 +136,10 @@ async fn connection(
     }
 }
 
-/// The mesh client and the identity `dest`'s sidecar must prove, when opaque TCP to it goes
-/// over mTLS: this proxy has an identity and `dest`'s service has one.
-fn tunnel_identity<'a>(
-    ctx: &'a Outbound,
-    dest: &SocketAddr,
-) -> Option<(&'a crate::identity::mesh::MeshClient, Arc<str>)> {
-    let mesh = ctx.fwd.mesh()?;
+/// How opaque TCP to `dest` goes over mTLS, when it does: `dest` is an endpoint of a service
+/// with an identity and this proxy has one.
+fn tunnel_to(ctx: &Outbound, dest: &SocketAddr) -> Option<crate::resilience::call::Mtls> {
     let snapshot = ctx.state.load();
-    let service = snapshot.table.service_at(dest)?;
-    Some((mesh, snapshot.security.identity(service)?))
+    ctx.fwd
+        .mtls(&snapshot.security, snapshot.table.service_at(dest)?)
 }
