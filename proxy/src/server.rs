@@ -2,9 +2,10 @@
 //! same port, with graceful shutdown.
 //!
 //! Every connection is admitted against its listener's [`crate::limits`] and served by
-//! [`crate::connection`]. On shutdown a listener stops accepting at once; connections in
-//! progress are asked to finish (HTTP/1 closes after the current response, HTTP/2 sends
-//! GOAWAY) and are given a grace period before the runtime drops them.
+//! [`crate::connection`]. On shutdown a listener stops taking new connections at once, serves
+//! those the kernel had already accepted for it, and closes; connections in progress are
+//! asked to finish (HTTP/1 closes after the current response, HTTP/2 sends GOAWAY) and are
+//! given a grace period before the runtime drops them.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -126,22 +127,178 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let admit = |accepted: std::io::Result<(TcpStream, SocketAddr)>| match accepted {
+        Ok((stream, peer)) => {
+            if let Some((stream, slot)) = limits.admit(stream) {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, slot));
+            }
+            None
+        }
+        Err(error) => {
+            tracing::warn!(listener = limits.name, %error, "accept failed");
+            Some(tokio::time::sleep(ACCEPT_ERROR_PAUSE))
+        }
+    };
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Some((stream, slot)) = limits.admit(stream) else { continue };
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(handle(stream, peer, slot));
-                }
-                Err(error) => {
-                    tracing::warn!(listener = limits.name, %error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
+            accepted = listener.accept() => if let Some(pause) = admit(accepted) {
+                pause.await;
             },
             () = signal.wait() => break,
         }
     }
+    // Closing a listener resets every connection still in its accept queue, and their clients
+    // have sent requests they cannot tell were never read. So new handshakes are stopped
+    // first, and what the kernel already completed is accepted and served (each closes after
+    // one response: the signal has fired).
+    if refuse_new_connections(&listener) {
+        let settled = tokio::time::sleep(HANDSHAKE_SETTLE);
+        tokio::pin!(settled);
+        loop {
+            tokio::select! {
+                biased;
+                accepted = listener.accept() => if let Some(pause) = admit(accepted) {
+                    pause.await;
+                },
+                () = &mut settled => break,
+            }
+        }
+    }
     drop(listener);
     limits.drain(grace).await;
+}
+
+/// How long a stopped listener keeps accepting handshakes that were under way when it stopped:
+/// a few in-cluster round trips (on loopback they complete within the client's `connect`).
+const HANDSHAKE_SETTLE: Duration = Duration::from_millis(50);
+
+/// Makes the kernel drop new connection attempts (SYNs) to `listener` while it still completes
+/// handshakes under way and queues them for `accept`. A client whose SYN was dropped sends it
+/// again after a second and is then refused by the closed port: it never has a connection
+/// that is reset under its request. `false` where the filter cannot be set (then the listener
+/// closes at once, as it would anyway).
+fn refuse_new_connections(listener: &TcpListener) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use socket2::{SockFilter, SockRef};
+        // Classic BPF over the TCP header: keep segments with ACK set (handshakes completing,
+        // and every segment of an accepted connection, which inherits the filter), drop the
+        // rest (a bare SYN).
+        const LD_B_ABS: u16 = 0x30;
+        const JSET_K: u16 = 0x45;
+        const RET_K: u16 = 0x06;
+        const TCP_FLAGS: u32 = 13;
+        const ACK: u32 = 0x10;
+        let program = [
+            SockFilter::new(LD_B_ABS, 0, 0, TCP_FLAGS),
+            SockFilter::new(JSET_K, 0, 1, ACK),
+            SockFilter::new(RET_K, 0, 0, u32::MAX),
+            SockFilter::new(RET_K, 0, 0, 0),
+        ];
+        match SockRef::from(listener).attach_filter(&program) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(%error, "cannot stop new connections before closing the listener");
+                false
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = listener;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::io::{Read as _, Write as _};
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_stopped_listener_drops_new_handshakes_but_keeps_its_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut served = std::net::TcpStream::connect(addr).unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        // Handshake done before the filter, not yet accepted.
+        let mut queued = std::net::TcpStream::connect(addr).unwrap();
+
+        assert!(refuse_new_connections(&listener));
+
+        let refused = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr));
+        assert!(
+            refused.await.is_err(),
+            "a new connection attempt is not answered"
+        );
+        let (mut late, _) = listener.accept().await.unwrap();
+        for (client, server) in [(&mut served, &mut accepted), (&mut queued, &mut late)] {
+            client.write_all(REQUEST).unwrap();
+            let mut got = vec![0; REQUEST.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, REQUEST);
+            tokio::io::AsyncWriteExt::write_all(server, b"ok")
+                .await
+                .unwrap();
+            let mut answer = [0; 2];
+            client.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"ok");
+        }
+    }
+
+    /// Connections the kernel completed but the loop had not accepted when shutdown came are
+    /// answered (and closed after it), never reset.
+    #[tokio::test(flavor = "current_thread")]
+    async fn shutdown_serves_the_accept_queue_instead_of_resetting_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, signal) = Shutdown::new();
+        let service = service_fn(|_req| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        // Not polled before the test awaits: the clients below sit in the accept queue.
+        let server = tokio::spawn(serve(
+            "test",
+            listener,
+            service,
+            signal,
+            Duration::from_secs(5),
+        ));
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(REQUEST).unwrap();
+                s.set_nonblocking(true).unwrap();
+                TcpStream::from_std(s).unwrap()
+            })
+            .collect();
+        shutdown.trigger();
+        for (i, mut client) in clients.into_iter().enumerate() {
+            let mut answer = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer));
+            read.await
+                .expect("answered in time")
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
+            let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            assert!(answer.starts_with("http/1.1 200"), "client {i}: {answer}");
+            assert!(answer.contains("connection: close"), "client {i}: {answer}");
+        }
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the listener stops")
+            .unwrap();
+        let refused = TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
 }

@@ -80,7 +80,11 @@ async fn once(target: SocketAddr, host: &str) -> Attempt {
         Ok(Err(e)) if e.is_incomplete_message() || e.is_canceled() => {
             Attempt::NotDelivered(format!("{target}: closed before answering: {e}"))
         }
-        Ok(Err(e)) => Attempt::Lost(format!("{target}: {e}")),
+        Ok(Err(e)) => {
+            // hyper's own text ("connection error") hides which: a reset, a refusal, a timeout.
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            Attempt::Lost(format!("{target}: {e}: {}", cause.unwrap_or_default()))
+        }
         Ok(Ok(resp)) => {
             let status = resp.status().as_u16();
             let reason = resp
