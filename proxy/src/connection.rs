@@ -4,7 +4,8 @@
 //! requests, or when the listener shuts down; counts why.
 //!
 //! Closing is graceful in every case but one: HTTP/1 finishes the response in progress and
-//! then closes, HTTP/2 sends GOAWAY and lets open streams finish. A connection that has not
+//! then closes, HTTP/2 sends GOAWAY and lets open streams finish; either way the close itself
+//! lingers ([`crate::linger`]). A connection that has not
 //! sent a single request within the header read timeout (a silent socket, a slow h2c
 //! preface) has nothing in flight and is dropped at once.
 
@@ -35,6 +36,7 @@ use crate::body::DownstreamBody;
 use crate::error::{ProxyError, is_grpc};
 use crate::h1_server;
 use crate::limits::{ListenerLimits, RateBucket, ServerLimits, Slot, check_headers};
+use crate::linger::Lingering;
 use crate::server::ShutdownSignal;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -173,19 +175,21 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let listener = slot.listener();
+    let shared = slot.shared().clone();
+    let listener = &*shared;
     let limits = &listener.limits;
     let state = Arc::new(ConnState::new(limits));
     let service = Limited {
         inner: service,
         conn: state.clone(),
-        listener: slot.shared().clone(),
+        listener: shared.clone(),
     };
     // Boxed once per connection: the fast path holds a request's future in place, and the
     // connection's future (moved at spawn, awaited by its callers) stays small.
     let io = match Box::pin(h1_server::serve(io, &service, &state, listener, &signal)).await {
         h1_server::Outcome::Closed(result) => return result,
-        h1_server::Outcome::Handover(io) => io,
+        // The slot goes with the connection: into a lingering close, or an upgrade.
+        h1_server::Outcome::Handover(io) => Lingering::new(io, slot),
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), ForHyper(service));
     tokio::pin!(conn);
@@ -257,7 +261,6 @@ where
             listener.counters.header_too_large.inc();
         }
     }
-    drop(slot);
     result
 }
 

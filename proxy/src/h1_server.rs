@@ -28,12 +28,13 @@ use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::service::Service;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::DownstreamBody;
 use crate::connection::{ConnState, Flag, first_of};
 use crate::h1::{ContentLength, Span, has_token, header_map, span};
 use crate::limits::ListenerLimits;
+use crate::linger::{LINGER, linger};
 use crate::server::ShutdownSignal;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,8 +44,6 @@ const MAX_HEADERS: usize = 32;
 /// A head not complete within this many bytes goes to hyper (which answers 431 past the limit).
 const MAX_HEAD: usize = 16 << 10;
 const READ_CHUNK: usize = 8 << 10;
-/// How long a connection closed between requests waits for the client's own close.
-const LINGER: Duration = Duration::from_secs(2);
 /// Body bytes gathered behind the head before they are written.
 const MAX_GATHER: usize = 16 << 10;
 
@@ -116,7 +115,10 @@ where
                 Either::Left(Ok(0)) => return Outcome::Closed(Ok(())),
                 Either::Left(Ok(_)) => {}
                 Either::Left(Err(e)) => return Outcome::Closed(Err(e.into())),
-                Either::Right(Wake::Shutdown) => return Outcome::Closed(linger(io).await),
+                Either::Right(Wake::Shutdown) => {
+                    linger(io, LINGER).await;
+                    return Outcome::Closed(Ok(()));
+                }
                 Either::Right(Wake::Timer) => {
                     let now = conn.since_start_ms();
                     let head_due = waiting_since + header_ms;
@@ -132,7 +134,8 @@ where
                     }
                     if now >= idle_due {
                         listener.counters.idle_timeout.inc();
-                        return Outcome::Closed(linger(io).await);
+                        linger(io, LINGER).await;
+                        return Outcome::Closed(Ok(()));
                     }
                     watchers.set(watch(signal.clone(), head_due.min(idle_due)));
                     flag.set.store(true, Ordering::Release);
@@ -148,32 +151,13 @@ where
         match write_response(&mut io, &mut out, resp, head_only, close).await {
             Ok(false) => {}
             Ok(true) => {
-                let _ = io.shutdown().await;
+                linger(io, LINGER).await;
                 return Outcome::Closed(Ok(()));
             }
             Err(e) => return Outcome::Closed(Err(e)),
         }
         waiting_since = conn.since_start_ms();
     }
-}
-
-/// Closes a connection between requests without resetting it: a request the client sent as
-/// the close was decided may already be in the socket, and closing a socket with unread data
-/// sends RST (the client cannot tell whether the request was served). So the proxy sends FIN
-/// first and reads (discarding) until the client closes too, for at most [`LINGER`]; the client
-/// sees a connection closed before any answer, which it may safely send again.
-async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T) -> Result<(), BoxError> {
-    io.shutdown().await?;
-    let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = io.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(())
 }
 
 fn poll_read_buf<T: AsyncRead + Unpin>(

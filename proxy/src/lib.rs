@@ -36,6 +36,7 @@ pub mod inbound;
 pub mod intercept;
 pub mod jwt;
 pub mod limits;
+pub mod linger;
 pub mod log_level;
 pub mod metrics;
 pub mod observe;

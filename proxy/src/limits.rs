@@ -23,7 +23,6 @@ use http::Request;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -330,22 +329,10 @@ impl Drop for Slot {
     }
 }
 
-/// Answers 503, stops writing, and reads (discarding) what the client sent until it closes or
-/// [`REFUSAL_LINGER`] passes, so the close does not turn into a reset that loses the answer.
-async fn refuse(mut stream: TcpStream) {
+/// Answers 503 and closes without a reset, so the client reads the answer.
+async fn refuse(stream: TcpStream) {
     let _ = stream.try_write(REFUSAL);
-    let _ = stream.shutdown().await;
-    let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-        let mut total = 0usize;
-        while let Ok(n) = stream.read(&mut sink).await {
-            total += n;
-            if n == 0 || total > 64 << 10 {
-                break;
-            }
-        }
-    })
-    .await;
+    crate::linger::linger(stream, REFUSAL_LINGER).await;
 }
 
 /// Pending connections the kernel queues for a listener before it drops SYNs. std's (and so
@@ -375,6 +362,8 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt as _;
+
     use super::*;
 
     #[test]

@@ -373,3 +373,35 @@ async fn websocket_upgrades_pass_through_the_explicit_listener() {
         c.buf.clear();
     }
 }
+
+/// A close the proxy decides (here `connection: close`) while the client is still sending is
+/// FIN, then reading until the client closes: never a reset, which would leave the client
+/// unsure whether what it sent was served. On the fast path and after the handover to hyper.
+#[tokio::test]
+async fn closes_with_client_bytes_unread_are_not_resets() {
+    let proxy = proxy().await;
+    // More than one read of the proxy's, less than it discards before giving up.
+    let trailing = "x".repeat(32 << 10);
+    for (path, request) in [
+        (
+            "fast",
+            "GET /fast HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n",
+        ),
+        (
+            "hyper",
+            "POST /hyper HTTP/1.1\r\nhost: echo\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+        ),
+    ] {
+        let mut c = Client::connect(proxy.outbound).await;
+        c.send(&format!("{request}{trailing}")).await;
+        let a = c.answer(false).await;
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+        assert_eq!(a.header("connection"), Some("close"), "{path}: {a:?}");
+        // End of stream, not ECONNRESET (which `fill` would also take for an end).
+        let mut rest = [0u8; 64];
+        let read = c.stream.read(&mut rest).await;
+        assert!(matches!(read, Ok(0)), "{path}: {read:?}");
+        c.stream.shutdown().await.unwrap();
+        assert!(c.stream.take_error().unwrap().is_none(), "{path}: reset");
+    }
+}
