@@ -8,13 +8,16 @@
 //! names the object, and the result is validated like any other configuration.
 //!
 //! Mapping:
-//! - Service `reviews` in `bookinfo` → weft service `reviews.bookinfo` (first port; its
-//!   `appProtocol` picks the upstream protocol) with the ready addresses of its EndpointSlices.
-//! - Every Service gets one route answering `reviews.bookinfo[.svc[.cluster.local]]` (and
-//!   `reviews` when no other namespace has a Service of that name). With no HTTPRoute attached
-//!   it sends everything to the Service itself; otherwise its rules come from the attached
-//!   HTTPRoutes in Gateway API precedence order, one weft rule per HTTPRoute match (matches are
-//!   OR'ed there, AND'ed in weft), with weighted `backendRefs` as weighted backends.
+//! - Service `reviews` in `bookinfo` → weft service `reviews.bookinfo` for its first TCP port
+//!   and `reviews.bookinfo.<port>` for each other one (each port's `appProtocol` picks its
+//!   upstream protocol), with the ready addresses of its EndpointSlices for that port.
+//! - Each such port gets a route: the first answers `reviews.bookinfo[.svc[.cluster.local]]`
+//!   (and `reviews` when no other namespace has a Service of that name) on any port, the others
+//!   the same hosts as `host:port`, which win on their port. With no HTTPRoute attached a route
+//!   sends everything to its own port; otherwise its rules come from the HTTPRoutes attached to
+//!   it (a parentRef without `port` attaches to every port) in Gateway API precedence order,
+//!   one weft rule per HTTPRoute match (matches are OR'ed there, AND'ed in weft), with
+//!   weighted `backendRefs` (to the port they name) as weighted backends.
 //!
 //! Layering ([`merge`]): the registry serves `merge(base, discovered)`, where `base` is the
 //! mesh file plus API changes and `discovered` the latest translation. On a name clash the base
@@ -89,6 +92,8 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
     }
     let mut services = Vec::new();
     let mut routes = Vec::new();
+    // Service (weft name) → its meshed ports: number, weft service, index of its route.
+    let mut ports_of: HashMap<String, Vec<MeshedPort>> = HashMap::new();
     for svc in &snapshot.services {
         let (name, ns) = meta_name(&svc.metadata);
         let Some(spec) = &svc.spec else { continue };
@@ -98,80 +103,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
             ));
             continue;
         }
-        let ports = spec.ports.clone().unwrap_or_default();
-        let Some(port) = ports.first() else {
-            warnings.push(format!("Service {ns}/{name}: no ports, not meshed"));
-            continue;
-        };
-        if ports.len() > 1 {
-            warnings.push(format!(
-                "Service {ns}/{name}: only its first port ({}) is meshed",
-                port.port
-            ));
-        }
-        let protocol = match port.app_protocol.as_deref() {
-            Some("kubernetes.io/h2c" | "http2") => Protocol::Http2,
-            Some("grpc") => Protocol::Grpc,
-            Some("http") => Protocol::Http1,
-            _ => Protocol::Auto,
-        };
         let weft_name = service_name(&name, &ns);
-        let mut endpoints = BTreeMap::new();
-        for slice in snapshot.endpoint_slices.iter().filter(|s| {
-            s.metadata.namespace.as_deref().unwrap_or("default") == ns
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    == Some(&name)
-        }) {
-            let Some(target) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| {
-                    p.name == port.name || (port.name.is_none() && p.name.as_deref() == Some(""))
-                })
-                .and_then(|p| p.port)
-            else {
-                continue;
-            };
-            for ep in &slice.endpoints {
-                // Unset `ready` means ready (the API's documented default).
-                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                for addr in &ep.addresses {
-                    let address = if addr.contains(':') {
-                        format!("[{addr}]:{target}")
-                    } else {
-                        format!("{addr}:{target}")
-                    };
-                    let mut labels = BTreeMap::new();
-                    if let Some(zone) = &ep.zone {
-                        labels.insert("zone".to_owned(), zone.clone());
-                    }
-                    endpoints.insert(
-                        address.clone(),
-                        model::Endpoint {
-                            address,
-                            labels,
-                            weight: None,
-                        },
-                    );
-                }
-            }
-        }
-        services.push(model::Service {
-            name: weft_name.clone(),
-            namespace: ns.clone(),
-            protocol,
-            ports: u16::try_from(port.port).ok().into_iter().collect(),
-            endpoints: endpoints.into_values().collect(),
-            subsets: BTreeMap::new(),
-            policy: model::ClusterPolicy::default(),
-            security: None,
-        });
         let mut hosts = vec![
             weft_name.clone(),
             format!("{weft_name}.svc"),
@@ -180,22 +112,72 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
         if name_count.get(&name) == Some(&1) {
             hosts.insert(0, name.clone());
         }
-        routes.push(model::Route {
-            name: weft_name.clone(),
-            hosts,
-            rules: vec![model::Rule {
-                backends: vec![backend(&weft_name, 1)],
-                ..model::Rule::default()
-            }],
-        });
+        let mut meshed: Vec<MeshedPort> = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            if !matches!(port.protocol.as_deref(), None | Some("TCP")) {
+                warnings.push(format!(
+                    "Service {ns}/{name}: port {} is {}, not meshed (TCP only)",
+                    port.port,
+                    port.protocol.as_deref().unwrap_or_default()
+                ));
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            if meshed.iter().any(|m| m.port == number) {
+                continue;
+            }
+            // The first port keeps the Service's name and answers its hosts on any port; the
+            // others are `name.ns.port` (no Kubernetes name holds a dot, so that never clashes)
+            // and answer `host:port`.
+            let first = meshed.is_empty();
+            let this = if first {
+                weft_name.clone()
+            } else {
+                format!("{weft_name}.{number}")
+            };
+            services.push(model::Service {
+                name: this.clone(),
+                namespace: ns.clone(),
+                protocol: match port.app_protocol.as_deref() {
+                    Some("kubernetes.io/h2c" | "http2") => Protocol::Http2,
+                    Some("grpc") => Protocol::Grpc,
+                    Some("http") => Protocol::Http1,
+                    _ => Protocol::Auto,
+                },
+                ports: vec![number],
+                endpoints: endpoints_of(snapshot, &name, &ns, port.name.as_deref()),
+                subsets: BTreeMap::new(),
+                policy: model::ClusterPolicy::default(),
+                security: None,
+            });
+            meshed.push(MeshedPort {
+                port: number,
+                service: this.clone(),
+                route: routes.len(),
+            });
+            routes.push(model::Route {
+                name: this.clone(),
+                hosts: if first {
+                    hosts.clone()
+                } else {
+                    hosts.iter().map(|h| format!("{h}:{number}")).collect()
+                },
+                rules: vec![model::Rule {
+                    backends: vec![backend(&this, 1)],
+                    ..model::Rule::default()
+                }],
+            });
+        }
+        if meshed.is_empty() {
+            warnings.push(format!("Service {ns}/{name}: no TCP ports, not meshed"));
+            continue;
+        }
+        ports_of.insert(weft_name, meshed);
     }
 
-    // Attach HTTPRoutes to the routes of their parent Services.
-    let known: HashMap<String, usize> = routes
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.clone(), i))
-        .collect();
+    // Attach HTTPRoutes to the routes of their parent Services (of one port, or all of them).
     let mut attached: BTreeMap<usize, Vec<(RuleKey, model::Rule)>> = BTreeMap::new();
     let mut ordered: Vec<&HttpRoute> = snapshot.http_routes.iter().collect();
     // Precedence ties go to the oldest route, then to namespace/name.
@@ -214,15 +196,29 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                 continue; // A Gateway parent: not for the mesh.
             }
             let pns = parent.namespace.clone().unwrap_or_else(|| rns.clone());
-            let Some(&index) = known.get(&service_name(&parent.name, &pns)) else {
+            let Some(meshed) = ports_of.get(&service_name(&parent.name, &pns)) else {
                 warnings.push(format!(
                     "HTTPRoute {rns}/{rname}: parent Service {pns}/{} not found",
                     parent.name
                 ));
                 continue;
             };
+            let parents: Vec<usize> = meshed
+                .iter()
+                .filter(|m| parent.port.is_none_or(|p| i32::from(m.port) == p))
+                .map(|m| m.route)
+                .collect();
+            if parents.is_empty() {
+                warnings.push(format!(
+                    "HTTPRoute {rns}/{rname}: parent Service {pns}/{} has no meshed port {}",
+                    parent.name,
+                    parent.port.unwrap_or_default()
+                ));
+                continue;
+            }
             for (rule_index, rule) in hr.spec.rules.iter().flatten().enumerate() {
-                let Some(backends) = backends_of(rule, &rns, &rname, &known, &mut warnings) else {
+                let Some(backends) = backends_of(rule, &rns, &rname, &ports_of, &mut warnings)
+                else {
                     continue;
                 };
                 if rule.filters.as_ref().is_some_and(|f| !f.is_empty()) {
@@ -241,7 +237,12 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                         backends: backends.clone(),
                         ..model::Rule::default()
                     };
-                    attached.entry(index).or_default().push((key, rule));
+                    for &index in &parents {
+                        attached
+                            .entry(index)
+                            .or_default()
+                            .push((key.clone(), rule.clone()));
+                    }
                 }
             }
         }
@@ -258,6 +259,73 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
         },
         warnings,
     }
+}
+
+/// One Service port as weft meshes it.
+#[derive(Debug)]
+struct MeshedPort {
+    port: u16,
+    /// The weft service (and route) name for this port.
+    service: String,
+    route: usize,
+}
+
+/// The ready endpoints of Service `name` in `ns` for its port called `port_name` (unnamed when
+/// the Service has one port), from the EndpointSlices labelled with the Service.
+fn endpoints_of(
+    snapshot: &ClusterSnapshot,
+    name: &str,
+    ns: &str,
+    port_name: Option<&str>,
+) -> Vec<model::Endpoint> {
+    let mut endpoints = BTreeMap::new();
+    for slice in snapshot.endpoint_slices.iter().filter(|s| {
+        s.metadata.namespace.as_deref().unwrap_or("default") == ns
+            && s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .is_some_and(|n| n == name)
+    }) {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name.as_deref() == port_name
+                    || (port_name.is_none() && p.name.as_deref() == Some(""))
+            })
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // Unset `ready` means ready (the API's documented default).
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for addr in &ep.addresses {
+                let address = if addr.contains(':') {
+                    format!("[{addr}]:{target}")
+                } else {
+                    format!("{addr}:{target}")
+                };
+                let mut labels = BTreeMap::new();
+                if let Some(zone) = &ep.zone {
+                    labels.insert("zone".to_owned(), zone.clone());
+                }
+                endpoints.insert(
+                    address.clone(),
+                    model::Endpoint {
+                        address,
+                        labels,
+                        weight: None,
+                    },
+                );
+            }
+        }
+    }
+    endpoints.into_values().collect()
 }
 
 /// The configuration the registry serves: `base` with the discovered services and routes
@@ -306,8 +374,13 @@ pub fn route_owner(discovered: &MeshConfig, route: &str) -> Option<String> {
     owners.sort_unstable();
     owners.dedup();
     Some(if owners.is_empty() {
-        let (name, ns) = route.split_once('.').unwrap_or((route, ""));
-        format!("Service {ns}/{name} (no HTTPRoute attached)")
+        let mut parts = route.splitn(3, '.');
+        let (name, ns) = (parts.next().unwrap_or(route), parts.next().unwrap_or(""));
+        let port = parts
+            .next()
+            .map(|p| format!(" port {p}"))
+            .unwrap_or_default();
+        format!("Service {ns}/{name}{port} (no HTTPRoute attached)")
     } else {
         format!("HTTPRoute {}", owners.join(", HTTPRoute "))
     })
@@ -326,7 +399,7 @@ fn backends_of(
     rule: &HttpRouteRules,
     rns: &str,
     rname: &str,
-    known: &HashMap<String, usize>,
+    ports_of: &HashMap<String, Vec<MeshedPort>>,
     warnings: &mut Vec<String>,
 ) -> Option<Vec<model::Backend>> {
     let mut out = Vec::new();
@@ -341,14 +414,25 @@ fn backends_of(
             continue;
         }
         let svc = service_name(&b.name, b.namespace.as_deref().unwrap_or(rns));
-        if !known.contains_key(&svc) {
+        let Some(meshed) = ports_of.get(&svc) else {
             warnings.push(format!(
                 "HTTPRoute {rns}/{rname}: backend Service {svc} not found, left out"
             ));
             continue;
-        }
+        };
+        // The port the backendRef names (the API requires one for a Service), else the first.
+        let Some(port) = meshed
+            .iter()
+            .find(|m| b.port.is_none_or(|p| i32::from(m.port) == p))
+        else {
+            warnings.push(format!(
+                "HTTPRoute {rns}/{rname}: backend Service {svc} has no meshed port {}, left out",
+                b.port.unwrap_or_default()
+            ));
+            continue;
+        };
         out.push(backend(
-            &svc,
+            &port.service,
             u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
         ));
     }
@@ -429,7 +513,7 @@ fn route_match(m: &HttpRouteRulesMatches) -> model::RouteMatch {
 
 /// Gateway API match precedence: exact path, then the longest prefix, then a method, then more
 /// header matches, then more query matches; ties keep route, rule and match order.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct RuleKey {
     path_kind: u8,
     prefix_len: Reverse<usize>,

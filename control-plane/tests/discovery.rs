@@ -282,3 +282,107 @@ routes:
     );
     assert_eq!(route_owner(&discovered, "nope"), None);
 }
+
+#[test]
+fn every_tcp_port_of_a_service_is_meshed_and_routed_by_port() {
+    let services = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  ports:
+    - {name: http, port: 9080, appProtocol: http}
+    - {name: grpc, port: 9090, appProtocol: grpc}
+    - {name: dns, port: 53, protocol: UDP}
+"#;
+    let slice = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ratings-x1, namespace: bookinfo, labels: {kubernetes.io/service-name: ratings}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: grpc, port: 8090}]
+endpoints: [{addresses: ["127.0.0.31"]}]
+"#;
+    // Attached to the gRPC port only; backends on either port.
+    let httproute = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ratings-grpc, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: ratings, port: 9090}]
+  rules:
+    - matches: [{headers: [{name: x-canary, value: "1"}]}]
+      backendRefs: [{name: ratings, port: 9080}]
+    - backendRefs: [{name: ratings, port: 9090}]
+"#;
+    let mut snap = snapshot(httproute);
+    snap.services = docs::<Service>(services);
+    snap.endpoint_slices = docs::<EndpointSlice>(slice);
+    let t = translate(&snap);
+    validate(&t.config, &Limits::default()).expect("the translation validates");
+
+    let service = |name: &str| {
+        let s = t.config.services.iter().find(|s| s.name == name);
+        let s = s.unwrap_or_else(|| panic!("service {name}: {:#?}", t.config.services));
+        let addrs: Vec<_> = s.endpoints.iter().map(|e| e.address.clone()).collect();
+        (s.protocol, s.ports.clone(), addrs)
+    };
+    use weft_proto::model::Protocol;
+    assert_eq!(
+        service("ratings.bookinfo"),
+        (
+            Protocol::Http1,
+            vec![9080],
+            vec!["127.0.0.31:8080".to_owned()]
+        )
+    );
+    assert_eq!(
+        service("ratings.bookinfo.9090"),
+        (
+            Protocol::Grpc,
+            vec![9090],
+            vec!["127.0.0.31:8090".to_owned()]
+        )
+    );
+    assert_eq!(t.config.services.len(), 2, "UDP is not meshed");
+    assert!(
+        t.warnings.iter().any(|w| w.contains("port 53 is UDP")),
+        "{:?}",
+        t.warnings
+    );
+
+    let route = |name: &str| t.config.routes.iter().find(|r| r.name == name).unwrap();
+    let first = route("ratings.bookinfo");
+    assert!(first.hosts.contains(&"ratings".to_owned()), "{first:?}");
+    assert_eq!(first.rules.len(), 1, "the HTTPRoute names port 9090 only");
+    assert_eq!(first.rules[0].backends[0].service, "ratings.bookinfo");
+    let second = route("ratings.bookinfo.9090");
+    assert_eq!(
+        second.hosts,
+        [
+            "ratings:9090",
+            "ratings.bookinfo:9090",
+            "ratings.bookinfo.svc:9090",
+            "ratings.bookinfo.svc.cluster.local:9090"
+        ]
+    );
+    let backends: Vec<_> = second
+        .rules
+        .iter()
+        .map(|r| r.backends[0].service.as_str())
+        .collect();
+    assert_eq!(backends, ["ratings.bookinfo", "ratings.bookinfo.9090"]);
+    assert_eq!(
+        weft_control::discovery::route_owner(&t.config, "ratings.bookinfo").unwrap(),
+        "Service bookinfo/ratings (no HTTPRoute attached)"
+    );
+
+    // Without a port the parentRef attaches to every port's route.
+    snap.http_routes = docs::<HttpRoute>(&httproute.replace(", port: 9090}]", "}]"));
+    let t = translate(&snap);
+    validate(&t.config, &Limits::default()).expect("valid");
+    for name in ["ratings.bookinfo", "ratings.bookinfo.9090"] {
+        let r = t.config.routes.iter().find(|r| r.name == name).unwrap();
+        assert_eq!(r.rules.len(), 2, "{name}: {r:?}");
+    }
+}

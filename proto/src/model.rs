@@ -99,7 +99,9 @@ impl ClusterPolicy {
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
-    /// Hosts (authority without port) this route answers to; `*` matches any host.
+    /// Hosts this route answers to: `name` on any port, `name:port` on that port only (it wins
+    /// over `name`; a request without a port is for its scheme's default, or for the port a
+    /// captured connection was made to); `*` matches any host.
     pub hosts: Vec<String>,
     /// Evaluated in order; the first rule that matches wins.
     pub rules: Vec<Rule>,

@@ -481,13 +481,24 @@ fn check_host(host: &str) -> Result<(), String> {
     if host == "*" {
         return Ok(());
     }
-    if host.is_empty()
-        || host
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    if name.is_empty()
+        || name
             .bytes()
             .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b':')
     {
         return Err(format!(
-            "invalid host {host:?}: give a name without scheme, port or path"
+            "invalid host {host:?}: give a name, or name:port, without scheme or path"
+        ));
+    }
+    if let Some(port) = port
+        && !(port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p != 0))
+    {
+        return Err(format!(
+            "invalid host {host:?}: the port must be a number from 1 to 65535"
         ));
     }
     Ok(())
@@ -613,6 +624,14 @@ routes:
         let err = errors(&bad);
         assert!(err.contains("already served by route \"reviews\""), "{err}");
         assert!(err.contains("expected host:port"), "{err}");
+        for bad in [
+            "a:0", "a:65536", "a:+80", "a:", ":80", "a:b:80", "a/b", "a b",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+        for good in ["reviews", "reviews.bookinfo:9090", "*"] {
+            assert!(check_host(good).is_ok(), "{good}");
+        }
         for bad in ["127.0 .0.1:80", "[::1:80", "[zz]:80", "a(b):80", ":80"] {
             assert!(check_address(bad).is_err(), "{bad}");
         }

@@ -51,8 +51,8 @@ pub enum RouteError {
 /// The compiled routes of one configuration version. Immutable; replaced whole on a change.
 #[derive(Debug, Default)]
 pub struct Table {
-    /// Lower-case host → index into `routes`.
-    hosts: HashMap<String, usize>,
+    /// Lower-case host (without port) → the routes answering it.
+    hosts: HashMap<String, HostRoutes>,
     /// The route that serves host `*`, tried when no exact host matches.
     wildcard: Option<usize>,
     /// Every service endpoint address → its service and that service's route if it has one:
@@ -144,8 +144,13 @@ impl Table {
             for host in &route.hosts {
                 if host == "*" {
                     table.wildcard = Some(index);
-                } else {
-                    table.hosts.insert(host.to_ascii_lowercase(), index);
+                    continue;
+                }
+                let (name, port) = split_port(host);
+                let entry = table.hosts.entry(name.to_ascii_lowercase()).or_default();
+                match port {
+                    Some(port) => entry.ports.push((port, index)),
+                    None => entry.any = Some(index),
                 }
             }
         }
@@ -219,10 +224,11 @@ impl Table {
         let index = self
             .hosts
             .get(host.as_ref())
-            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.route.as_ref()))
-            .or(self.wildcard.as_ref())
+            .and_then(|routes| routes.pick(|| request_port(req, orig)))
+            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.route))
+            .or(self.wildcard)
             .ok_or_else(no_route)?;
-        let rule = self.routes[*index]
+        let rule = self.routes[index]
             .rules
             .iter()
             .find(|rule| rule.matches(req))
@@ -239,6 +245,27 @@ impl Table {
     }
 }
 
+/// The routes answering one host: on any port, and on one port (hosts written `name:port`,
+/// e.g. the second port of a Kubernetes Service), which win.
+#[derive(Debug, Default)]
+struct HostRoutes {
+    any: Option<usize>,
+    ports: Vec<(u16, usize)>,
+}
+
+impl HostRoutes {
+    /// The route for a request to `port` (computed only when some route names a port).
+    fn pick(&self, port: impl FnOnce() -> u16) -> Option<usize> {
+        if !self.ports.is_empty() {
+            let port = port();
+            if let Some(&(_, index)) = self.ports.iter().find(|(p, _)| *p == port) {
+                return Some(index);
+            }
+        }
+        self.any
+    }
+}
+
 /// What a captured connection's original destination tells about it.
 #[derive(Debug)]
 struct ByAddr {
@@ -252,13 +279,13 @@ struct ByAddr {
 /// else none.
 fn routes_by_address(
     cfg: &MeshConfig,
-    hosts: &HashMap<String, usize>,
+    hosts: &HashMap<String, HostRoutes>,
 ) -> HashMap<std::net::SocketAddr, ByAddr> {
     let mut out = HashMap::new();
     for svc in &cfg.services {
         let route = hosts
             .get(&svc.name.to_ascii_lowercase())
-            .copied()
+            .and_then(|h| h.any)
             .or_else(|| {
                 cfg.routes.iter().position(|r| {
                     r.rules
@@ -520,18 +547,22 @@ fn decode(s: &str) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// The host a request is for, lower-case and without port: the URI authority (HTTP/2
-/// `:authority`, HTTP/1 absolute-form), else the `Host` header.
-pub fn request_host<B>(req: &Request<B>) -> Cow<'_, str> {
-    let authority = match req.uri().authority() {
+/// The authority a request names: the URI's (HTTP/2 `:authority`, HTTP/1 absolute-form), else
+/// the `Host` header.
+fn authority<B>(req: &Request<B>) -> &str {
+    match req.uri().authority() {
         Some(a) => a.as_str(),
         None => req
             .headers()
             .get(HOST)
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
-    };
-    let host = strip_port(authority);
+    }
+}
+
+/// The host a request is for, lower-case and without port.
+pub fn request_host<B>(req: &Request<B>) -> Cow<'_, str> {
+    let host = strip_port(authority(req));
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
@@ -539,24 +570,52 @@ pub fn request_host<B>(req: &Request<B>) -> Cow<'_, str> {
     }
 }
 
+/// The port a request is for: the authority's, else the one a captured connection was made to,
+/// else the scheme's default.
+fn request_port<B>(req: &Request<B>, orig: Option<std::net::SocketAddr>) -> u16 {
+    split_port(authority(req))
+        .1
+        .or(orig.map(|a| a.port()))
+        .unwrap_or(if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+            443
+        } else {
+            80
+        })
+}
+
 fn strip_port(authority: &str) -> &str {
+    split_port(authority).0
+}
+
+/// An authority's host (userinfo dropped, IPv6 brackets kept) and port, if it names one.
+fn split_port(authority: &str) -> (&str, Option<u16>) {
     // Byte scans: this runs on every request.
     let bytes = authority.as_bytes();
     // Drop userinfo, which is never part of a host.
     let start = bytes.iter().rposition(|&b| b == b'@').map_or(0, |i| i + 1);
     let authority = &authority[start..];
     let bytes = authority.as_bytes();
-    if bytes.first() == Some(&b'[') {
-        // IPv6 literal: keep the brackets, drop what follows `]`.
-        return bytes
-            .iter()
-            .position(|&b| b == b']')
-            .map_or(authority, |end| &authority[..=end]);
+    let colon = if bytes.first() == Some(&b'[') {
+        // IPv6 literal: the port, if any, follows `]`.
+        match bytes.iter().position(|&b| b == b']') {
+            Some(end) if bytes.get(end + 1) == Some(&b':') => end + 1,
+            Some(end) => return (&authority[..=end], None),
+            None => return (authority, None),
+        }
+    } else {
+        match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) => colon,
+            None => return (authority, None),
+        }
+    };
+    let digits = &bytes[colon + 1..];
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return (authority, None);
     }
-    match bytes.iter().rposition(|&b| b == b':') {
-        Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &authority[..colon],
-        _ => authority,
-    }
+    let port = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok());
+    (&authority[..colon], port)
 }
 
 #[cfg(test)]

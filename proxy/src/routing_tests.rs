@@ -80,6 +80,54 @@ fn hosts_exact_then_wildcard_with_port_and_case_stripped() {
 }
 
 #[test]
+fn a_host_with_a_port_wins_on_that_port_only() {
+    // A Kubernetes Service with two ports: `svc` (any port: its first) and `svc:9090`.
+    let mesh = r#"
+services:
+  - {name: first,  endpoints: [{address: "127.0.0.1:2001"}]}
+  - {name: second, endpoints: [{address: "127.0.0.1:2002"}]}
+  - {name: web,    endpoints: [{address: "127.0.0.1:2003"}]}
+routes:
+  - {name: svc, hosts: [svc, svc.ns], rules: [{backends: [{service: first}]}]}
+  - {name: svc-9090, hosts: ["svc:9090", "SVC.ns:9090"], rules: [{backends: [{service: second}]}]}
+  - {name: web, hosts: ["web:80"], rules: [{backends: [{service: web}]}]}
+"#;
+    let cfg = parse_yaml("mesh.yaml", mesh, &Limits::default()).unwrap();
+    let t = Table::compile(&cfg, &Limits::default()).unwrap();
+    assert_eq!(get(&t, "svc:9090", "/"), Ok(2002));
+    assert_eq!(get(&t, "svc.NS:9090", "/"), Ok(2002));
+    assert_eq!(
+        get(&t, "svc:9080", "/"),
+        Ok(2001),
+        "other ports: the portless host"
+    );
+    assert_eq!(get(&t, "svc", "/"), Ok(2001));
+    // No port in the authority: the scheme's default, or where a captured connection went.
+    assert_eq!(get(&t, "web", "/"), Ok(2003));
+    assert!(
+        get(&t, "web:8080", "/").is_err(),
+        "web answers port 80 only"
+    );
+    let captured = |host: &str, port: u16| {
+        let r = req("GET", "/", &[("host", host)]);
+        let orig = std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        t.resolve_at(&r, Some(orig))
+            .map(|(set, _, _)| set.endpoints()[0].authority.port_u16().unwrap())
+    };
+    assert_eq!(captured("svc", 9090), Ok(2002));
+    assert_eq!(
+        captured("svc:9080", 9090),
+        Ok(2001),
+        "the authority's port wins"
+    );
+    let https = req("GET", "https://web/", &[]);
+    assert!(port(&t, &https).is_err(), "https defaults to 443");
+    assert_eq!(split_port("[::1]:8080"), ("[::1]", Some(8080)));
+    assert_eq!(split_port("u@h:99999"), ("h", None));
+    assert_eq!(split_port("h:x"), ("h:x", None));
+}
+
+#[test]
 fn no_route_names_host_and_path() {
     let cfg = parse_yaml("m", MESH, &Limits::default()).unwrap();
     let mut cfg = cfg;
