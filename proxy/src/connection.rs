@@ -98,10 +98,15 @@ where
         let limits = &self.listener.limits;
         let last =
             limits.max_requests_per_connection != 0 && served == limits.max_requests_per_connection;
+        let h2 = req.version() >= http::Version::HTTP_2;
         if last {
-            // Counted here, not when the driver acts: HTTP/1 may close on its own first.
+            // Counted here, not when the driver acts: HTTP/1 closes on its own (the answer says
+            // `connection: close`); HTTP/2 needs the driver's GOAWAY. (Asking hyper to close an
+            // HTTP/1 connection would also add `close` to a 101, which a client cannot switch on.)
             self.listener.counters.max_requests.inc();
-            conn.quota_reached.notify_one();
+            if h2 {
+                conn.quota_reached.notify_one();
+            }
         }
         let checked = check_headers(&req, limits).inspect_err(|_| {
             self.listener.counters.header_too_large.inc();
@@ -122,13 +127,17 @@ where
         }
         // HTTP/1: the last response itself says close (the driver's graceful close may come
         // after it is written); HTTP/2 gets its GOAWAY from the driver.
-        let map: MapResponse<B> = if last && req.version() < http::Version::HTTP_2 {
+        let map: MapResponse<B> = if last && !h2 {
             |resp| {
                 let mut resp = resp.map(Either::Left);
-                resp.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
+                // A 101 hands the connection to the new protocol; its `connection: upgrade`
+                // must stay for the client to switch.
+                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 resp
             }
         } else {

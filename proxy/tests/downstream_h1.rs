@@ -209,6 +209,10 @@ async fn upgrade_upstream() -> SocketAddr {
 }
 
 async fn proxy() -> Proxy {
+    proxy_with(&[]).await
+}
+
+async fn proxy_with(args: &[&str]) -> Proxy {
     let (echo, chunked) = (start_echo().await, chunked_upstream().await);
     let ws = upgrade_upstream().await;
     let config = format!(
@@ -240,7 +244,7 @@ routes:
       - backends: [{{service: empty}}]
 "#
     );
-    start_proxy(&config, &[]).await
+    start_proxy(&config, args).await
 }
 
 #[tokio::test]
@@ -347,7 +351,14 @@ async fn chunked_and_own_answers_are_framed_and_garbage_gets_400() {
 
 #[tokio::test]
 async fn websocket_upgrades_pass_through_the_explicit_listener() {
-    let proxy = proxy().await;
+    // The second time as the connection's last request: its 101 must still switch.
+    for args in [&[][..], &["--max-requests-per-connection", "2"]] {
+        let proxy = proxy_with(args).await;
+        upgrade_after_a_refusal(&proxy).await;
+    }
+}
+
+async fn upgrade_after_a_refusal(proxy: &Proxy) {
     let mut c = Client::connect(proxy.outbound).await;
     // An upgrade the upstream refuses is an ordinary answer; the connection goes on.
     c.send("GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
@@ -363,6 +374,11 @@ async fn websocket_upgrades_pass_through_the_explicit_listener() {
     let a = c.answer(true).await;
     assert_eq!(a.status, 101, "{a:?}");
     assert_eq!(a.header("upgrade"), Some("websocket"), "{a:?}");
+    assert!(
+        a.header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("upgrade")),
+        "{a:?}"
+    );
     assert_eq!(a.header("sec-websocket-accept"), Some("yes"), "{a:?}");
     for frame in ["frame one\n", "frame two\n"] {
         c.send(frame).await;
