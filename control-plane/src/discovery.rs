@@ -10,7 +10,8 @@
 //! Mapping:
 //! - Service `reviews` in `bookinfo` → weft service `reviews.bookinfo` for its first TCP port
 //!   and `reviews.bookinfo.<port>` for each other one (each port's `appProtocol` picks its
-//!   upstream protocol), with the ready addresses of its EndpointSlices for that port.
+//!   upstream protocol), with the ready addresses of its EndpointSlices for that port and its
+//!   cluster IPs as virtual IPs (so captured connections to `clusterIP:port` are meshed).
 //! - Each such port gets a route: the first answers `reviews.bookinfo[.svc[.cluster.local]]`
 //!   (and `reviews` when no other namespace has a Service of that name) on any port, the others
 //!   the same hosts as `host:port`, which win on their port. With no HTTPRoute attached a route
@@ -112,6 +113,16 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
         if name_count.get(&name) == Some(&1) {
             hosts.insert(0, name.clone());
         }
+        // Cluster IPs ("None" for a headless Service, whose clients use endpoint addresses).
+        let virtual_ips: Vec<String> = spec
+            .cluster_ips
+            .clone()
+            .filter(|ips| !ips.is_empty())
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+            .collect();
         let mut meshed: Vec<MeshedPort> = Vec::new();
         for port in spec.ports.iter().flatten() {
             if !matches!(port.protocol.as_deref(), None | Some("TCP")) {
@@ -147,6 +158,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                     _ => Protocol::Auto,
                 },
                 ports: vec![number],
+                virtual_ips: virtual_ips.clone(),
                 endpoints: endpoints_of(snapshot, &name, &ns, port.name.as_deref()),
                 subsets: BTreeMap::new(),
                 policy: model::ClusterPolicy::default(),

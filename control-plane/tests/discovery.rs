@@ -290,6 +290,8 @@ apiVersion: v1
 kind: Service
 metadata: {name: ratings, namespace: bookinfo}
 spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00::20"]
   ports:
     - {name: http, port: 9080, appProtocol: http}
     - {name: grpc, port: 9090, appProtocol: grpc}
@@ -345,6 +347,18 @@ spec:
         )
     );
     assert_eq!(t.config.services.len(), 2, "UDP is not meshed");
+    for s in &t.config.services {
+        assert_eq!(s.virtual_ips, ["10.96.0.20", "fd00::20"], "{}", s.name);
+    }
+    // Headless: no cluster IP to stand for the Service.
+    let mut headless = snap.clone();
+    for svc in &mut headless.services {
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("None".into());
+        spec.cluster_ips = Some(vec!["None".into()]);
+    }
+    let h = translate(&headless);
+    assert!(h.config.services.iter().all(|s| s.virtual_ips.is_empty()));
     assert!(
         t.warnings.iter().any(|w| w.contains("port 53 is UDP")),
         "{:?}",

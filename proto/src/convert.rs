@@ -51,6 +51,7 @@ fn cluster_to_pb(s: &model::Service) -> pb::Cluster {
             model::Protocol::Grpc => pb::Protocol::Grpc,
         } as i32,
         ports: s.ports.iter().map(|p| u32::from(*p)).collect(),
+        virtual_ips: s.virtual_ips.clone(),
         endpoints: s
             .endpoints
             .iter()
@@ -214,6 +215,7 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
         namespace: c.namespace.clone(),
         protocol,
         ports,
+        virtual_ips: c.virtual_ips.clone(),
         endpoints: c
             .endpoints
             .iter()
@@ -451,10 +453,12 @@ services:
     endpoints: [{address: "127.0.0.1:1", labels: {v: "1"}}]
     subsets: {one: {v: "1"}}
   - name: b
+    ports: [80]
+    virtual_ips: ["10.96.0.1", "fd00::1"]
     endpoints: [{address: "127.0.0.1:2", weight: 3}]
 routes:
   - name: a
-    hosts: [A]
+    hosts: [A, "a.ns:9090"]
     rules:
       - match: {path: {regex: "/x.*"}, methods: [GET], headers: [{name: X-H, present: true}], query: [{name: q, exact: "1"}]}
         backends: [{service: a, subset: one, weight: 5}, {service: b}]
@@ -468,7 +472,7 @@ routes:
         let res = to_resources(&cfg);
         let back = from_resources(&res).unwrap();
         // The wire lower-cases hosts and header names and makes default weights explicit.
-        assert_eq!(back.routes[0].hosts, vec!["a"]);
+        assert_eq!(back.routes[0].hosts, vec!["a", "a.ns:9090"]);
         assert_eq!(back.routes[0].rules[0].matches.headers[0].name, "x-h");
         assert_eq!(back.routes[0].rules[0].backends[1].weight, Some(1));
         assert_eq!(back.services, cfg.services);

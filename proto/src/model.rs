@@ -34,6 +34,10 @@ pub struct Service {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// IP addresses that stand for the service (a Kubernetes Service's cluster IPs): a captured
+    /// connection to one of them, on one of `ports`, goes to one of its endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_ips: Vec<String>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
     /// Named subsets, each a label selector over the endpoints (all labels must match).

@@ -172,8 +172,30 @@ impl Validator<'_> {
 
     fn config(&mut self, cfg: &MeshConfig) {
         let mut services: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+        let mut vips: HashMap<(std::net::IpAddr, u16), &str> = HashMap::new();
         for (i, svc) in cfg.services.iter().enumerate() {
             let p = vec![key("services"), Seg::Index(i)];
+            for (j, vip) in svc.virtual_ips.iter().enumerate() {
+                let vp = at(&p, [key("virtual_ips"), Seg::Index(j)]);
+                let Ok(ip) = vip.parse::<std::net::IpAddr>() else {
+                    self.fail(
+                        vp,
+                        format!("invalid virtual IP {vip:?}: give an IP address"),
+                    );
+                    continue;
+                };
+                if svc.ports.is_empty() {
+                    self.fail(vp, "a virtual IP needs the service's ports");
+                }
+                for port in &svc.ports {
+                    if let Some(other) = vips.insert((ip, *port), &svc.name) {
+                        self.fail(
+                            at(&p, [key("virtual_ips"), Seg::Index(j)]),
+                            format!("{vip} port {port} already stands for service {other:?}"),
+                        );
+                    }
+                }
+            }
             if !is_dns_name(&svc.name) {
                 self.fail(
                     at(&p, [key("name")]),
@@ -632,6 +654,20 @@ routes:
         for good in ["reviews", "reviews.bookinfo:9090", "*"] {
             assert!(check_host(good).is_ok(), "{good}");
         }
+        let vips = GOOD.replace(
+            "routes:\n",
+            "  - {name: a, ports: [80], virtual_ips: [10.0.0.1, nope], endpoints: []}\n  - {name: b, ports: [80, 81], virtual_ips: [10.0.0.1], endpoints: []}\n  - {name: c, virtual_ips: [10.0.0.2], endpoints: []}\nroutes:\n",
+        );
+        let err = errors(&vips);
+        assert!(err.contains("invalid virtual IP \"nope\""), "{err}");
+        assert!(
+            err.contains("10.0.0.1 port 80 already stands for service \"a\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("a virtual IP needs the service's ports"),
+            "{err}"
+        );
         for bad in ["127.0 .0.1:80", "[::1:80", "[zz]:80", "a(b):80", ":80"] {
             assert!(check_address(bad).is_err(), "{bad}");
         }

@@ -369,6 +369,7 @@ mod tests {
             namespace: String::new(),
             protocol: Protocol::Http1,
             ports: vec![],
+            virtual_ips: vec![],
             endpoints: vec![
                 ep("10.0.0.1:80", "v1", None),
                 ep("10.0.0.2:80", "v2", Some(3)),

@@ -60,6 +60,9 @@ pub struct Table {
     /// no route (e.g. an IP) by original destination, and sends opaque TCP over mTLS when the
     /// service has an identity.
     by_addr: HashMap<std::net::SocketAddr, ByAddr>,
+    /// Every service's virtual IP on each of its ports → the service (its endpoints) and its
+    /// route: a captured connection there is meshed like one to an endpoint.
+    by_vip: HashMap<std::net::SocketAddr, ByVip>,
     routes: Vec<Route>,
 }
 
@@ -155,13 +158,44 @@ impl Table {
             }
         }
         table.by_addr = routes_by_address(cfg, &table.hosts);
+        for svc in cfg.services.iter().filter(|s| !s.virtual_ips.is_empty()) {
+            let set = compiler.endpoint_set(&svc.name, "", "virtual_ips")?;
+            let vip = ByVip {
+                route: service_route(cfg, &table.hosts, svc),
+                set,
+            };
+            for ip in svc.virtual_ips.iter().filter_map(|ip| ip.parse().ok()) {
+                for port in &svc.ports {
+                    let addr = std::net::SocketAddr::new(ip, *port);
+                    table.by_vip.insert(addr, vip.clone());
+                }
+            }
+        }
         Ok(table)
     }
 
     /// Whether a captured connection to `addr` goes to a mesh service (else it passes
     /// through to `addr` as it is).
     pub fn knows_address(&self, addr: &std::net::SocketAddr) -> bool {
-        self.by_addr.contains_key(addr)
+        self.by_addr.contains_key(addr) || self.by_vip.contains_key(addr)
+    }
+
+    /// For a virtual IP and port: the endpoint a connection goes to, by the service's load
+    /// balancer. `None` for any other address, or when the service has no endpoint with an IP
+    /// address.
+    pub fn endpoint_behind(&self, vip: &std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        let set = &self.by_vip.get(vip)?.set;
+        let index = set.choose(&http::HeaderMap::new(), None)?;
+        set.endpoint(index).authority.as_str().parse().ok()
+    }
+
+    /// The route of the service at a captured connection's destination (an endpoint or a
+    /// virtual IP).
+    fn route_at(&self, addr: &std::net::SocketAddr) -> Option<usize> {
+        match self.by_addr.get(addr) {
+            Some(a) => a.route,
+            None => self.by_vip.get(addr)?.route,
+        }
     }
 
     /// The service that has `addr` as an endpoint (the first one, when several do).
@@ -225,7 +259,7 @@ impl Table {
             .hosts
             .get(host.as_ref())
             .and_then(|routes| routes.pick(|| request_port(req, orig)))
-            .or_else(|| orig.and_then(|a| self.by_addr.get(&a)?.route))
+            .or_else(|| orig.and_then(|a| self.route_at(&a)))
             .or(self.wildcard)
             .ok_or_else(no_route)?;
         let rule = self.routes[index]
@@ -274,25 +308,41 @@ struct ByAddr {
     service: Arc<str>,
 }
 
-/// For every service endpoint with an IP address: its service and the route named after the
-/// service (its `hosts` hold the service name), else the first route with a backend in it,
-/// else none.
+/// A virtual IP's service: its endpoints, and its route if it has one.
+#[derive(Debug, Clone)]
+struct ByVip {
+    route: Option<usize>,
+    set: Arc<EndpointSet>,
+}
+
+/// The route named after `svc` (its `hosts` hold the service name), else the first route with
+/// a backend in it, else none.
+fn service_route(
+    cfg: &MeshConfig,
+    hosts: &HashMap<String, HostRoutes>,
+    svc: &model::Service,
+) -> Option<usize> {
+    hosts
+        .get(&svc.name.to_ascii_lowercase())
+        .and_then(|h| h.any)
+        .or_else(|| {
+            cfg.routes.iter().position(|r| {
+                r.rules
+                    .iter()
+                    .any(|rule| rule.backends.iter().any(|b| b.service == svc.name))
+            })
+        })
+}
+
+/// For every service endpoint with an IP address: its service and its route
+/// ([`service_route`]).
 fn routes_by_address(
     cfg: &MeshConfig,
     hosts: &HashMap<String, HostRoutes>,
 ) -> HashMap<std::net::SocketAddr, ByAddr> {
     let mut out = HashMap::new();
     for svc in &cfg.services {
-        let route = hosts
-            .get(&svc.name.to_ascii_lowercase())
-            .and_then(|h| h.any)
-            .or_else(|| {
-                cfg.routes.iter().position(|r| {
-                    r.rules
-                        .iter()
-                        .any(|rule| rule.backends.iter().any(|b| b.service == svc.name))
-                })
-            });
+        let route = service_route(cfg, hosts, svc);
         let service: Arc<str> = Arc::from(svc.name.as_str());
         for ep in &svc.endpoints {
             if let Ok(addr) = ep.address.parse() {

@@ -294,3 +294,40 @@ routes:
     assert!(t.knows_address(&"10.1.2.2:3306".parse().unwrap()));
     assert!(!t.knows_address(&"10.1.2.9:80".parse().unwrap()));
 }
+
+#[test]
+fn a_virtual_ip_stands_for_its_service_on_its_ports() {
+    let yaml = r#"
+services:
+  - name: db
+    ports: [3306]
+    virtual_ips: ["10.96.0.10", "fd00::10"]
+    endpoints: [{address: "10.1.2.2:3306"}, {address: "10.1.2.3:3306"}]
+  - {name: web, ports: [80], virtual_ips: ["10.96.0.11"], endpoints: [{address: "10.1.2.4:8080"}]}
+routes:
+  - {name: web, hosts: [web], rules: [{backends: [{service: web}]}]}
+"#;
+    let cfg = parse_yaml("t.yaml", yaml, &Limits::default()).unwrap();
+    let t = Table::compile(&cfg, &Limits::default()).unwrap();
+    let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    assert!(t.knows_address(&addr("10.96.0.10:3306")));
+    assert!(t.knows_address(&addr("[fd00::10]:3306")));
+    assert!(
+        !t.knows_address(&addr("10.96.0.10:80")),
+        "only the service's ports"
+    );
+    // Connections spread over the endpoints behind the virtual IP.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        seen.insert(t.endpoint_behind(&addr("10.96.0.10:3306")).unwrap());
+    }
+    assert_eq!(seen, [addr("10.1.2.2:3306"), addr("10.1.2.3:3306")].into());
+    assert_eq!(t.endpoint_behind(&addr("10.1.2.2:3306")), None);
+    // HTTP to a virtual IP whose Host names no route: the service's route.
+    let req = Request::get("/")
+        .header("host", "10.96.0.11")
+        .body(())
+        .unwrap();
+    let (set, _, _) = t.resolve_at(&req, Some(addr("10.96.0.11:80"))).unwrap();
+    assert_eq!(set.service, "web");
+}

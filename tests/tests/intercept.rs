@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use weft_tests::bins::bin;
-use weft_tests::netns::{Netns, PodPair, is_root};
+use weft_tests::netns::{Netns, PodPair, is_root, run};
 use weft_tests::procs::Proc;
 
 const PROXY_UID: u32 = 1337;
@@ -140,6 +140,13 @@ fn curl_to_the_other_pods_ip_goes_through_both_sidecars_with_mtls() {
   # Opaque TCP to the same pod: 3306 declared opaque (server first), 7000 detected as opaque.
   - name: db
     endpoints: [{{address: "{ip_b}:3306"}}, {{address: "{ip_b}:7000"}}]
+    security:
+      identity: spiffe://weft.local/ns/default/sa/server
+  # The same database behind a virtual IP (what discovery makes of a Service's cluster IP).
+  - name: db-vip
+    ports: [3306]
+    virtual_ips: ["10.96.0.10"]
+    endpoints: [{{address: "{ip_b}:3306"}}]
     security:
       identity: spiffe://weft.local/ns/default/sa/server
 routes:
@@ -329,10 +336,20 @@ routes:
     // accepts it: a server-first port declared opaque, and one where detection gave up.
     wait_listening(&pods.b, "127.0.0.1:3306", &db);
     wait_listening(&pods.b, "127.0.0.1:7000", &chatty);
-    for port in [3306, 7000] {
-        let (_, v) = first_byte(&pods, &format!("{ip_b}:{port}"));
-        assert_eq!(v["greeting"], "220 weft greeting\n", "port {port}: {v}");
-        assert_eq!(v["echo"], "ping\n", "port {port}: {v}");
+    // The virtual IP is routed out of pod a (as a cluster's would be) and never answered
+    // there: only the proxy, capturing it, can reach the endpoint behind it.
+    run(pods
+        .a
+        .command("ip")
+        .args(["route", "add", "10.96.0.0/16", "dev", "eth0"]));
+    for dest in [
+        format!("{ip_b}:3306"),
+        format!("{ip_b}:7000"),
+        "10.96.0.10:3306".to_owned(),
+    ] {
+        let (_, v) = first_byte(&pods, &dest);
+        assert_eq!(v["greeting"], "220 weft greeting\n", "{dest}: {v}");
+        assert_eq!(v["echo"], "ping\n", "{dest}: {v}");
     }
     let tunnels_out = metric(
         &pods.a,
@@ -351,7 +368,7 @@ routes:
     );
     assert_eq!(
         (tunnels_out, tunnels_in, plain_in),
-        (2.0, 2.0, 0.0),
+        (3.0, 3.0, 0.0),
         "opaque connections over mTLS out of a, into b, and in plaintext into b\n{}\n{}",
         proxy_a.log_tail(),
         proxy_b.log_tail()

@@ -103,22 +103,16 @@ async fn connection(
         },
     };
     match (http, orig) {
-        (false, Some(dest)) => match tunnel_to(&ctx, &dest) {
-            Some(mtls) => {
-                let counters = &ctx.tunnels;
-                counters.opened.inc();
-                match mtls.client.tunnel(dest, &mtls.identity).await {
-                    Ok(tls) => tcp::copy(stream, tls, &dest, counters).await,
-                    Err(error) => tracing::debug!(%dest, %error, "opaque TCP over mTLS failed"),
-                }
-                counters.closed.inc();
-            }
-            None => {
-                ctx.opaque.opened.inc();
-                tcp::proxy(stream, dest, &ctx.opaque).await;
-                ctx.opaque.closed.inc();
-            }
-        },
+        (false, Some(dest)) => {
+            // A virtual IP stands for its service: the connection goes to one of its endpoints.
+            let dest = ctx
+                .state
+                .load()
+                .table
+                .endpoint_behind(&dest)
+                .unwrap_or(dest);
+            opaque(stream, dest, &ctx).await;
+        }
         _ => {
             let io = CountingIo::new(stream, &slot.listener().conn);
             let fwd = ctx.fwd.clone();
@@ -132,6 +126,27 @@ async fn connection(
             if let Err(error) = crate::connection::serve(builder, io, service, slot, signal).await {
                 tracing::debug!(listener = "outbound", %error, "connection ended with an error");
             }
+        }
+    }
+}
+
+/// Opaque TCP to `dest`: over mTLS to its sidecar when its service has an identity, else as
+/// it is.
+async fn opaque(stream: TcpStream, dest: SocketAddr, ctx: &Outbound) {
+    match tunnel_to(ctx, &dest) {
+        Some(mtls) => {
+            let counters = &ctx.tunnels;
+            counters.opened.inc();
+            match mtls.client.tunnel(dest, &mtls.identity).await {
+                Ok(tls) => tcp::copy(stream, tls, &dest, counters).await,
+                Err(error) => tracing::debug!(%dest, %error, "opaque TCP over mTLS failed"),
+            }
+            counters.closed.inc();
+        }
+        None => {
+            ctx.opaque.opened.inc();
+            tcp::proxy(stream, dest, &ctx.opaque).await;
+            ctx.opaque.closed.inc();
         }
     }
 }
