@@ -31,19 +31,25 @@ pub struct InjectConfig {
     pub init_image: String,
     /// gRPC address of the control plane as the proxy sees it.
     pub control_plane: String,
-    /// Native sidecars unless a pod says `weft.io/native-sidecar: "false"`.
+    /// Native sidecars by default (else legacy); a pod's `weft.io/native-sidecar: "true"` or
+    /// `"false"` wins.
     pub native_sidecar: bool,
     pub proxy_uid: u32,
 }
 
+pub const DEFAULT_PROXY_IMAGE: &str = "ghcr.io/weft-mesh/weft-proxy:0.1.0";
+pub const DEFAULT_INIT_IMAGE: &str = "ghcr.io/weft-mesh/weft-init:0.1.0";
+pub const DEFAULT_CONTROL_PLANE: &str = "http://weft-control.weft-system.svc:15010";
+pub const DEFAULT_PROXY_UID: u32 = 1337;
+
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
-            proxy_image: "ghcr.io/weft-mesh/weft-proxy:0.1.0".into(),
-            init_image: "ghcr.io/weft-mesh/weft-init:0.1.0".into(),
-            control_plane: "http://weft-control.weft-system.svc:15010".into(),
+            proxy_image: DEFAULT_PROXY_IMAGE.into(),
+            init_image: DEFAULT_INIT_IMAGE.into(),
+            control_plane: DEFAULT_CONTROL_PLANE.into(),
             native_sidecar: true,
-            proxy_uid: 1337,
+            proxy_uid: DEFAULT_PROXY_UID,
         }
     }
 }

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ca::{Ca, CaError};
-use crate::inject::{InjectConfig, review};
+use crate::inject::{self, InjectConfig, review};
 use crate::shutdown::Shutdown;
 
 /// The path the MutatingWebhookConfiguration calls (`deploy/base/webhook.yaml`).
@@ -76,6 +76,48 @@ pub struct WebhookArgs {
     /// weft-control Service's names in weft-system, localhost and 127.0.0.1.
     #[arg(long = "webhook-host", value_name = "NAME")]
     pub webhook_hosts: Vec<String>,
+    /// Image of the proxy container the injector adds.
+    #[arg(long, value_name = "IMAGE", default_value = inject::DEFAULT_PROXY_IMAGE, value_parser = parse_image)]
+    pub inject_proxy_image: String,
+    /// Image of the init container the injector adds (weft-proxy and the iptables tools).
+    #[arg(long, value_name = "IMAGE", default_value = inject::DEFAULT_INIT_IMAGE, value_parser = parse_image)]
+    pub inject_init_image: String,
+    /// The control plane's gRPC address as injected proxies dial it (http:// or https://).
+    #[arg(long, value_name = "URL", default_value = inject::DEFAULT_CONTROL_PLANE, value_parser = parse_control_plane)]
+    pub inject_control_plane: String,
+    /// Inject the legacy sidecar (first container and a postStart hook) unless a pod asks for a
+    /// native one; for clusters without native sidecars (Kubernetes < 1.29).
+    #[arg(long)]
+    pub inject_legacy_sidecar: bool,
+    /// UID the injected proxy runs as; the init container exempts its traffic from capture.
+    #[arg(long, value_name = "UID", default_value_t = inject::DEFAULT_PROXY_UID, value_parser = parse_uid)]
+    pub inject_proxy_uid: u32,
+}
+
+fn parse_image(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("{s:?} is not an image reference"));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_control_plane(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(s.to_owned()),
+        _ => Err(format!("{s:?}: give http://HOST:PORT or https://HOST:PORT")),
+    }
+}
+
+fn parse_uid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 is root: the proxy's traffic must be told apart from the app's".into()),
+        Ok(uid) => Ok(uid),
+        Err(e) => Err(format!("{s:?} is not a UID: {e}")),
+    }
 }
 
 impl WebhookArgs {
@@ -89,7 +131,13 @@ impl WebhookArgs {
             } else {
                 self.webhook_hosts.clone()
             },
-            inject: InjectConfig::default(),
+            inject: InjectConfig {
+                proxy_image: self.inject_proxy_image.clone(),
+                init_image: self.inject_init_image.clone(),
+                control_plane: self.inject_control_plane.clone(),
+                native_sidecar: !self.inject_legacy_sidecar,
+                proxy_uid: self.inject_proxy_uid,
+            },
         })
     }
 }
@@ -282,4 +330,60 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
         http::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        webhook: WebhookArgs,
+    }
+
+    fn inject(args: &[&str]) -> Result<InjectConfig, String> {
+        let argv = std::iter::once("weft-control").chain(args.iter().copied());
+        let flags = Flags::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Ok(flags.webhook.options().expect("the webhook is on").inject)
+    }
+
+    #[test]
+    fn what_the_injector_adds_is_set_by_flags() {
+        assert_eq!(inject(&[]).unwrap(), InjectConfig::default());
+        let cfg = inject(&[
+            "--inject-proxy-image=registry.example/weft-proxy:1.2",
+            "--inject-init-image=registry.example/weft-init:1.2",
+            "--inject-control-plane=https://weft-control.mesh.svc:15010",
+            "--inject-legacy-sidecar",
+            "--inject-proxy-uid=2000",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg,
+            InjectConfig {
+                proxy_image: "registry.example/weft-proxy:1.2".into(),
+                init_image: "registry.example/weft-init:1.2".into(),
+                control_plane: "https://weft-control.mesh.svc:15010".into(),
+                native_sidecar: false,
+                proxy_uid: 2000,
+            }
+        );
+        for (flag, reason) in [
+            ("--inject-proxy-image=", "not an image reference"),
+            ("--inject-init-image=a b", "not an image reference"),
+            (
+                "--inject-control-plane=weft-control:15010",
+                "give http://HOST:PORT",
+            ),
+            ("--inject-control-plane=ftp://x:1", "give http://HOST:PORT"),
+            ("--inject-proxy-uid=0", "0 is root"),
+        ] {
+            let err = inject(&[flag]).unwrap_err();
+            let name = flag.split('=').next().unwrap();
+            assert!(err.contains(name) && err.contains(reason), "{flag}: {err}");
+        }
+    }
 }

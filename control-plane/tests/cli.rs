@@ -355,3 +355,43 @@ fn file_edits_reload_and_state_survives_restarts() {
     let out = cp.weftctl(&["routes"]);
     assert!(text(&out.stdout).contains("reviews/v1 90%, reviews/v2 10%"));
 }
+
+/// The control plane's Deployment in `deploy/` passes flags this binary takes (a renamed or
+/// mistyped flag would crash-loop the pod).
+#[test]
+fn the_deployed_args_are_flags_weft_control_takes() {
+    use clap::Parser as _;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/base/control-plane.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut checked = 0;
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let doc: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if doc["kind"] != "Deployment" {
+            continue;
+        }
+        for c in doc["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+        {
+            let args: Vec<&str> = c["args"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            let argv = std::iter::once("weft-control").chain(args.iter().copied());
+            let parsed = weft_control::flags::Args::try_parse_from(argv)
+                .unwrap_or_else(|e| panic!("{path}: {args:?}: {e}"));
+            let webhook = parsed.options().webhook.expect("the injector is served");
+            assert_eq!(
+                webhook.inject.control_plane,
+                "http://weft-control.weft-system.svc:15010"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 1, "one control-plane container in {path}");
+}

@@ -201,3 +201,42 @@ fn admission_review_round_trip() {
         ));
     }
 }
+
+/// The operator's injection settings (`--inject-*`) reach the pod: images, control-plane
+/// address, proxy UID (in the init container's capture exemption too) and the legacy default.
+#[test]
+fn the_configured_images_address_and_uid_are_injected() {
+    let cfg = InjectConfig {
+        proxy_image: "registry.example/weft-proxy:9".into(),
+        init_image: "registry.example/weft-init:9".into(),
+        control_plane: "https://cp.example:15010".into(),
+        native_sidecar: false,
+        proxy_uid: 2000,
+    };
+    let pod = json!({
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    });
+    let Decision::Patch(ops) = inject(&pod, &cfg).unwrap() else {
+        panic!("a plain pod is injected");
+    };
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+    let mut out = pod.clone();
+    json_patch::patch(&mut out, &patch).unwrap();
+    let init = &out["spec"]["initContainers"][0];
+    assert_eq!(init["image"], "registry.example/weft-init:9");
+    let init_args = init["args"].to_string();
+    assert!(init_args.contains(r#""--proxy-uid","2000""#), "{init_args}");
+    // Legacy by default: the proxy is the first app container, not an init container.
+    assert_eq!(out["spec"]["initContainers"].as_array().unwrap().len(), 1);
+    let proxy = &out["spec"]["containers"][0];
+    assert_eq!(proxy["image"], "registry.example/weft-proxy:9");
+    assert!(
+        proxy["args"]
+            .to_string()
+            .contains("https://cp.example:15010"),
+        "{}",
+        proxy["args"]
+    );
+    assert_eq!(proxy["securityContext"]["runAsUser"], 2000);
+}
