@@ -185,6 +185,17 @@ pub struct RateLimit {
     /// `requests` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// One bucket per value of a request header (an API key, a user) instead of one for the
+    /// rule; requests without the header share one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<RateKey>,
+}
+
+/// What a keyed rate limit counts separately.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateKey {
+    pub header: String,
 }
 
 impl RateLimit {
@@ -404,6 +415,14 @@ pub fn check_rule(p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str
         positive(&mut out, &p, &["requests"], Some(rl.requests));
         positive_ms(&mut out, &p, &["interval"], rl.interval);
         positive(&mut out, &p, &["burst"], rl.burst);
+        if let Some(per) = &rl.per
+            && http_header_name(&per.header).is_err()
+        {
+            out.push((
+                at(&p, &["per", "header"]),
+                format!("invalid header name {:?}", per.header),
+            ));
+        }
     }
     if let Some(f) = &rule.fault {
         let p = at(p, &["fault"]);
@@ -560,6 +579,7 @@ pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
         requests: r.requests,
         interval_ms: ms(r.interval),
         burst: r.burst.unwrap_or(0),
+        per_header: r.per.as_ref().map(|k| k.header.clone()).unwrap_or_default(),
     });
     out.fault = rule.fault.as_ref().map(|f| pb::Fault {
         delay: f.delay.as_ref().map(|d| pb::FaultDelay {
@@ -582,10 +602,13 @@ pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
 /// Reads the resilience fields of a wire `RoutePolicy` into `rule`.
 pub fn route_policy_from_pb(w: &pb::RoutePolicy, rule: &mut Rule) {
     rule.stream_idle_timeout = opt_ms(w.stream_idle_timeout_ms);
-    rule.rate_limit = w.rate_limit.map(|r| RateLimit {
+    rule.rate_limit = w.rate_limit.as_ref().map(|r| RateLimit {
         requests: r.requests,
         interval: opt_ms(r.interval_ms),
         burst: opt(r.burst),
+        per: (!r.per_header.is_empty()).then(|| RateKey {
+            header: r.per_header.clone(),
+        }),
     });
     rule.fault = w.fault.map(|f| Fault {
         delay: f.delay.map(|d| FaultDelay {
@@ -670,7 +693,7 @@ routes:
       - backends: [{service: a}]
         timeout: 1s
         retries: {attempts: 3, retry_on: [5xx]}
-        rate_limit: {requests: 5, interval: 100ms}
+        rate_limit: {requests: 5, interval: 100ms, per: {header: x-api-key}}
         fault: {abort: {percent: 50, http_status: 503}, delay: {percent: 10, duration: 5ms}}
         mirror: {service: shadow, percent: 0}
         stream_idle_timeout: 2s
@@ -695,12 +718,14 @@ routes:
             .replace("hash_header: x-user", "hash_header: \"x user\"")
             .replace("percent: 50", "percent: 150")
             .replace("service: shadow", "service: nope")
-            .replace("path: /healthz", "path: healthz");
+            .replace("path: /healthz", "path: healthz")
+            .replace("header: x-api-key", "header: \"x api\"");
         let err = parse_yaml("m.yaml", &bad, &Limits::default())
             .unwrap_err()
             .to_string();
         for want in [
             "load_balancer.hash_header: invalid header name",
+            "rate_limit.per.header: invalid header name \"x api\"",
             "fault.abort.percent: 150 is not a percentage",
             "mirror.service: unknown mirror service \"nope\"",
             "health_check.path",

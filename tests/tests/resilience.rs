@@ -451,6 +451,39 @@ async fn rate_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_rate_limit_counts_each_header_value_apart() {
+    let app = ChaosApp::start("a").await;
+    let rule = "        rate_limit: {requests: 3, interval: 10s, per: {header: x-api-key}}\n";
+    let e = env(&yaml(&[app.addr], "", rule, "")).await;
+    let with_key = |key: &'static str| {
+        let e = &e;
+        async move {
+            e.client
+                .get(e.proxy.outbound, "api", "/", &[("x-api-key", key)])
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(with_key("team-a").await.status, StatusCode::OK);
+    }
+    let r = with_key("team-a").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reason(&r), "rate_limited");
+    // Another key has its own three; requests without one share theirs.
+    for _ in 0..3 {
+        assert_eq!(with_key("team-b").await.status, StatusCode::OK);
+        assert_eq!(e.get().await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        with_key("team-b").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(e.get().await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(app.hits(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_check_takes_an_endpoint_out_and_back() {
     let (a, b) = (ChaosApp::start("a").await, ChaosApp::start("b").await);
     let policy = "health_check: {path: /healthz, interval: 30ms, unhealthy_threshold: 2, healthy_threshold: 1}, \

@@ -145,7 +145,7 @@ pub async fn forward(
     mtls: Option<Mtls>,
 ) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     if let Some(bucket) = &policy.rate_limit
-        && let Err(wait) = bucket.try_take()
+        && let Err(wait) = bucket.try_take(req.headers())
     {
         return Err(ResilienceError::RateLimited {
             rule: policy.name.clone(),

@@ -241,6 +241,7 @@ mod tests {
                 requests: 10,
                 interval: None,
                 burst: None,
+                per: None,
             }),
         );
 
