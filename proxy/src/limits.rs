@@ -329,9 +329,16 @@ impl Drop for Slot {
     }
 }
 
-/// Answers 503 and closes without a reset, so the client reads the answer.
+/// Answers 503 and closes without a reset, so the client reads the answer. A client that
+/// opened with TLS (a peer sidecar, on the inbound listener) is sent nothing it would read as
+/// a broken record: its connection just closes.
 async fn refuse(stream: TcpStream) {
-    let _ = stream.try_write(REFUSAL);
+    const TLS_HANDSHAKE: u8 = 0x16;
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(REFUSAL_LINGER, stream.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1)) if first[0] == TLS_HANDSHAKE) {
+        let _ = stream.try_write(REFUSAL);
+    }
     crate::linger::linger(stream, REFUSAL_LINGER).await;
 }
 

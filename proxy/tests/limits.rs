@@ -327,6 +327,10 @@ async fn a_full_listener_refuses_clearly_and_serves_again_once_others_leave() {
     );
     assert!(answer.ends_with("too many connections to this listener, try again\n"));
     assert!(metric(p.admin, &limit_series("outbound", "max_connections")).await >= 1);
+    // A TLS client (a ClientHello's record header) is not answered in plaintext: it would take
+    // it for a broken record. Its connection just closes.
+    let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00];
+    assert_eq!(raw(p.outbound, &hello, false).await, "");
 
     held.pop();
     poll("a free slot", async || {
