@@ -164,7 +164,18 @@ impl Ca {
     /// Loads the operator's CA, or the one persisted in `state_dir`, or generates (and, with a
     /// state dir, persists) a new root.
     pub fn open(opts: &CaOptions, state_dir: Option<&Path>) -> Result<Self, CaError> {
-        let (cert_pem, key_pem, generated) = match (&opts.ca_cert, &opts.ca_key) {
+        let (cert_pem, key_pem, generated) = Self::local_pems(opts, state_dir, true)?;
+        Self::from_pems(opts, &cert_pem, &key_pem, generated)
+    }
+
+    /// The certificate and key PEMs [`Ca::open`] would use (`generated`: a new root), writing a
+    /// new root to `state_dir` only when `persist`.
+    pub fn local_pems(
+        opts: &CaOptions,
+        state_dir: Option<&Path>,
+        persist: bool,
+    ) -> Result<(String, String, bool), CaError> {
+        Ok(match (&opts.ca_cert, &opts.ca_key) {
             (Some(cert), Some(key)) => (read(cert)?, read(key)?, false),
             (None, None) => {
                 let files = state_dir.map(|d| (d.join("ca/root.pem"), d.join("ca/root-key.pem")));
@@ -172,7 +183,7 @@ impl Ca {
                     Some((c, k)) if c.exists() && k.exists() => (read(c)?, read(k)?, false),
                     _ => {
                         let (c, k) = generate_root(&opts.trust_domain)?;
-                        if let Some((cp, kp)) = &files {
+                        if let Some((cp, kp)) = files.as_ref().filter(|_| persist) {
                             write(kp, &k)?;
                             write(cp, &c)?;
                         }
@@ -186,12 +197,21 @@ impl Ca {
                     reason: "give both or neither".into(),
                 });
             }
-        };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
+        })
+    }
+
+    /// The CA of `cert_pem` (chain, root last if self-signed) and `key_pem`.
+    pub fn from_pems(
+        opts: &CaOptions,
+        cert_pem: &str,
+        key_pem: &str,
+        generated: bool,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Invalid {
             what: "CA key".into(),
             reason: e.to_string(),
         })?;
-        let mut certs = split_pem("CA certificate", &cert_pem)?;
+        let mut certs = split_pem("CA certificate", cert_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&certs[0], key).map_err(|e| CaError::Invalid {
             what: "CA certificate".into(),
             reason: e.to_string(),

@@ -41,7 +41,8 @@ pub trait Authenticator: Send + Sync + 'static {
 }
 
 /// Tokens `weft1:<namespace>:<service-account>:<base64url HMAC-SHA256>` under a secret kept in
-/// `--state-dir/ca/token-secret` (or in memory without a state dir).
+/// etcd (`<prefix>/ca/token-secret`, one for every replica), else in
+/// `--state-dir/ca/token-secret`, else in memory.
 pub struct BootstrapTokens {
     key: hmac::Key,
 }
@@ -70,13 +71,7 @@ impl BootstrapTokens {
                 })?
             }
             _ => {
-                let mut s = vec![0u8; 32];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s).map_err(
-                    |_| CaError::Invalid {
-                        what: "token secret".into(),
-                        reason: "the OS random source failed".into(),
-                    },
-                )?;
+                let s = Self::new_secret()?;
                 if let Some(p) = &path {
                     let err = |source| CaError::Write {
                         path: p.clone(),
@@ -94,9 +89,26 @@ impl BootstrapTokens {
                 s
             }
         };
-        Ok(Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
-        })
+        Ok(Self::from_secret(&secret))
+    }
+
+    /// Tokens under `secret` (shared by every replica through etcd).
+    pub fn from_secret(secret: &[u8]) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    /// 32 random bytes for a new secret.
+    pub fn new_secret() -> Result<Vec<u8>, CaError> {
+        let mut s = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s).map_err(|_| {
+            CaError::Invalid {
+                what: "token secret".into(),
+                reason: "the OS random source failed".into(),
+            }
+        })?;
+        Ok(s)
     }
 
     fn message(namespace: &str, service_account: &str) -> String {

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -93,6 +93,33 @@ impl EtcdStore {
     /// `<prefix>/<name>`.
     pub fn key(&self, name: &str) -> String {
         format!("{}/{name}", self.prefix)
+    }
+
+    /// The value of `<prefix>/<name>`: `value` if this call created the key, else what another
+    /// replica stored first. Every replica of one prefix so agrees on one value (the CA, the
+    /// token secret) without a leader.
+    pub async fn create_or_get(&self, name: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let key = self.key(name);
+        // A key that does not exist has create_revision 0.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), value.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let what = "create or read a shared secret";
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.clone().txn(txn))
+            .await
+            .map_err(|_| timeout(&self.endpoints, what))?
+            .map_err(|e| self.error(what, e))?;
+        if resp.succeeded() {
+            return Ok(value);
+        }
+        resp.op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .ok_or_else(|| self.error(what, format!("{name} exists but could not be read")))
     }
 
     fn error(&self, what: &'static str, e: impl ToString) -> StoreError {

@@ -135,6 +135,37 @@ struct Webhook {
     inject: crate::inject::InjectConfig,
 }
 
+/// The CA and bootstrap-token secret every replica on `store` shares (`ca/root`,
+/// `ca/token-secret` under its prefix): created by the first replica, read by the others.
+async fn shared_identity(
+    store: &EtcdStore,
+    opts: &Options,
+) -> Result<(Ca, BootstrapTokens), ServerError> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct StoredCa {
+        cert: String,
+        key: String,
+    }
+    let (cert, key, _) = Ca::local_pems(&opts.ca, opts.state_dir.as_deref(), false)?;
+    let ours = serde_json::to_vec(&StoredCa { cert, key }).expect("strings encode");
+    let stored = store.create_or_get("ca/root", ours.clone()).await?;
+    let created = stored == ours;
+    let invalid = |reason: String| CaError::Invalid {
+        what: format!("the CA in etcd ({})", store.key("ca/root")),
+        reason,
+    };
+    let shared: StoredCa = serde_json::from_slice(&stored).map_err(|e| invalid(e.to_string()))?;
+    let ca = Ca::from_pems(&opts.ca, &shared.cert, &shared.key, created)?;
+    let secret = store
+        .create_or_get("ca/token-secret", BootstrapTokens::new_secret()?)
+        .await?;
+    if secret.len() < 32 {
+        return Err(invalid(format!("token secret of {} bytes", secret.len())).into());
+    }
+    tracing::info!(created, "certificate authority shared through etcd");
+    Ok((ca, BootstrapTokens::from_secret(&secret)))
+}
+
 impl ControlPlane {
     /// Opens the store, builds the registry from `loaded` (the source, already read and
     /// validated by the caller so it can report a bad file its own way) and binds.
@@ -154,8 +185,16 @@ impl ControlPlane {
             (None, Some(dir)) => Arc::new(FileStore::open(dir)?),
             (None, None) => Arc::new(MemoryStore::new()),
         };
-        let ca = Arc::new(Ca::open(&opts.ca, opts.state_dir.as_deref())?);
-        let tokens = Arc::new(BootstrapTokens::open(opts.state_dir.as_deref())?);
+        let (ca, tokens) = match &etcd {
+            // Replicas must sign with one CA and accept each other's tokens: the first to start
+            // stores its own (its state dir's, or new ones) and every replica uses what is stored.
+            Some(store) if opts.ca.ca_cert.is_none() => shared_identity(store, &opts).await?,
+            _ => (
+                Ca::open(&opts.ca, opts.state_dir.as_deref())?,
+                BootstrapTokens::open(opts.state_dir.as_deref())?,
+            ),
+        };
+        let (ca, tokens) = (Arc::new(ca), Arc::new(tokens));
         let registry =
             Registry::open(store, opts.source.name(), loaded.config, loaded.hash).await?;
         let bind = |what, addr| async move {

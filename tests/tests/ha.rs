@@ -192,9 +192,35 @@ async fn a_change_on_one_replica_reaches_the_proxies_of_another_and_versions_nev
     let b = etcd.replica(dir.path(), "cp-b", &mesh).await;
     // The proxy only knows replica B.
     let proxy = client_proxy(dir.path(), "client-b", &[&b], 0).await;
+    let client = HttpClient::http1();
+
+    // One CA and one token secret for both (through etcd): a sidecar certified by one replica
+    // is trusted by the sidecars of the other, and a token from either works at both.
+    let mut bundles = Vec::new();
+    let mut tokens = Vec::new();
+    for cp in [&a, &b] {
+        let reply = client
+            .get(cp.admin, "admin", "/api/v1/identity/bundle", &[])
+            .await
+            .unwrap();
+        assert!(
+            reply.text().contains("BEGIN CERTIFICATE"),
+            "{}",
+            reply.text()
+        );
+        bundles.push(reply.text());
+        let body = serde_json::json!({"namespace": "shop", "service_account": "cart"});
+        let (status, token) = client
+            .post_json(cp.admin, "/api/v1/identity/token", &body)
+            .await
+            .unwrap();
+        assert!(status.is_success(), "{status} {token}");
+        tokens.push(token["token"].clone());
+    }
+    assert_eq!(bundles[0], bundles[1], "one trust bundle");
+    assert_eq!(tokens[0], tokens[1], "one token secret");
 
     // A weight change on A: B's proxy runs it within the convergence target.
-    let client = HttpClient::http1();
     let mut worst = Duration::ZERO;
     for (i, w) in [10, 20, 30, 40, 50].into_iter().enumerate() {
         let started = Instant::now();
