@@ -127,46 +127,45 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let admit = |accepted: std::io::Result<(TcpStream, SocketAddr)>| match accepted {
-        Ok((stream, peer)) => {
-            if let Some((stream, slot)) = limits.admit(stream) {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, slot));
-            }
-            None
-        }
-        Err(error) => {
-            tracing::warn!(listener = limits.name, %error, "accept failed");
-            Some(tokio::time::sleep(ACCEPT_ERROR_PAUSE))
+    let admit = |(stream, peer): (TcpStream, SocketAddr)| {
+        if let Some((stream, slot)) = limits.admit(stream) {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(handle(stream, peer, slot));
         }
     };
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => if let Some(pause) = admit(accepted) {
-                pause.await;
-            },
-            () = signal.wait() => break,
-        }
-    }
+    accept_until(&listener, &limits, &admit, signal.wait()).await;
     // Closing a listener resets every connection still in its accept queue, and their clients
     // have sent requests they cannot tell were never read. So new handshakes are stopped
     // first, and what the kernel already completed is accepted and served (each closes after
     // one response: the signal has fired).
     if refuse_new_connections(&listener) {
         let settled = tokio::time::sleep(HANDSHAKE_SETTLE);
-        tokio::pin!(settled);
-        loop {
-            tokio::select! {
-                biased;
-                accepted = listener.accept() => if let Some(pause) = admit(accepted) {
-                    pause.await;
-                },
-                () = &mut settled => break,
-            }
-        }
+        accept_until(&listener, &limits, &admit, settled).await;
     }
     drop(listener);
     limits.drain(grace).await;
+}
+
+/// Accepts and `admit`s connections until `stop` resolves.
+async fn accept_until(
+    listener: &TcpListener,
+    limits: &ListenerLimits,
+    admit: &impl Fn((TcpStream, SocketAddr)),
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => admit(accepted),
+                Err(error) => {
+                    tracing::warn!(listener = limits.name, %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
 }
 
 /// How long a stopped listener keeps accepting handshakes that were under way when it stopped:
