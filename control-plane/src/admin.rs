@@ -19,6 +19,7 @@ use weft_proto::{Limits, parse_yaml};
 
 use crate::api;
 use crate::registry::{Registry, RegistryError};
+use crate::roster::Roster;
 use crate::shutdown::Shutdown;
 
 /// The source name `apply` errors are reported against (`apply:12: ...`).
@@ -28,15 +29,23 @@ pub const APPLY_SOURCE: &str = "apply";
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
+    roster: Option<Roster>,
     extra: Router,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry).merge(extra))
+    axum::serve(listener, router(registry, roster).merge(extra))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
 }
 
-pub fn router(registry: Registry) -> Router {
+/// `roster`: replicas on etcd list every replica's proxies in the status.
+pub fn router(registry: Registry, roster: Option<Roster>) -> Router {
+    let status = move |State(registry): State<Registry>| async move {
+        Json(match &roster {
+            Some(roster) => Box::pin(roster.status(&registry)).await,
+            None => registry.status(),
+        })
+    };
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/routes", get(routes))
@@ -109,10 +118,6 @@ async fn metrics(State(registry): State<Registry>) -> Response {
 
 async fn ok() -> &'static str {
     "ok\n"
-}
-
-async fn status(State(registry): State<Registry>) -> Json<api::Status> {
-    Json(registry.status())
 }
 
 async fn routes(State(registry): State<Registry>) -> Json<api::Routes> {

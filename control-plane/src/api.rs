@@ -26,6 +26,10 @@ pub struct Status {
     pub proxies: Vec<ProxyStatus>,
     /// The most recent NACKs over all proxies, oldest first (bounded).
     pub nacks: Vec<NackEntry>,
+    /// Replicas on etcd: why the list may miss proxies of other replicas (etcd unreadable,
+    /// an entry left out or cut); `null` when it is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +47,9 @@ pub struct ProxyStatus {
     /// The proxy's admin listener (`/metrics`, `/config`), as it announced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_addr: Option<String>,
+    /// Replicas on etcd: the replica this proxy streams (or last streamed) from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

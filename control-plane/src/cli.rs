@@ -40,18 +40,23 @@ pub fn status(s: &api::Status, leader: Option<&crate::leader::LeaderStatus>) -> 
         );
         let _ = writeln!(out, "  {err}");
     }
+    if let Some(err) = &s.roster_error {
+        let _ = writeln!(out, "proxies of other replicas may be missing:");
+        let _ = writeln!(out, "  {err}");
+    }
     out.push('\n');
     if s.proxies.is_empty() {
         out.push_str("no proxies have connected\n");
         return out;
     }
-    let mut rows = vec![[
-        "NODE".to_owned(),
-        "SERVICE".to_owned(),
-        "CONNECTED".to_owned(),
-        "ACKED".to_owned(),
-        "NACK".to_owned(),
-    ]];
+    // Replicas on etcd: which one each proxy streams from.
+    let replicas = s.proxies.iter().any(|p| p.replica.is_some());
+    let mut head = vec!["NODE", "SERVICE"];
+    if replicas {
+        head.push("REPLICA");
+    }
+    head.extend(["CONNECTED", "ACKED", "NACK"]);
+    let mut rows = vec![head.into_iter().map(str::to_owned).collect::<Vec<_>>()];
     let mut behind = false;
     for p in &s.proxies {
         let stale = p.acked_version != Some(s.version);
@@ -63,19 +68,19 @@ pub fn status(s: &api::Status, leader: Option<&crate::leader::LeaderStatus>) -> 
             || "-".to_owned(),
             |n| truncate(&format!("v{}: {}", n.version, n.error), NACK_WIDTH),
         );
-        rows.push([
-            p.node_id.clone(),
-            if p.service.is_empty() {
-                "-".to_owned()
-            } else {
-                p.service.clone()
-            },
+        let or_dash = |v: &str| if v.is_empty() { "-" } else { v }.to_owned();
+        let mut row = vec![p.node_id.clone(), or_dash(&p.service)];
+        if replicas {
+            row.push(or_dash(p.replica.as_deref().unwrap_or_default()));
+        }
+        row.extend([
             if p.connected { "yes" } else { "no" }.to_owned(),
             if stale { format!("{acked} *") } else { acked },
             nack,
         ]);
+        rows.push(row);
     }
-    let mut widths = [0; 5];
+    let mut widths = vec![0; rows[0].len()];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -83,7 +88,7 @@ pub fn status(s: &api::Status, leader: Option<&crate::leader::LeaderStatus>) -> 
     }
     for row in &rows {
         let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in row.iter().zip(widths.iter().copied()).enumerate() {
             if i + 1 == row.len() {
                 line.push_str(cell);
             } else {
@@ -253,6 +258,7 @@ mod tests {
             connected_at_unix_ms: 1,
             last_ack_at_unix_ms: None,
             admin_addr: None,
+            replica: None,
         }
     }
 
@@ -268,6 +274,7 @@ mod tests {
                 proxy("b", None, Some(&"x".repeat(100))),
             ],
             nacks: vec![],
+            roster_error: None,
         };
         let text = status(&s, None);
         assert!(text.contains("version: 7\nsource:  embedded\n"), "{text}");
@@ -295,6 +302,36 @@ mod tests {
         let text = status(&s, Some(&leader));
         assert!(
             text.contains("source:  embedded\nleader:  cp-a (this replica is cp-b)\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_table_of_replicas_names_each_proxys_replica_and_a_partial_list() {
+        let mut a = proxy("a-proxy", Some(7), None);
+        a.replica = Some("cp-a".into());
+        let mut b = proxy("b", Some(7), None);
+        b.replica = Some("cp-b".into());
+        let s = api::Status {
+            version: 7,
+            source: "embedded".into(),
+            last_source_error: None,
+            last_discovery_error: None,
+            proxies: vec![a, b],
+            nacks: vec![],
+            roster_error: Some("only this replica's proxies are listed: etcd down".into()),
+        };
+        let text = status(&s, None);
+        assert!(
+            text.contains("NODE     SERVICE  REPLICA  CONNECTED  ACKED  NACK\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b        reviews  cp-b     yes        7      -\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("proxies of other replicas may be missing:\n  only this replica's proxies are listed: etcd down\n"),
             "{text}"
         );
     }

@@ -28,6 +28,7 @@ pub mod kubernetes;
 pub mod leader;
 pub mod metrics;
 pub mod registry;
+pub mod roster;
 pub mod server;
 pub mod shutdown;
 pub mod source;

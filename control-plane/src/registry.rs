@@ -655,6 +655,7 @@ impl Registry {
             connected_at_unix_ms: now_unix_ms(),
             last_ack_at_unix_ms: None,
             admin_addr: (!node.admin_addr.is_empty()).then(|| node.admin_addr.clone()),
+            replica: None,
         };
         book.proxies.insert(
             node.id.clone(),
@@ -682,6 +683,7 @@ impl Registry {
             last_discovery_error: book.last_discovery_error.clone(),
             proxies: book.proxies.values().map(|p| p.status.clone()).collect(),
             nacks: book.nacks.iter().cloned().collect(),
+            roster_error: None,
         }
     }
 

@@ -19,6 +19,7 @@ use crate::etcd::EtcdStore;
 use crate::kubernetes::{KubeError, KubeOptions, KubeSource};
 use crate::leader::{Election, Leadership};
 use crate::registry::{Registry, RegistryError};
+use crate::roster::Roster;
 use crate::shutdown::Shutdown;
 use crate::source::{Loaded, Source, Watcher};
 use crate::store::{FileStore, MemoryStore, Store, StoreError};
@@ -121,6 +122,8 @@ pub struct ControlPlane {
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     leadership: Leadership,
     election: Option<Election>,
+    /// Replicas on etcd: this replica's proxies published for the others' status.
+    roster: Option<Roster>,
     webhook: Option<Webhook>,
     /// The API server client and the namespaces to discover (`--kubernetes`).
     kube: Option<crate::kubernetes::Cluster>,
@@ -239,13 +242,14 @@ impl ControlPlane {
             .replica_id
             .clone()
             .unwrap_or_else(|| admin_addr.to_string());
-        let (leadership, election) = match (&etcd, &opts.etcd) {
+        let (leadership, election, roster) = match (&etcd, &opts.etcd) {
             (Some(store), Some(e)) => {
                 let election =
                     Election::new(store.client(), store.key("leader"), &replica, e.leader_ttl);
-                (election.leadership(), Some(election))
+                let roster = Roster::new(store.clone(), &replica, e.leader_ttl);
+                (election.leadership(), Some(election), Some(roster))
             }
-            _ => (Leadership::single(&replica), None),
+            _ => (Leadership::single(&replica), None, None),
         };
         let watcher = match &opts.source {
             Source::File(path) => Some(Watcher::new(
@@ -277,6 +281,7 @@ impl ControlPlane {
             grpc_tls,
             leadership,
             election,
+            roster,
             webhook,
         })
     }
@@ -319,6 +324,10 @@ impl ControlPlane {
         // Shared store: take in other replicas' changes; campaign for leadership.
         let follow = tokio::spawn(self.registry.clone().follow(shutdown.clone()));
         let election = self.election.map(|e| tokio::spawn(e.run(shutdown.clone())));
+        let roster = self
+            .roster
+            .clone()
+            .map(|r| tokio::spawn(r.run(self.registry.clone(), shutdown.clone())));
         let certify = CertifyServer::new(self.ca.clone(), self.tokens.clone());
         let grpc = xds::serve(
             self.grpc,
@@ -335,7 +344,13 @@ impl ControlPlane {
                 self.tokens.clone(),
             ))
             .merge(crate::leader::router(self.leadership.clone()));
-        let admin = admin::serve(self.admin, self.registry.clone(), extra, shutdown.clone());
+        let admin = admin::serve(
+            self.admin,
+            self.registry.clone(),
+            self.roster,
+            extra,
+            shutdown.clone(),
+        );
         let engine = tokio::spawn(engine.run());
         let discovery = self.kube.map(|cluster| {
             tokio::spawn(crate::kubernetes::feed(
@@ -373,6 +388,10 @@ impl ControlPlane {
         if let Some(election) = election {
             // Revokes the lease so another replica takes over at once.
             let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
+        }
+        if let Some(roster) = roster {
+            // Withdraws this replica's entry (its proxies are reconnecting elsewhere).
+            let _ = tokio::time::timeout(Duration::from_secs(2), roster).await;
         }
         if let Some(webhook) = webhook {
             let _ = webhook.await;

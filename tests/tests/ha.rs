@@ -47,6 +47,32 @@ async fn the_leader(cps: &[&ControlPlane], deadline: Duration) -> usize {
     .await
 }
 
+/// A replica's `/api/v1/status`, and the row of proxy `node` in it.
+async fn status_row(cp: &ControlPlane, node: &str) -> Option<(Value, Option<Value>)> {
+    let s = HttpClient::http1()
+        .get_json(cp.admin, "/api/v1/status")
+        .await
+        .ok()?;
+    let row = s["proxies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node_id"] == node)
+        .cloned();
+    Some((s, row))
+}
+
+/// `weftctl status` against a replica: its output, after checking it succeeded.
+async fn weftctl_status(cp: &ControlPlane) -> String {
+    let out = tokio::process::Command::new(weft_tests::bins::bin("weftctl"))
+        .args(["--server", &format!("http://{}", cp.admin), "status"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 async fn experiment(cp: &ControlPlane, name: &str) -> Option<Value> {
     HttpClient::http1()
         .get_json(cp.admin, &format!("/api/v1/experiments/{name}"))
@@ -302,19 +328,48 @@ async fn a_change_on_one_replica_reaches_the_proxies_of_another_and_versions_nev
     // `weftctl status` names the leader, whichever replica it asks.
     let leader = the_leader(&[&a, &b], Duration::from_secs(10)).await;
     let name = ["cp-a", "cp-b"][leader];
-    let out = tokio::process::Command::new(weft_tests::bins::bin("weftctl"))
-        .args(["--server", &format!("http://{}", b.admin), "status"])
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = weftctl_status(&b).await;
     assert!(text.contains(&format!("leader:  {name}")), "{text}");
+
+    // Status lists the whole mesh at any replica: A has no proxy of its own and lists B's,
+    // with the replica it streams from.
+    let (whole, row) = eventually(
+        Duration::from_secs(5),
+        "replica A to list the proxy of replica B",
+        || async {
+            let (s, row) = status_row(&a, "client-b").await?;
+            let row = row?;
+            (row["acked_version"].as_u64() == Some(last)).then_some((s, row))
+        },
+    )
+    .await;
+    assert_eq!(row["replica"], "cp-b", "{whole}");
+    assert_eq!(row["connected"], true, "{whole}");
+    assert!(whole.get("roster_error").is_none(), "{whole}");
+    let text = weftctl_status(&a).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("client-b ") && l.contains(" cp-b ") && l.contains(" yes ")),
+        "{text}"
+    );
 
     // A restarted replica resumes at the shared version (never goes backwards).
     drop(a);
     let a = etcd.replica(dir.path(), "cp-a", &mesh).await;
     assert_eq!(a.version().await, last);
+
+    // A replica that dies takes its proxies off the roster when its lease expires (its
+    // proxies reconnect elsewhere and are listed there; this one knows only B).
+    drop(b);
+    eventually(
+        Duration::from_secs(10),
+        "the dead replica's proxy to leave the roster",
+        || async {
+            let (_, row) = status_row(&a, "client-b").await?;
+            row.is_none().then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -383,4 +438,26 @@ async fn etcd_down_refuses_changes_with_a_clear_error_and_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(reply.status, http::StatusCode::OK);
+
+    // Status still answers, promptly, with this replica's proxies and why others may miss.
+    let asked = Instant::now();
+    let s = HttpClient::http1()
+        .get_json(cp.admin, "/api/v1/status")
+        .await
+        .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        s["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node_id"] == "client" && p["connected"] == true),
+        "{s}"
+    );
+    let why = s["roster_error"].as_str().unwrap_or_default();
+    assert!(why.contains(&format!("etcd {}", etcd.url())), "{s}");
 }
