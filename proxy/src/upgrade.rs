@@ -3,9 +3,11 @@
 //! fields; a `101` answer joins the client's connection and that one into one byte stream,
 //! any other answer is an ordinary response. No retries (an upgrade is not replayable).
 //!
-//! To a destination with an identity the connection is an mTLS tunnel to its sidecar (ALPN
-//! `weft-tcp`, as captured opaque TCP), which hands the bytes to its app: HTTP/2 between
-//! sidecars cannot carry an HTTP/1.1 upgrade.
+//! To a destination with an identity the connection is mTLS to its sidecar with ALPN
+//! `http/1.1` (HTTP/2 between sidecars cannot carry an HTTP/1.1 upgrade): that sidecar serves
+//! the request as HTTP (authorization with its HTTP rules, the caller's identity to the app),
+//! then splices in its turn. A sidecar from before that answers with the opaque-stream ALPN,
+//! which carries the same request bytes straight to its app.
 
 use std::time::Duration;
 
@@ -61,7 +63,7 @@ pub async fn forward(
                         endpoint: endpoint.to_string(),
                         cause: "an upgrade over mTLS needs an IP endpoint".into(),
                     })?;
-                Box::new(m.client.tunnel(addr, &m.identity).await?)
+                Box::new(m.client.upgrade(addr, &m.identity).await?)
             }
             None => {
                 let tcp = TcpStream::connect(endpoint.as_str()).await.map_err(|e| {

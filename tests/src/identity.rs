@@ -75,25 +75,53 @@ impl HeaderApp {
                 };
                 let f = f.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let body = f(&req);
-                        async move {
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .expect("response"),
-                            )
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        if req.uri().path() == ECHO_UPGRADE_PATH {
+                            return std::future::ready(Ok::<_, Infallible>(echo_upgrade(&mut req)));
                         }
+                        let body = f(&req);
+                        std::future::ready(Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("response"),
+                        ))
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
             }
         });
         HeaderApp { addr, task }
     }
+}
+
+/// The path where a [`HeaderApp`] switches protocols for an upgrade request, then echoes every
+/// byte; the `101` carries the identity header it received as `x-seen-peer-identity`.
+pub const ECHO_UPGRADE_PATH: &str = "/ws/echo";
+
+fn echo_upgrade(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    let seen = req
+        .headers()
+        .get("x-weft-peer-identity")
+        .cloned()
+        .unwrap_or_else(|| http::HeaderValue::from_static("-"));
+    let upgraded = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgraded.await {
+            let mut io = TokioIo::new(upgraded);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    Response::builder()
+        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("x-seen-peer-identity", seen)
+        .body(Full::new(Bytes::new()))
+        .expect("response")
 }
 
 impl Drop for HeaderApp {

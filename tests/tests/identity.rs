@@ -128,12 +128,42 @@ async fn sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
         "{seen}"
     );
 
-    // An upgrade request cannot cross the HTTP/2 hop: it goes through an mTLS tunnel to the
-    // reviews sidecar (STRICT accepts it), which hands it to the app with its upgrade fields.
-    let seen = upgrade_through(client.outbound).await;
+    // An upgrade request cannot cross the HTTP/2 hop: it goes over mTLS as HTTP/1.1 to the
+    // reviews sidecar (STRICT accepts it), which serves it as HTTP (the app gets the caller's
+    // identity) and hands it to the app with its upgrade fields.
+    let (status, body) = upgrade_through(client.outbound, "/ws").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status} {body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(seen["headers"]["upgrade"], "websocket", "{seen}");
     assert_eq!(seen["headers"]["connection"], "upgrade", "{seen}");
     assert_eq!(seen["path"], "/ws", "{seen}");
+    assert_eq!(
+        seen["headers"]["x-weft-peer-identity"], PRODUCTPAGE_ID,
+        "{seen}"
+    );
+    assert_eq!(seen["headers"]["x-weft-tls"], "TLSv1_3", "{seen}");
+
+    // A real switch: the app answers 101 and both sidecars splice; bytes go both ways.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (head, mut ws) =
+            upgrade_to(client.outbound, weft_tests::identity::ECHO_UPGRADE_PATH).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("x-seen-peer-identity: {PRODUCTPAGE_ID}")),
+            "{head}"
+        );
+        for frame in [&b"frame one\n"[..], b"frame two\n"] {
+            ws.write_all(frame).await.unwrap();
+            let mut back = vec![0; frame.len()];
+            tokio::time::timeout(DEADLINE, ws.read_exact(&mut back))
+                .await
+                .expect("the echo")
+                .unwrap();
+            assert_eq!(back, frame);
+        }
+    }
 
     // Plaintext straight to the STRICT inbound port is refused.
     let plain = http.get(s.inbound, "reviews", "/hello", &[]).await;
@@ -179,45 +209,55 @@ async fn sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
     );
 }
 
-/// Sends a WebSocket upgrade request for `reviews` to `outbound` and returns the app's JSON
-/// answer (the app does not switch protocols).
-async fn upgrade_through(outbound: SocketAddr) -> serde_json::Value {
+/// Sends a WebSocket upgrade request for `reviews` at `path` to `outbound`; returns the
+/// answer's head and the connection (after a `101`, the upgraded byte stream).
+async fn upgrade_to(outbound: SocketAddr, path: &str) -> (String, tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nhost: reviews\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let read = async {
-        loop {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap())
-                    })
-                    .expect("a content-length");
-                if body.len() >= len {
-                    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-                    return serde_json::from_str(&body[..len]).unwrap();
-                }
-            }
+    let work = async {
+        let mut stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nhost: reviews\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        // Byte by byte: nothing after the head is consumed.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let b = stream.read_u8().await.unwrap_or_else(|e| {
+                panic!(
+                    "closed in the head ({e}): {}",
+                    String::from_utf8_lossy(&head)
+                )
+            });
+            head.push(b);
         }
+        (String::from_utf8_lossy(&head).into_owned(), stream)
     };
-    tokio::time::timeout(DEADLINE, read)
+    tokio::time::timeout(DEADLINE, work)
         .await
-        .expect("an answer")
+        .expect("an answer to the upgrade")
+}
+
+/// An upgrade request for `path` that the app answers as a plain request: its status line
+/// and the app's JSON (or the proxy's error text).
+async fn upgrade_through(outbound: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let (head, mut stream) = upgrade_to(outbound, path).await;
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("a content-length: {head}"));
+    let mut body = vec![0; len];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut body))
+        .await
+        .expect("the body")
+        .unwrap();
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,6 +501,17 @@ async fn authorization_denies_admin_from_other_and_allows_by_identity() {
     assert!(r.text().contains("no ALLOW policy matched"), "{}", r.text());
     assert_eq!(get(&friend, "/admin/users").await.status, 200);
     assert_eq!(get(&friend, "/private").await.status, 200);
+
+    // Upgrades (WebSocket) are requests too: the same HTTP rules decide.
+    let (status, body) = upgrade_through(other.outbound, "/admin/ws").await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status} {body}");
+    assert!(body.contains("no-admin-from-other"), "{body}");
+    let (status, body) = upgrade_through(other.outbound, "/private/ws").await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status} {body}");
+    let (status, body) = upgrade_through(other.outbound, "/public/ws").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status} {body}");
+    let (status, body) = upgrade_through(friend.outbound, "/admin/ws").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status} {body}");
 
     let authz = &s.server.config().await["identity"]["authz"];
     assert!(authz["denied"].as_u64().unwrap() >= 2, "{authz}");

@@ -24,7 +24,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::Identity;
-use super::verify::{ALPN_H2, ALPN_TCP, client_config};
+use super::verify::{ALPN_H2, ALPN_TCP, ALPN_UPGRADE, client_config};
 use crate::body::ProxyBody;
 use crate::resilience::replay::RequestBody;
 use crate::upstream::{UpstreamError, origin_uri, strip_hop_by_hop};
@@ -40,7 +40,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Key = (Arc<str>, Authority);
 /// A client config per expected identity and ALPN protocol.
-type ConfigKey = (Arc<str>, &'static [u8]);
+type ConfigKey = (Arc<str>, &'static [&'static [u8]]);
 
 /// Shared by every outbound request; cheap to clone.
 #[derive(Clone)]
@@ -171,7 +171,7 @@ impl MeshClient {
         Ok(sender)
     }
 
-    fn config(&self, expected: &Arc<str>, alpn: &'static [u8]) -> Arc<ClientConfig> {
+    fn config(&self, expected: &Arc<str>, alpn: &'static [&'static [u8]]) -> Arc<ClientConfig> {
         let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
         configs
             .entry((expected.clone(), alpn))
@@ -186,25 +186,42 @@ impl MeshClient {
         dest: std::net::SocketAddr,
         expected: &Arc<str>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        self.dedicated(dest, expected, &[ALPN_TCP]).await
+    }
+
+    /// An mTLS connection of its own to the sidecar in front of `dest` for one HTTP/1.1
+    /// upgrade request: HTTP/1.1 (served as HTTP there), or an opaque stream to `dest`'s port
+    /// with a sidecar that does not take HTTP/1.1 (the request then reaches the app as it is).
+    pub async fn upgrade(
+        &self,
+        dest: std::net::SocketAddr,
+        expected: &Arc<str>,
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        self.dedicated(dest, expected, ALPN_UPGRADE).await
+    }
+
+    async fn dedicated(
+        &self,
+        dest: std::net::SocketAddr,
+        expected: &Arc<str>,
+        alpn: &'static [&'static [u8]],
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let endpoint = dest.to_string();
-        tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            self.handshake(&endpoint, expected, ALPN_TCP),
-        )
-        .await
-        .map_err(|_| UpstreamError::Connect {
-            endpoint,
-            cause: format!("timed out after {CONNECT_TIMEOUT:?}"),
-        })?
+        tokio::time::timeout(CONNECT_TIMEOUT, self.handshake(&endpoint, expected, alpn))
+            .await
+            .map_err(|_| UpstreamError::Connect {
+                endpoint,
+                cause: format!("timed out after {CONNECT_TIMEOUT:?}"),
+            })?
     }
 
     /// TCP connect and TLS handshake with `addr`, whose sidecar must prove it is `expected`
-    /// and agree to `alpn`.
+    /// and agree to one of `alpn`.
     async fn handshake(
         &self,
         addr: &str,
         expected: &Arc<str>,
-        alpn: &'static [u8],
+        alpn: &'static [&'static [u8]],
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let fail = |cause: String| UpstreamError::Connect {
             endpoint: addr.to_owned(),
@@ -221,10 +238,16 @@ impl MeshClient {
             .connect(name, tcp)
             .await
             .map_err(|e| fail(format!("mTLS handshake (expecting {expected}): {e}")))?;
-        if tls.get_ref().1.alpn_protocol() != Some(alpn) {
+        if !tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .is_some_and(|p| alpn.contains(&p))
+        {
+            let offered: Vec<_> = alpn.iter().map(|p| String::from_utf8_lossy(p)).collect();
             return Err(fail(format!(
                 "the peer did not negotiate {}",
-                String::from_utf8_lossy(alpn)
+                offered.join(" or ")
             )));
         }
         Ok(tls)
@@ -240,7 +263,7 @@ impl MeshClient {
         };
         let addr = format!("{}:{}", endpoint.host(), endpoint.port_u16().unwrap_or(443));
         let connect = async {
-            let tls = self.handshake(&addr, expected, ALPN_H2).await?;
+            let tls = self.handshake(&addr, expected, &[ALPN_H2]).await?;
             let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(TokioIo::new(tls))

@@ -29,6 +29,18 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// The ALPN protocol of an opaque TCP stream between sidecars: after the handshake the
 /// connection carries the app's bytes as they are, to the port the client app dialled.
 pub const ALPN_TCP: &[u8] = b"weft-tcp";
+/// HTTP/1.1 between sidecars, for what HTTP/2 cannot carry: an upgrade (WebSocket). The
+/// receiving sidecar serves it as HTTP (authorization, identity headers), then splices.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// What the inbound side takes, in its order of preference, which decides (rustls picks the
+/// first of the server's that the client offers): a client offering HTTP/1.1 and the opaque
+/// stream gets HTTP/1.1.
+const SERVER_ALPN: &[&[u8]] = &[ALPN_H2, ALPN_HTTP1, ALPN_TCP];
+
+/// What a sidecar offers for an upgrade: HTTP/1.1, or (a sidecar from before HTTP/1.1 between
+/// sidecars) an opaque stream, which carries the same request bytes to the app.
+pub const ALPN_UPGRADE: &[&[u8]] = &[ALPN_HTTP1, ALPN_TCP];
 
 /// The SPIFFE ID in a certificate's URI SAN, if it has exactly one `spiffe://` URI.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<String> {
@@ -233,18 +245,18 @@ pub fn server_config(identity: Arc<Identity>) -> Arc<ServerConfig> {
             identity: identity.clone(),
         }))
         .with_cert_resolver(Arc::new(Resolver { identity }));
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()];
+    cfg.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Arc::new(cfg)
 }
 
 /// The config for connections to a destination whose sidecars must be `expected`, offering
-/// one ALPN protocol (`ALPN_H2` or `ALPN_TCP`).
+/// the ALPN protocols `alpn` (`[ALPN_H2]`, `[ALPN_TCP]` or [`ALPN_UPGRADE`]).
 pub fn client_config(
     identity: Arc<Identity>,
     expected: Arc<str>,
-    alpn: &[u8],
+    alpn: &[&[u8]],
 ) -> Arc<ClientConfig> {
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -255,7 +267,80 @@ pub fn client_config(
             expected,
         }))
         .with_client_cert_resolver(Arc::new(Resolver { identity }));
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     cfg.resumption = rustls::client::Resumption::disabled();
     Arc::new(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    use super::*;
+
+    /// The ALPN protocol a client offering `client` gets from a server taking `server`, over a
+    /// real (in-memory) TLS 1.3 handshake.
+    fn negotiated(server: &[&[u8]], client: &[&[u8]]) -> Option<Vec<u8>> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![MESH_NAME.into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut scfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        scfg.alpn_protocols = server.iter().map(|p| p.to_vec()).collect();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut ccfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        ccfg.alpn_protocols = client.iter().map(|p| p.to_vec()).collect();
+        let name = ServerName::try_from(MESH_NAME).unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(ccfg), name).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(scfg)).unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..8 {
+            buf.clear();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return c.alpn_protocol().map(<[u8]>::to_vec);
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    const MESH_NAME: &str = "weft.mesh";
+
+    #[test]
+    fn an_upgrade_gets_http1_and_a_sidecar_from_before_it_the_opaque_stream() {
+        assert_eq!(
+            negotiated(SERVER_ALPN, ALPN_UPGRADE).as_deref(),
+            Some(ALPN_HTTP1)
+        );
+        // An inbound side that knows only HTTP/2 and opaque streams.
+        let before: &[&[u8]] = &[ALPN_H2, ALPN_TCP];
+        assert_eq!(negotiated(before, ALPN_UPGRADE).as_deref(), Some(ALPN_TCP));
+        // What the other connections offer is unchanged by the new protocol.
+        assert_eq!(
+            negotiated(SERVER_ALPN, &[ALPN_H2]).as_deref(),
+            Some(ALPN_H2)
+        );
+        assert_eq!(
+            negotiated(SERVER_ALPN, &[ALPN_TCP]).as_deref(),
+            Some(ALPN_TCP)
+        );
+    }
 }

@@ -11,10 +11,9 @@ use tokio::net::TcpStream;
 /// What the first bytes of a connection look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
+    /// HTTP/1, upgrades (WebSocket) included: they are routed like any request, and the
+    /// connection becomes a byte stream only after the server's `101`.
     Http1,
-    /// HTTP/1 whose first request asks for a protocol upgrade (WebSocket): the proxy does not
-    /// speak the upgraded protocol, so the connection is passed through as opaque TCP.
-    Http1Upgrade,
     Http2,
     /// A TLS ClientHello: passed through untouched (the proxy cannot read it anyway).
     Tls,
@@ -73,20 +72,8 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     Some(Detected::Opaque)
 }
 
-/// Whether an HTTP/1 request head (possibly partial) has an `Upgrade` header; `None` while
-/// the head is incomplete.
-pub fn head_upgrades(buf: &[u8]) -> Option<bool> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some(
-        buf[..end]
-            .split(|b| *b == b'\n')
-            .skip(1)
-            .any(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"upgrade:")),
-    )
-}
-
-/// The largest request head looked at for an `Upgrade` header; a longer head is plain HTTP/1.
-const HEAD_PEEK: usize = 4096;
+/// The most of a ClientHello looked at for its SNI.
+const HELLO_PEEK: usize = 4096;
 
 /// How often a partial prefix is peeked again while waiting for the rest.
 const REPEEK: Duration = Duration::from_millis(2);
@@ -106,9 +93,6 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> io::Result<Detecte
             return Ok(Detected::Opaque);
         }
         if let Some(found) = classify(&buf[..n]) {
-            if found == Detected::Http1 {
-                return upgrade(stream, deadline).await;
-            }
             return Ok(found);
         }
         if n == seen && tokio::time::Instant::now() >= deadline {
@@ -186,37 +170,17 @@ pub fn client_hello_sni(buf: &[u8]) -> Option<&str> {
 /// returns its SNI.
 pub async fn peek_sni(stream: &TcpStream, timeout: Duration) -> Option<String> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; HEAD_PEEK];
+    let mut buf = vec![0u8; HELLO_PEEK];
     loop {
         let n = stream.peek(&mut buf).await.ok()?;
         // The record length says when the hello is all there.
         let complete = n >= 5 && n >= 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-        if complete || n == HEAD_PEEK {
+        if complete || n == HELLO_PEEK {
             return client_hello_sni(&buf[..n]).map(str::to_owned);
         }
         tokio::time::timeout_at(deadline, tokio::time::sleep(REPEEK))
             .await
             .ok()?;
-    }
-}
-
-/// HTTP/1 or HTTP/1 with an upgrade, once the first request head is in (or the deadline).
-async fn upgrade(stream: &TcpStream, deadline: tokio::time::Instant) -> io::Result<Detected> {
-    let mut head = vec![0u8; HEAD_PEEK];
-    loop {
-        let n = stream.peek(&mut head).await?;
-        match head_upgrades(&head[..n]) {
-            Some(true) => return Ok(Detected::Http1Upgrade),
-            Some(false) => return Ok(Detected::Http1),
-            None if n == HEAD_PEEK => return Ok(Detected::Http1),
-            None => {}
-        }
-        if tokio::time::timeout_at(deadline, tokio::time::sleep(REPEEK))
-            .await
-            .is_err()
-        {
-            return Ok(Detected::Http1);
-        }
     }
 }
 
@@ -260,21 +224,6 @@ mod tests {
         assert_eq!(client_hello_sni(&out), Some("app.example"));
         assert_eq!(client_hello_sni(&out[..out.len() / 2]), None, "partial");
         assert_eq!(client_hello_sni(b"GET / HTTP/1.1"), None);
-    }
-
-    #[test]
-    fn finds_upgrade_requests() {
-        let ws =
-            b"GET /chat HTTP/1.1\r\nHost: a\r\nUPGRADE: websocket\r\nConnection: Upgrade\r\n\r\n";
-        assert_eq!(head_upgrades(ws), Some(true));
-        assert_eq!(
-            head_upgrades(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nUpgrade: x"),
-            Some(false)
-        );
-        assert_eq!(
-            head_upgrades(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"),
-            None
-        );
     }
 
     #[tokio::test]

@@ -89,9 +89,6 @@ async fn connection(
                             super::detect::peek_sni(&stream, ctx.transparent.detect_timeout).await;
                         tracing::debug!(%dest, ?sni, "TLS from the app: passed through");
                     }
-                    Detected::Http1Upgrade => {
-                        tracing::debug!(%dest, "HTTP upgrade: passed through")
-                    }
                     _ => {}
                 }
                 found.is_http()
