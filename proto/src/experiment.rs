@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::locate::Seg;
 use crate::model::{Backend, MeshConfig, Millis, NamedMatch, Route, RouteMatch, Rule, StringMatch};
+use crate::policy::Mirror;
 
 /// One experiment: move traffic of `route` from subset `stable` to `candidate` of `service`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +52,8 @@ pub struct Canary {
 
 /// Blue/green: the candidate gets no share of the split (only requests matching `headers` /
 /// `cookies`, e.g. testers) for `iterations` passing checks, then takes 100 % at once.
+/// With `mirror`, that percentage of the stable traffic is copied to the candidate meanwhile
+/// (responses dropped), so the checks judge it on real traffic before anyone is switched.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlueGreen {
@@ -60,6 +63,9 @@ pub struct BlueGreen {
     pub headers: Vec<NamedMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cookies: Vec<CookieMatch>,
+    /// Percent of the stable traffic mirrored to the candidate until the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<u32>,
 }
 
 /// A/B: requests matching any of `headers` / `cookies` go to the candidate; with
@@ -263,6 +269,20 @@ impl ExperimentSpec {
         (total > 0).then(|| cand * 100 / total)
     }
 
+    /// The mirror a blue/green experiment puts on its rule while it runs.
+    fn mirror(&self) -> Option<Mirror> {
+        let percent = self.blue_green.as_ref()?.mirror?;
+        Some(Mirror {
+            service: self.service.clone(),
+            subset: self.candidate.clone(),
+            percent: Some(percent),
+        })
+    }
+
+    fn is_own_mirror(&self, m: &Mirror) -> bool {
+        m.service == self.service && m.subset == self.candidate
+    }
+
     fn backend(&self, subset: &str, weight: u32) -> Backend {
         Backend {
             service: self.service.clone(),
@@ -296,6 +316,18 @@ impl ExperimentSpec {
             self.backend(&self.stable, 100 - split_weight.min(100)),
             self.backend(&self.candidate, split_weight.min(100)),
         ];
+        if let Some(mirror) = self.mirror() {
+            let rule = &mut route.rules[target];
+            match stage {
+                Stage::Step(_) => rule.mirror = Some(mirror),
+                // Only the experiment's own mirror goes (validation refuses another).
+                Stage::Promoted | Stage::RolledBack => {
+                    if rule.mirror.as_ref().is_some_and(|m| self.is_own_mirror(m)) {
+                        rule.mirror = None;
+                    }
+                }
+            }
+        }
         let Stage::Step(w) = stage else {
             return Ok(());
         };
@@ -511,15 +543,34 @@ pub fn check_spec(
             }
         }
     }
-    if spec
-        .blue_green
-        .as_ref()
-        .is_some_and(|bg| bg.iterations == 0)
-    {
-        fail(
-            at(base, [key("blue_green"), key("iterations")]),
-            "iterations must be at least 1".into(),
-        );
+    if let Some(bg) = &spec.blue_green {
+        if bg.iterations == 0 {
+            fail(
+                at(base, [key("blue_green"), key("iterations")]),
+                "iterations must be at least 1".into(),
+            );
+        }
+        if bg.mirror.is_some_and(|p| p == 0 || p > 100) {
+            fail(
+                at(base, [key("blue_green"), key("mirror")]),
+                "mirror is a percentage from 1 to 100".into(),
+            );
+        }
+        // The rule's own mirror would be replaced while the experiment runs, then lost.
+        let route = cfg.routes.iter().find(|r| r.name == spec.route);
+        let other = route
+            .and_then(|r| Some(&r.rules[spec.target_rule(r)?]))
+            .and_then(|rule| rule.mirror.as_ref())
+            .filter(|m| !spec.is_own_mirror(m));
+        if let (Some(_), Some(m)) = (bg.mirror, other) {
+            fail(
+                at(base, [key("blue_green"), key("mirror")]),
+                format!(
+                    "the rule it splits already mirrors to {}/{}; remove that mirror or this one",
+                    m.service, m.subset
+                ),
+            );
+        }
     }
     if let Some(ab) = &spec.ab {
         let p = at(base, [key("ab")]);
@@ -701,6 +752,56 @@ experiments:
         spec.apply(&mut cfg, Stage::Promoted).unwrap();
         assert_eq!(cfg.routes[0].rules.len(), 2);
         assert_eq!(spec.live_weight(&cfg), Some(100));
+    }
+
+    #[test]
+    fn blue_green_mirrors_to_the_candidate_until_it_finishes() {
+        let bg = MESH.replace(
+            "canary: {steps: [10, 50, 100]}",
+            "blue_green: {iterations: 2, mirror: 50}",
+        );
+        let mut cfg = parse_yaml("t", &bg, &Limits::default()).unwrap();
+        let spec = cfg.experiments[0].clone();
+        spec.apply(&mut cfg, Stage::Step(0)).unwrap();
+        let mirror = cfg.routes[0].rules[1].mirror.clone().expect("mirrored");
+        assert_eq!(
+            (
+                mirror.service.as_str(),
+                mirror.subset.as_str(),
+                mirror.percent
+            ),
+            ("reviews", "v2", Some(50))
+        );
+        assert_eq!(spec.live_weight(&cfg), Some(0), "nobody switched");
+        assert!(
+            cfg.routes[0].rules[0].mirror.is_none(),
+            "other rules untouched"
+        );
+        crate::validate(&cfg, &Limits::default()).unwrap();
+        for end in [Stage::Promoted, Stage::RolledBack] {
+            let mut done = cfg.clone();
+            spec.apply(&mut done, end).unwrap();
+            assert!(done.routes[0].rules[1].mirror.is_none(), "{end:?}");
+        }
+
+        // A rule that mirrors elsewhere already is refused, naming the mirror.
+        let mut shadow = bg.replace(
+            "      - backends: [{service: reviews, subset: v1}]",
+            "      - backends: [{service: reviews, subset: v1}]\n        mirror: {service: reviews}",
+        );
+        let err = parse_yaml("t", &shadow, &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already mirrors to reviews/"), "{err}");
+        assert!(err.contains("experiments[0].blue_green.mirror"), "{err}");
+        shadow = bg.replace("mirror: 50", "mirror: 0");
+        let err = parse_yaml("t", &shadow, &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mirror is a percentage from 1 to 100"),
+            "{err}"
+        );
     }
 
     #[test]

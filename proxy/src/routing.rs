@@ -395,7 +395,14 @@ impl<'a> Compiler<'a> {
         let mirror = rule
             .mirror
             .as_ref()
-            .map(|m| self.endpoint_set(&m.service, &m.subset, at))
+            .map(|m| {
+                let identity = self
+                    .services
+                    .get(m.service.as_str())
+                    .and_then(|s| s.security.as_ref()?.identity.as_deref())
+                    .map(Arc::from);
+                Ok::<_, CompileError>((self.endpoint_set(&m.service, &m.subset, at)?, identity))
+            })
             .transpose()?;
         let policy = Arc::new(RulePolicy::build(route, index, rule, self.registry, mirror));
         let m = &rule.matches;

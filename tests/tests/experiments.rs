@@ -552,3 +552,66 @@ async fn blue_green_previews_by_header_then_switches_at_once() {
         assert_eq!(r.header("x-app-version"), Some("v2"));
     }
 }
+
+/// Runs a blue/green experiment that mirrors all traffic to green, under user load; returns
+/// its final status and what the users saw (never a failure).
+async fn mirrored_blue_green(m: &SidecarMesh, name: &str) -> (Value, weft_tests::mesh::Split) {
+    let strategy = "blue_green: {iterations: 3, mirror: 100}";
+    let analysis = "{success_rate: 99, min_requests: 5, failure_threshold: 2}";
+    let out = m.client_proxy.outbound;
+    let users = Load::start(
+        out,
+        "reviews",
+        2,
+        Duration::from_millis(1),
+        Duration::from_secs(30),
+    );
+    start(m, &spec(name, strategy, 300, analysis)).await;
+    let s = finished(m, name, Duration::from_secs(20)).await;
+    let seen = users.stop().await;
+    assert_eq!(seen.failed, 0, "{:?}", seen.failures);
+    // What the proxies run now is the finished experiment's route.
+    let version = m.cp.version().await;
+    m.cp.wait_acked(version, 3, Duration::from_secs(10)).await;
+    (s, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blue_green_with_mirroring_judges_green_on_copies_before_anyone_is_switched() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mesh(dir.path(), ControlPlaneOpts::default()).await;
+
+    // A broken green, and no testers: only the copies of users' requests reach it. It is
+    // rolled back on what they measured, and no user ever saw it.
+    m.apps[1].set_faults(500, 0);
+    let (s, seen) = mirrored_blue_green(&m, "bg-broken").await;
+    assert_eq!(s["phase"], "rolled_back", "{s:#}");
+    assert!(
+        s["last_check"]["candidate"]["failures"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "judged on the copies: {s:#}"
+    );
+    assert_eq!(
+        seen.by_version.keys().collect::<Vec<_>>(),
+        ["v1"],
+        "nobody was switched: {:?}",
+        seen.by_version
+    );
+    assert!(m.apps[1].hits() > 0, "the copies reached green");
+    // The experiment's mirror went with it.
+    let cfg = m.client_proxy.config().await;
+    let rules = cfg["config"]["routes"][0]["rules"].as_array().unwrap();
+    assert!(rules.iter().all(|r| r.get("mirror").is_none()), "{cfg:#}");
+
+    // A healthy green passes on copies alone and takes everyone at once.
+    m.apps[1].set_faults(0, 0);
+    let (s, _) = mirrored_blue_green(&m, "bg-healthy").await;
+    assert_eq!(s["phase"], "succeeded", "{s:#}");
+    let r = HttpClient::http1()
+        .get(m.client_proxy.outbound, "reviews", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-app-version"), Some("v2"));
+}

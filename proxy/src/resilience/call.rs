@@ -105,8 +105,17 @@ pub struct RulePolicy {
     pub retry: Option<RetryConfig>,
     pub rate_limit: Option<Arc<TokenBucket>>,
     pub fault: Option<FaultConfig>,
-    pub mirror: Option<(Arc<EndpointSet>, u32)>,
+    pub mirror: Option<MirrorPolicy>,
     pub stream_idle_timeout: Option<Duration>,
+}
+
+/// Where a rule's copies go, and how many.
+#[derive(Debug)]
+pub struct MirrorPolicy {
+    pub set: Arc<EndpointSet>,
+    pub percent: u32,
+    /// The identity the mirror's sidecars must present (its service's), when it has one.
+    pub identity: Option<Arc<str>>,
 }
 
 impl RulePolicy {
@@ -115,7 +124,7 @@ impl RulePolicy {
         index: usize,
         rule: &model::Rule,
         registry: &Registry,
-        mirror: Option<Arc<EndpointSet>>,
+        mirror: Option<(Arc<EndpointSet>, Option<Arc<str>>)>,
     ) -> Self {
         let name = if rule.name.is_empty() {
             format!("{route}/{index}")
@@ -131,7 +140,13 @@ impl RulePolicy {
                 .as_ref()
                 .map(|r| registry.bucket(&rule_key(route, index), RateConfig::from_model(r))),
             fault: rule.fault.as_ref().map(FaultConfig::from_model),
-            mirror: mirror.zip(rule.mirror.as_ref().map(|m| m.percent_or_default())),
+            mirror: mirror
+                .zip(rule.mirror.as_ref())
+                .map(|((set, identity), m)| MirrorPolicy {
+                    set,
+                    percent: m.percent_or_default(),
+                    identity,
+                }),
             stream_idle_timeout: rule.stream_idle_timeout.map(|m| m.as_duration()),
         }
     }
@@ -223,7 +238,7 @@ async fn attempts(
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
     let retry = policy.retry.as_ref();
-    let mirror = policy.mirror.as_ref().filter(|(_, pct)| fault::roll(*pct));
+    let mirror = policy.mirror.as_ref().filter(|m| fault::roll(m.percent));
     let cap = retry
         .map(|r| r.max_body_bytes)
         .or(mirror.map(|_| retry_defaults::MAX_BODY_BYTES as usize));
@@ -256,12 +271,12 @@ async fn attempts(
             (None, None) => unreachable_replay()?,
         };
         if !mirrored
-            && let (Some((mset, _)), Some(r)) = (mirror, &replay)
+            && let (Some(m), Some(r)) = (mirror, &replay)
             && r.is_complete()
             && let Some(parts) = &head
         {
             mirrored = true;
-            mirror::spawn(mset.clone(), parts, r);
+            mirror_copy(m, parts, r, mtls);
         }
         let idx = set
             .choose(head.as_ref().map_or(&no_headers, |p| &p.headers), exclude)
@@ -310,13 +325,13 @@ async fn attempts(
         {
             rt.shared.ejections.inc();
         }
-        if !mirrored && let (Some((mset, _)), Some(r)) = (mirror, &replay) {
+        if !mirrored && let (Some(m), Some(r)) = (mirror, &replay) {
             // The first attempt has the body (or never will): mirror now or not at all.
             mirrored = true;
             if r.is_complete()
                 && let Some(parts) = &head
             {
-                mirror::spawn(mset.clone(), parts, r);
+                mirror_copy(m, parts, r, mtls);
             }
         }
 
@@ -383,7 +398,22 @@ async fn attempts(
 }
 
 /// One attempt, to its own endpoint, over mTLS when the destination has an identity.
-async fn send(
+/// Spawns the copy of a request for `m`: over mTLS when the mirror's service has an identity
+/// (this proxy's mesh client, that service's identity).
+fn mirror_copy(
+    m: &MirrorPolicy,
+    parts: &http::request::Parts,
+    body: &ReplayBody,
+    mtls: Option<&Mtls>,
+) {
+    let mtls = mtls.zip(m.identity.as_ref()).map(|(p, identity)| Mtls {
+        client: p.client.clone(),
+        identity: identity.clone(),
+    });
+    mirror::spawn(m.set.clone(), parts, body, mtls);
+}
+
+pub(super) async fn send(
     mtls: Option<&Mtls>,
     upstream: &Upstream,
     attempt: Request<RequestBody>,
