@@ -371,6 +371,7 @@ fn telemetry(args: &Args) -> Result<Arc<Telemetry>, StartError> {
     let tracer = match &args.otlp_endpoint {
         Some(endpoint) => {
             let mut config = ExportConfig::new(endpoint.clone());
+            config.protocol = args.otlp_protocol;
             let service = if args.service.is_empty() {
                 "weft-proxy".to_owned()
             } else {

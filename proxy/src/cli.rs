@@ -79,11 +79,20 @@ pub struct Args {
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log: String,
 
-    /// Export trace spans over OTLP/HTTP (protobuf) to this collector, e.g.
-    /// http://127.0.0.1:4318 (`/v1/traces` is appended). Without it the proxy neither
-    /// starts spans nor touches trace headers.
+    /// Export trace spans over OTLP to this collector, e.g. http://127.0.0.1:4318 for
+    /// OTLP/HTTP (`/v1/traces` is appended) or http://127.0.0.1:4317 with `--otlp-protocol
+    /// grpc`. Without it the proxy neither starts spans nor touches trace headers.
     #[arg(long, value_name = "URL", value_parser = parse_otlp_url)]
     pub otlp_endpoint: Option<String>,
+
+    /// How spans go to `--otlp-endpoint`: protobuf over HTTP, or gRPC (HTTP/2, no TLS).
+    #[arg(
+        long,
+        value_name = "PROTOCOL",
+        value_enum,
+        default_value = "http/protobuf"
+    )]
+    pub otlp_protocol: crate::trace::OtlpProtocol,
 
     /// Share of new traces (requests without a sampling decision) to sample, 0..=1;
     /// a caller's decision is always followed.
@@ -282,7 +291,7 @@ fn parse_otlp_url(s: &str) -> Result<String, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
     match (uri.scheme_str(), uri.authority()) {
         (Some("http"), Some(_)) => Ok(s.to_owned()),
-        _ => Err("expected an OTLP/HTTP URL like http://127.0.0.1:4318".into()),
+        _ => Err("expected an OTLP URL like http://127.0.0.1:4318 (gRPC: :4317)".into()),
     }
 }
 
@@ -363,6 +372,10 @@ mod tests {
             (a.otlp_endpoint.as_deref(), a.trace_sample_ratio),
             (None, 1.0)
         );
+        assert_eq!(a.otlp_protocol, crate::trace::OtlpProtocol::HttpProtobuf);
+        let g = parse(&["--config", "m", "--otlp-protocol", "grpc"]).unwrap();
+        assert_eq!(g.otlp_protocol, crate::trace::OtlpProtocol::Grpc);
+        assert!(parse(&["--config", "m", "--otlp-protocol", "thrift"]).is_err());
         assert!(a.access_log.is_none());
         assert_eq!(a.server_limits(), ServerLimits::default());
         assert!(!a.transparent);

@@ -80,6 +80,8 @@ pub struct Span {
 pub struct Collector {
     pub proc: Proc,
     pub http: SocketAddr,
+    /// The OTLP/gRPC receiver.
+    pub grpc: SocketAddr,
     out: PathBuf,
 }
 
@@ -129,11 +131,17 @@ impl Collector {
             out: dir.join(format!("{name}.log")),
             proc,
             http,
+            grpc,
         }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// The OTLP/gRPC receiver's URL (for `--otlp-protocol grpc`).
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
     }
 
     /// Every span received so far.

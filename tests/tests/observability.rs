@@ -282,6 +282,50 @@ async fn latencies(client: &HttpClient, proxy: &Proxy, n: usize) -> (Duration, D
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_collector_over_otlp_grpc() {
+    let Some(agent) = collector_or_skip("spans_reach_a_collector_over_otlp_grpc") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let app = VersionApp::start("v1").await;
+    let collector = Collector::start(&agent, dir.path(), "collector").await;
+    let proxy = Proxy::start(
+        dir.path(),
+        "proxy",
+        ProxyOpts {
+            config_yaml: Some(one_service(app.addr)),
+            service: "productpage".into(),
+            extra_args: vec![
+                "--otlp-protocol".into(),
+                "grpc".into(),
+                "--otlp-endpoint".into(),
+                collector.grpc_endpoint(),
+            ],
+            ..ProxyOpts::default()
+        },
+    )
+    .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let reply = HttpClient::http1()
+        .get(proxy.outbound, "reviews", "/", &[("traceparent", &parent)])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let span = eventually(Duration::from_secs(10), "the span over gRPC", || async {
+        collector
+            .spans()
+            .into_iter()
+            .find(|s| s.trace_id == trace && s.service == "productpage")
+    })
+    .await;
+    assert_eq!(span.parent_id, "00f067aa0ba902b7", "{span:?}");
+    let m = scrape(proxy.admin).await;
+    assert!(value(&m, "weft_proxy_trace_spans_exported_total", &[]) >= 1.0);
+    assert_eq!(value(&m, "weft_proxy_trace_spans_dropped_total", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_or_stuck_collector_never_slows_requests() {
     let Some(agent) = collector_or_skip("a_dead_or_stuck_collector_never_slows_requests") else {
         return;

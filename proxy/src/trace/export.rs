@@ -1,5 +1,6 @@
-//! OTLP/HTTP protobuf export: a bounded queue in front of one background task that sends
-//! batches to `<endpoint>/v1/traces`.
+//! OTLP export, over HTTP (protobuf, `<endpoint>/v1/traces`) or gRPC (the collector's
+//! `TraceService/Export`, HTTP/2 without TLS): a bounded queue in front of one background task
+//! that sends batches.
 //!
 //! The request path only ever `try_send`s into the queue: when the collector is slow or down
 //! the queue fills and new spans are dropped and counted (`weft_proxy_trace_spans_dropped`),
@@ -14,18 +15,34 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use prost::Message as _;
 use tokio::sync::mpsc;
 
 use super::span::{SpanData, export_request};
 use crate::metrics::ProxyMetrics;
 
+/// The gRPC method a collector's trace receiver serves.
+const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// How spans travel to the collector (`--otlp-protocol`, named as OpenTelemetry's
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpProtocol {
+    /// Protobuf over HTTP/1.1 POST (a collector's port 4318).
+    #[default]
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+    /// gRPC over HTTP/2 without TLS (a collector's port 4317).
+    #[value(name = "grpc")]
+    Grpc,
+}
+
 /// How the exporter behaves; defaults suit a sidecar.
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
-    /// Collector base URL, e.g. `http://127.0.0.1:4318`; `/v1/traces` is appended unless
-    /// the URL already ends with it.
+    /// Collector base URL, e.g. `http://127.0.0.1:4318`; the protocol's path (`/v1/traces`,
+    /// or the gRPC method) is appended unless the URL already ends with it.
     pub endpoint: String,
+    pub protocol: OtlpProtocol,
     /// Spans held while waiting to be sent; beyond this they are dropped.
     pub queue: usize,
     /// Spans per export request.
@@ -42,6 +59,7 @@ impl ExportConfig {
     pub fn new(endpoint: String) -> Self {
         Self {
             endpoint,
+            protocol: OtlpProtocol::default(),
             queue: 2048,
             batch: 512,
             flush_interval: Duration::from_millis(200),
@@ -52,10 +70,14 @@ impl ExportConfig {
 
     fn traces_uri(&self) -> Result<Uri, http::uri::InvalidUri> {
         let base = self.endpoint.trim_end_matches('/');
-        if base.ends_with("/v1/traces") {
+        let path = match self.protocol {
+            OtlpProtocol::HttpProtobuf => "/v1/traces",
+            OtlpProtocol::Grpc => GRPC_EXPORT,
+        };
+        if base.ends_with(path) {
             base.parse()
         } else {
-            format!("{base}/v1/traces").parse()
+            format!("{base}{path}").parse()
         }
     }
 }
@@ -112,7 +134,9 @@ async fn run(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.timeout));
     connector.set_nodelay(true);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(config.protocol == OtlpProtocol::Grpc)
+        .build(connector);
     let mut batch = Vec::with_capacity(config.batch);
     // The last failure logged, so a collector that stays down is logged once.
     let mut last_error: Option<String> = None;
@@ -129,9 +153,10 @@ async fn run(
             }
         }
         let n = batch.len() as u64;
-        let body = export_request(&config.resource, &batch).encode_to_vec();
+        let message = export_request(&config.resource, &batch);
         batch.clear();
-        let result = tokio::time::timeout(config.timeout, send(&client, &uri, body)).await;
+        let send = send(&client, &uri, config.protocol, &message);
+        let result = tokio::time::timeout(config.timeout, send).await;
         let error = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
@@ -158,20 +183,69 @@ async fn run(
 async fn send(
     client: &Client<HttpConnector, Full<Bytes>>,
     uri: &Uri,
-    body: Vec<u8>,
+    protocol: OtlpProtocol,
+    message: &impl prost::Message,
 ) -> Result<(), String> {
-    let req = Request::post(uri.clone())
-        .header(header::CONTENT_TYPE, "application/x-protobuf")
+    let (content_type, body) = match protocol {
+        OtlpProtocol::HttpProtobuf => ("application/x-protobuf", message.encode_to_vec()),
+        OtlpProtocol::Grpc => ("application/grpc", grpc_frame(message)),
+    };
+    let mut req = Request::post(uri.clone())
+        .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
+    if protocol == OtlpProtocol::Grpc {
+        req.headers_mut()
+            .insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
     let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
     let status = resp.status();
-    // Drain the answer so the connection can be reused.
-    let _ = resp.into_body().collect().await;
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("collector answered {status}"))
+    let head = resp.headers().clone();
+    // Read to the end (the connection is reused; gRPC's verdict is in the trailers).
+    let trailers = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| error_chain(&e))?
+        .trailers()
+        .cloned();
+    if !status.is_success() {
+        return Err(format!("collector answered {status}"));
+    }
+    if protocol == OtlpProtocol::Grpc {
+        // A trailers-only answer carries the status in its head.
+        return grpc_verdict(trailers.as_ref().unwrap_or(&head));
+    }
+    Ok(())
+}
+
+/// A gRPC message: uncompressed flag, big-endian length, the protobuf.
+fn grpc_frame(message: &impl prost::Message) -> Vec<u8> {
+    let len = message.encoded_len();
+    let mut out = Vec::with_capacity(5 + len);
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    message
+        .encode(&mut out)
+        .expect("a Vec grows to fit the message");
+    out
+}
+
+/// `grpc-status` 0 is success; anything else (or none) is the collector's refusal, with its
+/// `grpc-message`.
+fn grpc_verdict(fields: &http::HeaderMap) -> Result<(), String> {
+    let code = fields.get("grpc-status").map(http::HeaderValue::as_bytes);
+    match code {
+        Some(b"0") => Ok(()),
+        Some(code) => Err(format!(
+            "collector answered grpc-status {}: {}",
+            String::from_utf8_lossy(code),
+            fields
+                .get("grpc-message")
+                .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+                .unwrap_or_default()
+        )),
+        None => Err("collector answered without a grpc-status".into()),
     }
 }
 
@@ -200,6 +274,39 @@ mod tests {
         );
         let c = ExportConfig::new("http://c:1/v1/traces/".into());
         assert_eq!(c.traces_uri().unwrap().to_string(), "http://c:1/v1/traces");
+        let mut c = ExportConfig::new("http://c:4317".into());
+        c.protocol = OtlpProtocol::Grpc;
+        assert_eq!(
+            c.traces_uri().unwrap().to_string(),
+            format!("http://c:4317{GRPC_EXPORT}")
+        );
+    }
+
+    #[test]
+    fn grpc_messages_are_framed_and_verdicts_read() {
+        let msg = export_request(&[("service.name", "x".into())], &[]);
+        let framed = grpc_frame(&msg);
+        assert_eq!(framed[0], 0, "not compressed");
+        let len = u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, framed.len() - 5);
+        assert_eq!(&framed[5..], prost::Message::encode_to_vec(&msg));
+        let mut fields = http::HeaderMap::new();
+        assert!(
+            grpc_verdict(&fields)
+                .unwrap_err()
+                .contains("without a grpc-status")
+        );
+        fields.insert("grpc-status", http::HeaderValue::from_static("0"));
+        assert!(grpc_verdict(&fields).is_ok());
+        fields.insert("grpc-status", http::HeaderValue::from_static("8"));
+        fields.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("too many spans"),
+        );
+        assert_eq!(
+            grpc_verdict(&fields).unwrap_err(),
+            "collector answered grpc-status 8: too many spans"
+        );
     }
 
     #[test]

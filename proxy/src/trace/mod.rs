@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use http::HeaderMap;
 
 use context::{Incoming, Outgoing, SpanId, TraceId};
-pub use export::{ExportConfig, Exporter};
+pub use export::{ExportConfig, Exporter, OtlpProtocol};
 pub use span::{Kind, SpanData};
 
 /// Starts spans and hands finished ones to the exporter. Cheap to clone.
