@@ -1,10 +1,11 @@
 //! `weft.identity.v1.IdentityService/Certify`: a proxy proves who it is and gets a workload
 //! certificate for exactly that identity.
 //!
-//! The proof is checked by an [`Authenticator`]. Locally that is [`BootstrapTokens`]: a token
-//! per (namespace, service account) that the control plane derives with an HMAC over a secret
-//! only it holds (`weftctl token` prints one). In Kubernetes it will be the projected
-//! service-account token checked with a TokenReview — another implementation of the trait.
+//! The proof is checked by an [`Authenticator`]: [`BootstrapTokens`], a token per (namespace,
+//! service account) that the control plane derives with an HMAC over a secret only it holds
+//! (`weftctl token` prints one); and with `--kubernetes` also the pod's projected
+//! service-account token, which the API server reviews ([`crate::tokenreview`]). [`Proofs`]
+//! tells the two apart by their shape.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use base64::Engine as _;
+use futures_util::future::BoxFuture;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -37,7 +39,31 @@ pub struct AuthError(pub String);
 
 /// Checks a proof of identity.
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(&self, token: &str) -> Result<WorkloadId, AuthError>;
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<WorkloadId, AuthError>>;
+}
+
+/// The proofs a control plane takes: bootstrap tokens always, service-account tokens when it
+/// has an API server to review them.
+#[derive(Debug, Clone)]
+pub struct Proofs {
+    pub bootstrap: Arc<BootstrapTokens>,
+    pub review: Option<crate::tokenreview::TokenReviewer>,
+}
+
+impl Authenticator for Proofs {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<WorkloadId, AuthError>> {
+        if token.trim().starts_with(TOKEN_PREFIX) {
+            return self.bootstrap.authenticate(token);
+        }
+        match &self.review {
+            Some(review) => Box::pin(review.review(token)),
+            None => Box::pin(std::future::ready(Err(AuthError(
+                "not a weft bootstrap token (weft1:…); service-account tokens are reviewed only \
+                 with --kubernetes"
+                    .into(),
+            )))),
+        }
+    }
 }
 
 /// Tokens `weft1:<namespace>:<service-account>:<base64url HMAC-SHA256>` under a secret kept in
@@ -133,7 +159,13 @@ impl BootstrapTokens {
 }
 
 impl Authenticator for BootstrapTokens {
-    fn authenticate(&self, token: &str) -> Result<WorkloadId, AuthError> {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<WorkloadId, AuthError>> {
+        Box::pin(std::future::ready(self.verify(token)))
+    }
+}
+
+impl BootstrapTokens {
+    fn verify(&self, token: &str) -> Result<WorkloadId, AuthError> {
         let bad = || AuthError("invalid bootstrap token".into());
         let (msg, tag) = token.trim().rsplit_once(':').ok_or_else(bad)?;
         let mut parts = msg.split(':');
@@ -188,6 +220,7 @@ impl IdentityService for CertifyServer {
         let who = self
             .auth
             .authenticate(&req.token)
+            .await
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let spiffe_id = self.ca.spiffe_id(&who.namespace, &who.service_account);
         let issued = self.ca.sign_csr(&req.csr_pem, &spiffe_id).map_err(|e| {
@@ -267,16 +300,16 @@ mod tests {
         let t = BootstrapTokens::open(None).unwrap();
         let token = t.issue("default", "reviews").unwrap();
         assert_eq!(
-            t.authenticate(&token).unwrap(),
+            t.verify(&token).unwrap(),
             WorkloadId {
                 namespace: "default".into(),
                 service_account: "reviews".into()
             }
         );
         let forged = token.replace(":reviews:", ":admin:");
-        assert!(t.authenticate(&forged).is_err());
+        assert!(t.verify(&forged).is_err());
         let other = BootstrapTokens::open(None).unwrap();
-        assert!(other.authenticate(&token).is_err(), "another secret");
+        assert!(other.verify(&token).is_err(), "another secret");
         assert!(t.issue("a:b", "x").is_err());
     }
 }

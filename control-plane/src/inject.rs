@@ -19,6 +19,9 @@ pub const STATUS_KEY: &str = "weft.io/status";
 pub const NATIVE_SIDECAR_KEY: &str = "weft.io/native-sidecar";
 pub const APP_PROBES_KEY: &str = "weft.io/app-probes";
 pub const PROXY_NAME: &str = "weft-proxy";
+/// Where the pod's projected service-account token is mounted in the proxy container.
+const TOKEN_DIR: &str = "/var/run/secrets/weft";
+const TOKEN_FILE: &str = "token";
 pub const INIT_NAME: &str = "weft-init";
 /// The proxy's health port (`/ready`, `/live`, `/app-health/...`), excluded from interception.
 pub const HEALTH_PORT: u16 = 15020;
@@ -244,7 +247,10 @@ fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
     let mut c = json!({
         "name": PROXY_NAME,
         "image": cfg.proxy_image,
+        // The pod's service account and its projected token (audience `weft`) are its proof
+        // of identity for a workload certificate (reviewed by the API server).
         "args": ["--control-plane", cfg.control_plane, "--node-id", "$(POD_NAME)", "--namespace", "$(POD_NAMESPACE)",
+                 "--service-account", "$(SERVICE_ACCOUNT)", "--identity-token-file", format!("{TOKEN_DIR}/{TOKEN_FILE}"),
                  "--outbound-addr", "127.0.0.1:15001", "--inbound-addr", "0.0.0.0:15006",
                  "--admin-addr", format!("0.0.0.0:{HEALTH_PORT}"), "--transparent"],
         // The original probes reach the proxy from the pod's own annotation (downward API), so
@@ -259,7 +265,7 @@ fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
             "runAsUser": cfg.proxy_uid, "runAsGroup": cfg.proxy_uid, "runAsNonRoot": true,
             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "weft-token", "mountPath": "/var/run/secrets/weft", "readOnly": true},
+        "volumeMounts": [{"name": "weft-token", "mountPath": TOKEN_DIR, "readOnly": true},
                          {"name": "weft-identity", "mountPath": "/var/run/weft"}],
     });
     if native {
@@ -275,7 +281,7 @@ fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
 
 fn identity_volumes() -> Vec<Value> {
     vec![
-        json!({"name": "weft-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "weft", "expirationSeconds": 3600, "path": "token"}}]}}),
+        json!({"name": "weft-token", "projected": {"sources": [{"serviceAccountToken": {"audience": crate::tokenreview::AUDIENCE, "expirationSeconds": 3600, "path": TOKEN_FILE}}]}}),
         json!({"name": "weft-identity", "emptyDir": {"medium": "Memory"}}),
     ]
 }

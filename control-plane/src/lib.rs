@@ -33,6 +33,7 @@ pub mod server;
 pub mod shutdown;
 pub mod source;
 pub mod store;
+pub mod tokenreview;
 pub mod top;
 pub mod webhook;
 pub mod xds;

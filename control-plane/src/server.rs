@@ -328,7 +328,16 @@ impl ControlPlane {
             .roster
             .clone()
             .map(|r| tokio::spawn(r.run(self.registry.clone(), shutdown.clone())));
-        let certify = CertifyServer::new(self.ca.clone(), self.tokens.clone());
+        // With an API server, pods may prove their identity with their projected
+        // service-account token too.
+        let proofs = crate::certify::Proofs {
+            bootstrap: self.tokens.clone(),
+            review: self
+                .kube
+                .as_ref()
+                .map(|cluster| crate::tokenreview::TokenReviewer::new(cluster.client.clone())),
+        };
+        let certify = CertifyServer::new(self.ca.clone(), Arc::new(proofs));
         let grpc = xds::serve(
             self.grpc,
             self.registry.clone(),

@@ -9,6 +9,11 @@
 //!   newline-delimited `{"type": "ADDED"|"MODIFIED"|"DELETED", "object": …}` events newer than
 //!   N, kept open for the events that follow.
 //!
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: reviews the service-account tokens
+//!   minted with [`FakeApiServer::service_account_token`] as the API server does (authenticated
+//!   only for a known token whose audiences meet the requested ones; user
+//!   `system:serviceaccount:<ns>:<name>`).
+//!
 //! Objects are real Kubernetes JSON (the tests build them with `k8s-openapi` / `gateway-api`
 //! types and serde); every change gets the next resourceVersion, as in etcd. Anything else is
 //! answered 404 with a `Status` object — also the HTTPRoute paths when the server is started
@@ -102,6 +107,8 @@ struct Shared {
     conns: Mutex<Vec<AbortHandle>>,
     /// LIST and WATCH requests answered, by path (with `?watch=true` marked).
     requests: Mutex<Vec<String>>,
+    /// Service-account tokens: token → (username, audiences).
+    tokens: Mutex<BTreeMap<String, (String, Vec<String>)>>,
 }
 
 /// A running fake API server.
@@ -127,6 +134,7 @@ impl FakeApiServer {
             with_routes,
             conns: Mutex::default(),
             requests: Mutex::default(),
+            tokens: Mutex::default(),
         });
         let accept_shared = shared.clone();
         let accept = tokio::spawn(async move {
@@ -138,7 +146,18 @@ impl FakeApiServer {
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+                        async move {
+                            if req.method() == http::Method::POST
+                                && req.uri().path() == TOKEN_REVIEWS
+                            {
+                                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                                return Ok::<_, Infallible>(review(
+                                    &shared,
+                                    &body.unwrap_or_default(),
+                                ));
+                            }
+                            Ok::<_, Infallible>(handle(&shared, &req))
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -198,6 +217,21 @@ impl FakeApiServer {
         };
         state.log.push(event.clone());
         let _ = self.shared.events.send(event);
+    }
+
+    /// A token for service account `namespace/name` with `audiences`, as a projected
+    /// service-account token volume gets one (opaque: only this server can review it).
+    pub fn service_account_token(&self, namespace: &str, name: &str, audiences: &[&str]) -> String {
+        let mut tokens = lock(&self.shared.tokens);
+        let token = format!("fake-sa-token.{}.{namespace}.{name}", tokens.len());
+        tokens.insert(
+            token.clone(),
+            (
+                format!("system:serviceaccount:{namespace}:{name}"),
+                audiences.iter().map(|a| (*a).to_owned()).collect(),
+            ),
+        );
+        token
     }
 
     /// The requests answered so far (`GET path` or `WATCH path`), for diagnostics.
@@ -270,6 +304,49 @@ fn not_found(path: &str) -> Response<Body> {
 /// Whether `object` is in the namespace a request is restricted to (`None`: all).
 fn in_scope(namespace: Option<&str>, object: &Value) -> bool {
     namespace.is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+}
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// A TokenReview, answered as the API server does: authenticated when the token is known and
+/// one of its audiences is requested (or none is requested).
+fn review(shared: &Shared, body: &[u8]) -> Response<Body> {
+    lock(&shared.requests).push(format!("POST {TOKEN_REVIEWS}"));
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"kind": "Status", "message": "not JSON"}),
+        );
+    };
+    let token = req["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<&str> = req["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let status = match lock(&shared.tokens).get(token) {
+        Some((user, audiences)) => {
+            let met: Vec<&String> = audiences
+                .iter()
+                .filter(|a| wanted.is_empty() || wanted.contains(&a.as_str()))
+                .collect();
+            if met.is_empty() {
+                json!({"authenticated": false,
+                       "error": format!("[invalid bearer token, token audiences {audiences:?} is invalid for the target audiences {wanted:?}]")})
+            } else {
+                json!({"authenticated": true, "user": {"username": user}, "audiences": met})
+            }
+        }
+        None => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        }
+    };
+    json_response(
+        StatusCode::CREATED,
+        &json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {"creationTimestamp": null}, "spec": req["spec"], "status": status,
+        }),
+    )
 }
 
 fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {

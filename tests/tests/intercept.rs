@@ -684,7 +684,51 @@ fn the_injected_init_args_are_what_weft_proxy_init_takes() {
     assert!(stdout.contains("--uid-owner 1337"), "{stdout}");
 
     let proxy = find("weft-proxy");
-    assert!(strings(&proxy["args"]).contains(&s("--transparent")));
+    let proxy_args = strings(&proxy["args"]);
+    assert!(proxy_args.contains(&s("--transparent")));
+    // Every flag the injector gives the proxy is one the proxy has.
+    let proxy_help = std::process::Command::new(bin("weft-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let proxy_help = String::from_utf8_lossy(&proxy_help.stdout);
+    let known: Vec<&str> = proxy_help
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '=')
+        .collect();
+    for flag in proxy_args.iter().filter(|a| a.starts_with("--")) {
+        assert!(known.contains(&flag.as_str()), "weft-proxy has no {flag}");
+    }
+    // The identity proof is the projected token the pod mounts, for the audience the control
+    // plane reviews.
+    let after = |flag: &str| {
+        let i = proxy_args.iter().position(|a| a == flag).unwrap();
+        proxy_args[i + 1].clone()
+    };
+    assert_eq!(after("--service-account"), "$(SERVICE_ACCOUNT)");
+    let token_file = after("--identity-token-file");
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "weft-token")
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let volumes: Vec<&serde_json::Value> = ops
+        .iter()
+        .flat_map(|op| match op["value"].as_array() {
+            Some(list) => list.iter().collect::<Vec<_>>(),
+            None => vec![&op["value"]],
+        })
+        .filter(|v| v["name"] == "weft-token" && v.get("projected").is_some())
+        .collect();
+    let source = &volumes[0]["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(
+        token_file,
+        format!("{mount}/{}", source["path"].as_str().unwrap())
+    );
+    assert_eq!(source["audience"], weft_control::tokenreview::AUDIENCE);
     let hook = strings(&proxy["lifecycle"]["postStart"]["exec"]["command"]);
     assert_eq!(hook[..2], ["weft-proxy", "wait-ready"]);
     let help = std::process::Command::new(bin("weft-proxy"))

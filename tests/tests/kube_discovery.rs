@@ -337,3 +337,108 @@ async fn on_etcd_only_the_leader_writes_the_discovered_layer() {
     .await;
     assert!(cps[follower].proc.log_text().contains(APPLIED));
 }
+
+/// A CSR for `spiffe_id` (a fresh key each time).
+fn csr(spiffe_id: &str) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_prove_their_identity_with_the_service_account_token_the_api_server_reviews() {
+    use weft_proto::identity_pb::CertifyRequest;
+    use weft_proto::identity_pb::identity_service_client::IdentityServiceClient;
+    const CART: &str = "spiffe://weft.local/ns/shop/sa/cart";
+    let api = FakeApiServer::start(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, _) = start_mesh(dir.path(), &api, &[]).await;
+    // What the injector mounts (audience "weft"), and a token of the same pod for another
+    // audience (the default one), which must not be replayable here.
+    let token = api.service_account_token("shop", "cart", &["weft"]);
+    let foreign = api.service_account_token("shop", "cart", &["https://kubernetes.default.svc"]);
+    let client = IdentityServiceClient::connect(format!("http://{}", cp.grpc))
+        .await
+        .unwrap();
+    let certify = |csr_pem: String, token: &str| {
+        let mut client = client.clone();
+        let token = token.to_owned();
+        async move { client.certify(CertifyRequest { csr_pem, token }).await }
+    };
+
+    let ok = certify(csr(CART), &token).await.unwrap().into_inner();
+    assert_eq!(ok.spiffe_id, CART);
+    // The token proves its service account, no other.
+    let err = certify(csr("spiffe://weft.local/ns/shop/sa/admin"), &token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = certify(csr(CART), &foreign).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("did not authenticate the token")
+            && err.message().contains("audiences"),
+        "{err:?}"
+    );
+    let err = certify(csr(CART), "not-a-token").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("POST /apis/authentication.k8s.io")),
+        "{:?}",
+        api.requests()
+    );
+    // Bootstrap tokens keep working beside them.
+    let bootstrap = weft_tests::identity::token_file(&cp, dir.path(), "shop", "cart").await;
+    let bootstrap = std::fs::read_to_string(bootstrap).unwrap();
+    assert_eq!(
+        certify(csr(CART), &bootstrap)
+            .await
+            .unwrap()
+            .into_inner()
+            .spiffe_id,
+        CART
+    );
+
+    // A real sidecar with the mounted token file gets its certificate.
+    let token_path = dir.path().join("sa-token");
+    std::fs::write(&token_path, &token).unwrap();
+    let sidecar = Proxy::start(
+        dir.path(),
+        "cart-sidecar",
+        ProxyOpts {
+            control_plane: Some(cp.grpc),
+            service: "cart".into(),
+            extra_args: [
+                "--namespace",
+                "shop",
+                "--service-account",
+                "cart",
+                "--identity-token-file",
+                &token_path.display().to_string(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            ..ProxyOpts::default()
+        },
+    )
+    .await;
+    let config = sidecar.config().await;
+    assert_eq!(
+        config["identity"]["certificate"]["spiffe_id"], CART,
+        "{config}"
+    );
+
+    // The API server away: the refusal says why (and the proxy keeps its certificate).
+    api.stop();
+    let err = certify(csr(CART), &token).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message()
+            .contains("TokenReview: the API server could not review the token"),
+        "{err:?}"
+    );
+}
