@@ -69,7 +69,8 @@ pub struct Args {
     /// Lease TTL of the leader (at least 2s): a dead leader is replaced after about this long.
     #[arg(long, value_name = "DURATION", default_value = "3s")]
     pub leader_ttl: weft_proto::model::Millis,
-    /// This replica's name in leader election and `weftctl status`; default: its admin address.
+    /// This replica's name in leader election and `weftctl status` (unique per replica);
+    /// default: `<host name>:<admin port>`.
     #[arg(long, value_name = "NAME")]
     pub replica_id: Option<String>,
     /// Discover Services, EndpointSlices and Gateway API HTTPRoutes from the Kubernetes API

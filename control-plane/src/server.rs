@@ -238,10 +238,12 @@ impl ControlPlane {
         } else {
             None
         };
+        // Unique without configuration: pods differ by host name, processes on one host by
+        // their admin port (replicas sharing an id would overwrite each other's roster entry).
         let replica = opts
             .replica_id
             .clone()
-            .unwrap_or_else(|| admin_addr.to_string());
+            .unwrap_or_else(|| format!("{}:{}", host_name(), admin_addr.port()));
         let (leadership, election, roster) = match (&etcd, &opts.etcd) {
             (Some(store), Some(e)) => {
                 let election =
@@ -438,4 +440,14 @@ pub fn write_addr_file(
     ));
     std::fs::write(&tmp, format!("{json}\n")).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// The machine's (in Kubernetes: the pod's) host name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
