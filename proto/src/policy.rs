@@ -392,6 +392,23 @@ fn http_header_name(h: &str) -> Result<(), ()> {
     if ok { Ok(()) } else { Err(()) }
 }
 
+/// Checks a rate limit (`p` is its path: a rule's, or a service's inbound one).
+pub fn check_rate_limit(p: &[Seg], rl: &RateLimit) -> Problems {
+    let mut out = Problems::new();
+    positive(&mut out, p, &["requests"], Some(rl.requests));
+    positive_ms(&mut out, p, &["interval"], rl.interval);
+    positive(&mut out, p, &["burst"], rl.burst);
+    if let Some(per) = &rl.per
+        && http_header_name(&per.header).is_err()
+    {
+        out.push((
+            at(p, &["per", "header"]),
+            format!("invalid header name {:?}", per.header),
+        ));
+    }
+    out
+}
+
 /// Checks the resilience fields of a rule (`p` is the path of the rule).
 pub fn check_rule(p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str>>) -> Problems {
     let mut out = Problems::new();
@@ -411,18 +428,7 @@ pub fn check_rule(p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str
         positive_ms(&mut out, p, &["retries", "backoff_base"], r.backoff_base);
     }
     if let Some(rl) = &rule.rate_limit {
-        let p = at(p, &["rate_limit"]);
-        positive(&mut out, &p, &["requests"], Some(rl.requests));
-        positive_ms(&mut out, &p, &["interval"], rl.interval);
-        positive(&mut out, &p, &["burst"], rl.burst);
-        if let Some(per) = &rl.per
-            && http_header_name(&per.header).is_err()
-        {
-            out.push((
-                at(&p, &["per", "header"]),
-                format!("invalid header name {:?}", per.header),
-            ));
-        }
+        out.extend(check_rate_limit(&at(p, &["rate_limit"]), rl));
     }
     if let Some(f) = &rule.fault {
         let p = at(p, &["fault"]);
@@ -572,15 +578,30 @@ pub fn cluster_policy_from_pb(
     Ok(())
 }
 
-/// Fills the resilience fields of a wire `RoutePolicy`.
-pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
-    out.stream_idle_timeout_ms = ms(rule.stream_idle_timeout);
-    out.rate_limit = rule.rate_limit.as_ref().map(|r| pb::RateLimit {
+pub fn rate_limit_to_pb(r: &RateLimit) -> pb::RateLimit {
+    pb::RateLimit {
         requests: r.requests,
         interval_ms: ms(r.interval),
         burst: r.burst.unwrap_or(0),
         per_header: r.per.as_ref().map(|k| k.header.clone()).unwrap_or_default(),
-    });
+    }
+}
+
+pub fn rate_limit_from_pb(r: &pb::RateLimit) -> RateLimit {
+    RateLimit {
+        requests: r.requests,
+        interval: opt_ms(r.interval_ms),
+        burst: opt(r.burst),
+        per: (!r.per_header.is_empty()).then(|| RateKey {
+            header: r.per_header.clone(),
+        }),
+    }
+}
+
+/// Fills the resilience fields of a wire `RoutePolicy`.
+pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
+    out.stream_idle_timeout_ms = ms(rule.stream_idle_timeout);
+    out.rate_limit = rule.rate_limit.as_ref().map(rate_limit_to_pb);
     out.fault = rule.fault.as_ref().map(|f| pb::Fault {
         delay: f.delay.as_ref().map(|d| pb::FaultDelay {
             percent: d.percent,
@@ -602,14 +623,7 @@ pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
 /// Reads the resilience fields of a wire `RoutePolicy` into `rule`.
 pub fn route_policy_from_pb(w: &pb::RoutePolicy, rule: &mut Rule) {
     rule.stream_idle_timeout = opt_ms(w.stream_idle_timeout_ms);
-    rule.rate_limit = w.rate_limit.as_ref().map(|r| RateLimit {
-        requests: r.requests,
-        interval: opt_ms(r.interval_ms),
-        burst: opt(r.burst),
-        per: (!r.per_header.is_empty()).then(|| RateKey {
-            header: r.per_header.clone(),
-        }),
-    });
+    rule.rate_limit = w.rate_limit.as_ref().map(rate_limit_from_pb);
     rule.fault = w.fault.map(|f| Fault {
         delay: f.delay.map(|d| FaultDelay {
             percent: d.percent,

@@ -37,6 +37,11 @@ pub struct ServiceSecurity {
     pub authorization: Vec<AuthorizationPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtRule>,
+    /// Requests the service's sidecars admit (inbound, after authorization); with
+    /// `per: {header: x-weft-peer-identity}` one bucket per calling workload (the sidecar sets
+    /// that header from the verified certificate, so callers cannot pick their bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::policy::RateLimit>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -227,6 +232,11 @@ pub fn validate(cfg: &MeshConfig) -> Vec<Issue> {
                 }
             }
         }
+        if let Some(rl) = &sec.rate_limit {
+            for (path, reason) in crate::policy::check_rate_limit(&[k("rate_limit")], rl) {
+                fail(&path, reason);
+            }
+        }
         if let Some(jwt) = &sec.jwt {
             if jwt.issuer.is_empty() {
                 fail(&[k("jwt"), k("issuer")], "issuer is empty".into());
@@ -372,6 +382,7 @@ pub fn to_pb(s: &ServiceSecurity) -> pb::ClusterSecurity {
             jwks: j.jwks.clone().unwrap_or_default(),
             jwks_uri: j.jwks_uri.clone().unwrap_or_default(),
         }),
+        rate_limit: s.rate_limit.as_ref().map(crate::policy::rate_limit_to_pb),
     }
 }
 
@@ -430,6 +441,7 @@ pub fn from_pb(s: &pb::ClusterSecurity) -> Result<ServiceSecurity, String> {
             jwks: non_empty(&j.jwks),
             jwks_uri: non_empty(&j.jwks_uri),
         }),
+        rate_limit: s.rate_limit.as_ref().map(crate::policy::rate_limit_from_pb),
     })
 }
 
@@ -453,6 +465,7 @@ services:
         - name: by-group
           rules: [{claims: {group: [admins]}, methods: [GET], ports: [15006]}]
       jwt: {issuer: me, audiences: [reviews], jwks_uri: "http://127.0.0.1:9/jwks"}
+      rate_limit: {requests: 100, interval: 1s, per: {header: x-weft-peer-identity}}
 routes: []
 "#;
 
@@ -467,6 +480,14 @@ routes: []
         assert_eq!(
             sec.peer_authentication.as_ref().unwrap().mode_for(1),
             PeerAuthMode::Strict
+        );
+        assert_eq!(
+            sec.rate_limit
+                .as_ref()
+                .and_then(|r| r.per.as_ref())
+                .unwrap()
+                .header,
+            "x-weft-peer-identity"
         );
         assert_eq!(from_resources(&to_resources(&cfg)).unwrap(), cfg);
     }
@@ -491,6 +512,20 @@ routes: []
         );
         assert!(err.contains("must be on a loopback address"), "{err}");
         assert!(err.contains("exactly one of exact or prefix"), "{err}");
+        let bad = MESH
+            .replace("requests: 100", "requests: 0")
+            .replace("header: x-weft-peer-identity", "header: \"x weft\"");
+        let err = parse_yaml("m", &bad, &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("services[0].security.rate_limit.requests"),
+            "{err}"
+        );
+        assert!(
+            err.contains("services[0].security.rate_limit.per.header: invalid header name"),
+            "{err}"
+        );
     }
 
     #[test]

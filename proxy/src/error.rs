@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(resp.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
 
         let limited: ProxyError = ResilienceError::RateLimited {
-            rule: "r/0".into(),
+            limit: "route rule r/0".into(),
             retry_after_secs: 3,
         }
         .into();

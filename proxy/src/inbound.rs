@@ -35,6 +35,7 @@ use crate::intercept::{Transparent, tcp};
 use crate::limits::{ListenerLimits, Slot};
 use crate::metrics::ConnCounters;
 use crate::policy::{AuthzStats, RequestAttrs};
+use crate::resilience::ResilienceError;
 use crate::server::{self, ShutdownSignal};
 use crate::state::ProxyState;
 
@@ -159,7 +160,7 @@ impl Guard {
         let grpc = is_grpc(req.headers());
         let version = req.version();
         let policy = self.state.load().security.service(&self.service);
-        if let Some(policy) = policy {
+        if let Some(policy) = &policy {
             let claims = match &policy.jwt {
                 Some(jwt) => match jwt.verify(req.headers()).await {
                     Ok(claims) => Some(claims),
@@ -196,6 +197,17 @@ impl Guard {
         }
         if let Some(tls) = peer.tls {
             headers.insert(TLS_HEADER, HeaderValue::from_static(tls));
+        }
+        // After the identity header is set: a limit per caller keys on the verified one.
+        if let Some(bucket) = policy.as_ref().and_then(|p| p.rate_limit.as_ref())
+            && let Err(wait) = bucket.try_take(req.headers())
+        {
+            let err = ProxyError::from(ResilienceError::RateLimited {
+                limit: format!("service {} (inbound)", self.service),
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            });
+            meta.reason = Some(err.reason());
+            return err.to_response(grpc, version);
         }
         self.fwd.handle_with(req, meta).await
     }

@@ -19,6 +19,9 @@ use weft_proto::security::{
 };
 
 use crate::jwt::{JwtError, JwtVerifier};
+use crate::resilience::Registry;
+use crate::resilience::ratelimit::{RateConfig, TokenBucket};
+use crate::resilience::registry::inbound_key;
 
 /// Per-service security, by service name.
 #[derive(Debug, Default)]
@@ -33,10 +36,13 @@ pub struct ServicePolicy {
     deny: Vec<AuthorizationPolicy>,
     allow: Vec<AuthorizationPolicy>,
     pub jwt: Option<Arc<JwtVerifier>>,
+    /// The inbound rate limit (kept across configuration swaps in the registry).
+    pub rate_limit: Option<Arc<TokenBucket>>,
 }
 
 impl SecurityTable {
-    pub fn compile(cfg: &MeshConfig) -> Result<Self, JwtError> {
+    /// `registry` keeps inbound rate-limit buckets across swaps (a push must not refill them).
+    pub fn compile(cfg: &MeshConfig, registry: &Registry) -> Result<Self, JwtError> {
         let mut services = HashMap::new();
         for svc in &cfg.services {
             let Some(sec) = &svc.security else { continue };
@@ -59,6 +65,9 @@ impl SecurityTable {
                     deny,
                     allow,
                     jwt,
+                    rate_limit: sec.rate_limit.as_ref().map(|r| {
+                        registry.bucket(&inbound_key(&svc.name), RateConfig::from_model(r))
+                    }),
                 }),
             );
         }
@@ -234,7 +243,10 @@ mod tests {
             "services:\n  - name: s\n    endpoints: [{{address: \"127.0.0.1:1\"}}]\n    security:\n{yaml_security}\nroutes: []\n"
         );
         let cfg = weft_proto::parse_yaml("m", &yaml, &Limits::default()).unwrap();
-        SecurityTable::compile(&cfg).unwrap().service("s").unwrap()
+        SecurityTable::compile(&cfg, &Registry::default())
+            .unwrap()
+            .service("s")
+            .unwrap()
     }
 
     fn attrs<'a>(

@@ -134,7 +134,7 @@ impl ProxyState {
     ) -> Result<(), ApplyError> {
         let config = from_resources(resources)?;
         let table = Table::compile_shared(&config, &self.limits, &self.registry)?;
-        let security = crate::policy::SecurityTable::compile(&config)?;
+        let security = crate::policy::SecurityTable::compile(&config, &self.registry)?;
         // Nothing can fail from here on.
         self.registry.commit(&config);
         let applied_at_unix_ms = SystemTime::now()

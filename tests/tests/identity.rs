@@ -797,3 +797,56 @@ async fn retries_apply_over_mtls_between_sidecars() {
         "STRICT refuses plaintext"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_rate_limit_per_caller_counts_each_workload_apart() {
+    let security = "      identity: spiffe://weft.local/ns/default/sa/reviews
+      peer_authentication: {mode: strict}
+      rate_limit: {requests: 3, interval: 60s, per: {header: x-weft-peer-identity}}";
+    let s = setup(security, &[]).await;
+    let friend = s
+        .client("productpage-sidecar", "default", "productpage")
+        .await;
+    let other = s.client("other-sidecar", "other", "intruder").await;
+    let http = HttpClient::http1();
+    // A caller cannot pick its bucket: the header it sends is replaced by its verified one.
+    let get = |p: &Proxy| {
+        let (http, outbound) = (http.clone(), p.outbound);
+        async move {
+            http.get(
+                outbound,
+                "reviews",
+                "/",
+                &[("x-weft-peer-identity", "spiffe://weft.local/ns/x/sa/fresh")],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(get(&friend).await.status, 200);
+    }
+    let r = get(&friend).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("x-weft-reason"), Some("rate_limited"));
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        r.text().contains("service reviews (inbound)"),
+        "{}",
+        r.text()
+    );
+    // Another workload has its own bucket.
+    for _ in 0..3 {
+        assert_eq!(get(&other).await.status, 200);
+    }
+    assert_eq!(get(&other).await.status, 429);
+    // A new configuration version (another change to the service) does not refill them.
+    let version = s.cp.version().await;
+    s.apply(
+        &security.replace("{mode: strict}", "{mode: strict, ports: {9999: strict}}"),
+        3,
+    )
+    .await;
+    assert!(s.cp.version().await > version);
+    assert_eq!(get(&friend).await.status, 429);
+}

@@ -163,7 +163,7 @@ pub async fn forward(
         && let Err(wait) = bucket.try_take(req.headers())
     {
         return Err(ResilienceError::RateLimited {
-            rule: policy.name.clone(),
+            limit: format!("route rule {}", policy.name),
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         }
         .into());

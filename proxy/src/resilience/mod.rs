@@ -40,8 +40,12 @@ pub enum ResilienceError {
     },
     #[error("service {service:?} is at its limit of {limit} concurrent requests (overflow)")]
     Overflow { service: String, limit: u32 },
-    #[error("rate limit of route rule {rule} exceeded; retry after {retry_after_secs} s")]
-    RateLimited { rule: String, retry_after_secs: u64 },
+    /// `limit` names it: `route rule <route>/<rule>`, or `service <name> (inbound)`.
+    #[error("rate limit of {limit} exceeded; retry after {retry_after_secs} s")]
+    RateLimited {
+        limit: String,
+        retry_after_secs: u64,
+    },
     #[error("fault injected by route rule {rule}: abort with {status}")]
     FaultInjected {
         rule: String,

@@ -142,6 +142,12 @@ impl Registry {
             .routes
             .iter()
             .flat_map(|r| (0..r.rules.len()).map(move |i| rule_key(&r.name, i)))
+            .chain(
+                cfg.services
+                    .iter()
+                    .filter(|s| s.security.as_ref().is_some_and(|s| s.rate_limit.is_some()))
+                    .map(|s| inbound_key(&s.name)),
+            )
             .collect();
         lock(&self.buckets).retain(|k, _| rules.contains(k));
 
@@ -205,6 +211,11 @@ impl Drop for Registry {
 /// The key of a rule's token bucket.
 pub fn rule_key(route: &str, index: usize) -> String {
     format!("{route}#{index}")
+}
+
+/// The bucket key of a service's inbound rate limit (`#` cannot start a route name).
+pub fn inbound_key(service: &str) -> String {
+    format!("#inbound/{service}")
 }
 
 #[cfg(test)]
