@@ -106,10 +106,13 @@ impl EtcdStore {
             .and_then([TxnOp::put(key.clone(), value.clone(), None)])
             .or_else([TxnOp::get(key, None)]);
         let what = "create or read a shared secret";
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.clone().txn(txn))
-            .await
-            .map_err(|_| timeout(&self.endpoints, what))?
-            .map_err(|e| self.error(what, e))?;
+        let resp = self
+            .request(
+                what,
+                REQUEST_TIMEOUT,
+                Box::pin(self.client.clone().txn(txn)),
+            )
+            .await?;
         if resp.succeeded() {
             return Ok(value);
         }
@@ -122,7 +125,20 @@ impl EtcdStore {
             .ok_or_else(|| self.error(what, format!("{name} exists but could not be read")))
     }
 
-    fn error(&self, what: &'static str, e: impl ToString) -> StoreError {
+    /// One etcd request, bounded by `within`; an error or no answer names etcd and `what`.
+    pub async fn request<T>(
+        &self,
+        what: &'static str,
+        within: Duration,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(within, fut).await {
+            Ok(result) => result.map_err(|e| self.error(what, e)),
+            Err(_) => Err(self.error(what, format!("no answer within {within:?}"))),
+        }
+    }
+
+    pub fn error(&self, what: &'static str, e: impl ToString) -> StoreError {
         StoreError::Etcd {
             endpoints: self.endpoints.clone(),
             what,
@@ -212,6 +228,47 @@ impl EtcdStore {
             }
         }
     }
+}
+
+/// A lease kept alive every third of its TTL, for keys that must vanish with their owner.
+pub struct KeptLease {
+    pub id: i64,
+    /// Resolves when the lease can no longer be trusted: a renewal refused or unanswered within
+    /// a third of the TTL, or an answer with TTL 0 (expired). Renewing at a third leaves two
+    /// tries before etcd expires it.
+    pub lost: BoxFuture<'static, ()>,
+}
+
+/// Grants a lease of `ttl` (whole seconds, at least 2, etcd's minimum) and starts keeping it
+/// alive; the error says which step failed.
+pub async fn kept_lease(
+    client: &mut Client,
+    ttl: Duration,
+) -> Result<KeptLease, (&'static str, etcd_client::Error)> {
+    let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(2);
+    let id = client
+        .lease_grant(secs, None)
+        .await
+        .map_err(|e| ("grant a lease", e))?
+        .id();
+    let (mut keeper, mut acks) = client
+        .lease_keep_alive(id)
+        .await
+        .map_err(|e| ("keep the lease alive", e))?;
+    let every = ttl / 3;
+    let lost = Box::pin(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if keeper.keep_alive().await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(every, acks.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                _ => return,
+            }
+        }
+    });
+    Ok(KeptLease { id, lost })
 }
 
 fn timeout(endpoints: &str, what: &'static str) -> StoreError {

@@ -152,31 +152,14 @@ impl Election {
     /// One lease: campaign, then lead or follow until the lease is lost (`Err`) or shutdown.
     async fn term(&self, shutdown: &Shutdown) -> Result<(), LeaderError> {
         let mut client = self.client.clone();
-        let ttl_secs = i64::try_from(self.ttl.as_secs().max(2)).unwrap_or(2);
-        let lease = client
-            .lease_grant(ttl_secs, None)
-            .await
-            .map_err(etcd("grant a lease"))?
-            .id();
-        let (mut keeper, mut acks) = client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(etcd("keep the lease alive"))?;
-        let every = self.ttl / 3;
+        let crate::etcd::KeptLease { id: lease, lost } =
+            crate::etcd::kept_lease(&mut client, self.ttl)
+                .await
+                .map_err(|(what, e)| etcd(what)(e))?;
         let ttl = self.ttl;
-        // Resolves when the lease can no longer be trusted: an answer with TTL 0 (expired),
-        // an error, or no answer in time. Renewing at a third of the TTL leaves two tries.
         let lost = async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if keeper.keep_alive().await.is_err() {
-                    return LeaderError::LeaseLost(lease);
-                }
-                match tokio::time::timeout(every, acks.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                    _ => return LeaderError::LeaseLost(lease),
-                }
-            }
+            lost.await;
+            LeaderError::LeaseLost(lease)
         };
         tokio::pin!(lost);
         let me = self.leadership.status().replica;

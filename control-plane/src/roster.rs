@@ -18,32 +18,15 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::api;
-use crate::etcd::EtcdStore;
+use crate::etcd::{EtcdStore, KeptLease, kept_lease};
 use crate::registry::{NACK_LOG_LEN, Registry};
 use crate::shutdown::Shutdown;
+use crate::store::StoreError;
 
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// etcd refuses requests over 1.5 MiB by default: an entry stays under 1 MiB.
 const MAX_ENTRY: usize = 1 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum RosterError {
-    #[error("etcd {endpoints}: {what}: {reason}")]
-    Etcd {
-        endpoints: String,
-        what: &'static str,
-        reason: String,
-    },
-    #[error("etcd {endpoints}: {what}: no answer within {timeout:?}")]
-    Timeout {
-        endpoints: String,
-        what: &'static str,
-        timeout: Duration,
-    },
-    #[error("the roster lease {0:x} expired or could not be renewed")]
-    LeaseLost(i64),
-}
 
 /// What one replica publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,18 +80,13 @@ impl Roster {
         }
     }
 
-    /// One lease: publish on change and keep the lease alive until an error or `shutdown`.
-    async fn term(&self, registry: &Registry, shutdown: &Shutdown) -> Result<(), RosterError> {
+    /// One lease: publish on change while it holds, until an error or `shutdown`.
+    async fn term(&self, registry: &Registry, shutdown: &Shutdown) -> Result<(), StoreError> {
         let mut client = self.store.client();
-        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(2);
-        let lease = self
-            .call("grant a lease", client.lease_grant(ttl, None))
-            .await?
-            .id();
-        let (mut keeper, mut acks) = self
-            .call("keep the lease alive", client.lease_keep_alive(lease))
-            .await?;
-        let mut renew = tokio::time::interval(self.ttl / 3);
+        let KeptLease { id: lease, lost } = kept_lease(&mut client, self.ttl)
+            .await
+            .map_err(|(what, e)| self.store.error(what, e))?;
+        tokio::pin!(lost);
         let mut publish = tokio::time::interval(PUBLISH_EVERY);
         let mut published: Option<Vec<u8>> = None;
         loop {
@@ -117,17 +95,16 @@ impl Roster {
                     let value = encode(self.entry(registry), MAX_ENTRY);
                     if published.as_ref() != Some(&value) {
                         let put = PutOptions::new().with_lease(lease);
-                        self.call("publish the status", client.put(self.key(), value.clone(), Some(put)))
-                            .await?;
+                        let put = client.put(self.key(), value.clone(), Some(put));
+                        self.store.request("publish the status", READ_TIMEOUT, put).await?;
                         published = Some(value);
                     }
                 }
-                _ = renew.tick() => {
-                    self.call("renew the lease", keeper.keep_alive()).await?;
-                    match tokio::time::timeout(self.ttl / 3, acks.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        _ => return Err(RosterError::LeaseLost(lease)),
-                    }
+                () = &mut lost => {
+                    return Err(self.store.error(
+                        "keep the roster lease",
+                        format!("lease {lease:x} expired or could not be renewed"),
+                    ));
                 }
                 () = shutdown.wait() => {
                     // The entry goes with the lease: at once, not after the TTL.
@@ -173,15 +150,14 @@ impl Roster {
     }
 
     /// The other replicas' entries, and a note for each one that could not be read.
-    async fn others(&self) -> Result<(Vec<Entry>, Vec<String>), RosterError> {
+    async fn others(&self) -> Result<(Vec<Entry>, Vec<String>), StoreError> {
         let mut client = self.store.client();
         let prefix = self.store.key("status/");
         let opts = GetOptions::new().with_prefix();
+        let get = client.get(prefix.clone(), Some(opts));
         let resp = self
-            .call(
-                "read the other replicas' status",
-                client.get(prefix.clone(), Some(opts)),
-            )
+            .store
+            .request("read the other replicas' status", READ_TIMEOUT, get)
             .await?;
         let own = self.key();
         let (mut entries, mut unreadable) = (Vec::new(), Vec::new());
@@ -196,26 +172,6 @@ impl Roster {
             }
         }
         Ok((entries, unreadable))
-    }
-
-    async fn call<T>(
-        &self,
-        what: &'static str,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, RosterError> {
-        match tokio::time::timeout(READ_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(RosterError::Etcd {
-                endpoints: self.store.endpoints().to_owned(),
-                what,
-                reason: e.to_string(),
-            }),
-            Err(_) => Err(RosterError::Timeout {
-                endpoints: self.store.endpoints().to_owned(),
-                what,
-                timeout: READ_TIMEOUT,
-            }),
-        }
     }
 }
 
