@@ -199,11 +199,10 @@ async fn send(
             .insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
     let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
-    let status = resp.status();
-    let head = resp.headers().clone();
+    let (head, body) = resp.into_parts();
+    let status = head.status;
     // Read to the end (the connection is reused; gRPC's verdict is in the trailers).
-    let trailers = resp
-        .into_body()
+    let trailers = body
         .collect()
         .await
         .map_err(|e| error_chain(&e))?
@@ -214,7 +213,7 @@ async fn send(
     }
     if protocol == OtlpProtocol::Grpc {
         // A trailers-only answer carries the status in its head.
-        return grpc_verdict(trailers.as_ref().unwrap_or(&head));
+        return grpc_verdict(trailers.as_ref().unwrap_or(&head.headers));
     }
     Ok(())
 }
