@@ -1,6 +1,7 @@
-//! Local rate limiting: a token bucket per route rule, or per value of a request header in
-//! it (`per: {header: …}`). An empty bucket answers 429 with `Retry-After` (reason
-//! `rate_limited`).
+//! Local rate limiting: a token bucket per route rule (outbound) or per service
+//! (`security.rate_limit`, inbound), or per value of a request header in it
+//! (`per: {header: …}`; inbound, `x-weft-peer-identity` is one per calling workload). An empty
+//! bucket answers 429 with `Retry-After` (reason `rate_limited`).
 //!
 //! Keyed buckets live in a map of at most [`MAX_KEYS`] values, so that a client sending a new
 //! value with every request cannot grow it without bound: when it is full, buckets that have
@@ -17,7 +18,7 @@ use weft_proto::policy::RateLimit;
 
 use super::stats::now_ms;
 
-/// Most header values with a bucket of their own, per rule.
+/// Most header values with a bucket of their own, per limit.
 pub const MAX_KEYS: usize = 10_000;
 /// Least time between two purges of refilled buckets.
 const PURGE_EVERY_MS: u64 = 1_000;
