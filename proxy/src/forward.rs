@@ -213,7 +213,14 @@ impl Forwarder {
                     let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref());
                     return Ok(Box::pin(upgrade).await?);
                 }
-                let result = crate::resilience::call::forward(set, policy, req, mtls).await;
+                let result = crate::resilience::call::forward(
+                    set,
+                    policy,
+                    req,
+                    mtls,
+                    self.inner.mesh.as_ref(),
+                )
+                .await;
                 let failed = result
                     .as_ref()
                     .map_or(true, |(r, _)| r.status().is_server_error());

@@ -741,6 +741,39 @@ async fn a_root_rotation_trusts_both_roots_during_the_overlap() {
 
 /// Resilience and identity together: retries (each attempt a fresh choice of endpoint) run over
 /// the mTLS hop, so a flaky upstream behind a STRICT sidecar is still retried to success.
+/// A control plane serving `mesh(reviews)`, the `reviews` sidecar in front of `app` (the mesh
+/// then pointing at its inbound) and a `productpage` sidecar, both with identities and acked.
+async fn reviews_and_productpage(
+    dir: &std::path::Path,
+    mesh: impl Fn(SocketAddr) -> String,
+    app: SocketAddr,
+) -> (ControlPlane, Proxy, Proxy) {
+    let cp = ControlPlane::start(dir, "control", &mesh(app), ControlPlaneOpts::default()).await;
+    let server = identity_proxy(
+        &cp,
+        dir,
+        "reviews-sidecar",
+        "reviews",
+        ("default", "reviews"),
+        Some(app),
+    )
+    .await;
+    let (status, body) = cp.apply(&mesh(server.inbound.unwrap())).await;
+    assert!(status.is_success(), "{body}");
+    let client = identity_proxy(
+        &cp,
+        dir,
+        "productpage-sidecar",
+        "productpage",
+        ("default", "productpage"),
+        None,
+    )
+    .await;
+    cp.wait_acked(body["version"].as_u64().unwrap(), 2, DEADLINE)
+        .await;
+    (cp, server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_apply_over_mtls_between_sidecars() {
     let dir = tempfile::tempdir().unwrap();
@@ -751,35 +784,7 @@ async fn retries_apply_over_mtls_between_sidecars() {
             "      - backends: [{service: reviews}]\n        retries: {attempts: 3, retry_on: [\"503\"]}",
         )
     };
-    let cp = ControlPlane::start(
-        dir.path(),
-        "control",
-        &mesh(app.addr),
-        ControlPlaneOpts::default(),
-    )
-    .await;
-    let server = identity_proxy(
-        &cp,
-        dir.path(),
-        "reviews-sidecar",
-        "reviews",
-        ("default", "reviews"),
-        Some(app.addr),
-    )
-    .await;
-    let (status, body) = cp.apply(&mesh(server.inbound.unwrap())).await;
-    assert!(status.is_success(), "{body}");
-    let client = identity_proxy(
-        &cp,
-        dir.path(),
-        "productpage-sidecar",
-        "productpage",
-        ("default", "productpage"),
-        None,
-    )
-    .await;
-    cp.wait_acked(body["version"].as_u64().unwrap(), 2, DEADLINE)
-        .await;
+    let (_cp, server, client) = reviews_and_productpage(dir.path(), mesh, app.addr).await;
 
     app.fail_first(2, 503);
     let reply = HttpClient::http1()
@@ -849,4 +854,73 @@ async fn an_inbound_rate_limit_per_caller_counts_each_workload_apart() {
     .await;
     assert!(s.cp.version().await > version);
     assert_eq!(get(&friend).await.status, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_to_a_service_with_an_identity_goes_over_mtls_from_a_plaintext_route() {
+    let dir = tempfile::tempdir().unwrap();
+    // The shadow (`reviews`, STRICT) records who each copy came from.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let shadow = {
+        let seen = seen.clone();
+        HeaderApp::serve(move |req| {
+            let who = req
+                .headers()
+                .get("x-weft-peer-identity")
+                .map_or("-".to_owned(), |v| v.to_str().unwrap_or("?").to_owned());
+            seen.lock().unwrap().push(who);
+            "{}".to_owned()
+        })
+        .await
+    };
+    let plain = HeaderApp::start().await;
+    // `details` has no identity (a plain app); its route mirrors every request to `reviews`.
+    let mesh = |reviews: SocketAddr| {
+        format!(
+            "{}  - name: details
+    hosts: [details]
+    rules:
+      - backends: [{{service: details}}]
+        mirror: {{service: reviews, percent: 100}}
+",
+            reviews_mesh(reviews, IDENTITY_STRICT).replace(
+                "routes:\n",
+                &format!(
+                    "  - name: details\n    endpoints: [{{address: \"{}\"}}]\nroutes:\n",
+                    plain.addr
+                ),
+            )
+        )
+    };
+    let (_cp, server, client) = reviews_and_productpage(dir.path(), mesh, shadow.addr).await;
+
+    let http = HttpClient::http1();
+    let n = 10;
+    for _ in 0..n {
+        let r = http
+            .get(client.outbound, "details", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The primary is the plain app: no identity reached it.
+        assert!(
+            r.json()["headers"].get("x-weft-peer-identity").is_none(),
+            "{}",
+            r.text()
+        );
+    }
+    eventually(DEADLINE, "every copy at the shadow", || async {
+        (seen.lock().unwrap().len() >= n).then_some(())
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|who| who == PRODUCTPAGE_ID),
+        "each copy carries the caller's verified identity: {seen:?}"
+    );
+    let cfg = server.config().await;
+    assert_eq!(
+        cfg["identity"]["authz"]["plaintext_refused"], 0,
+        "no copy went in plaintext: {cfg}"
+    );
 }

@@ -30,6 +30,7 @@ use super::{ResilienceError, mirror};
 use crate::balance::EndpointSet;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::identity::mesh::MeshClient;
 use crate::routing::RouteError;
 use crate::upstream::{Upstream, UpstreamError, UpstreamProtocol};
 
@@ -152,12 +153,15 @@ impl RulePolicy {
     }
 }
 
-/// Forwards `req` to `set` under `policy`; with the response, which endpoint gave it.
+/// Forwards `req` to `set` under `policy`; with the response, which endpoint gave it. `mtls`
+/// is how to reach `set` when its service has an identity; `mesh` is this proxy's mesh client
+/// (when it has an identity), for a mirror whose service has one of its own.
 pub async fn forward(
     set: Arc<EndpointSet>,
     policy: Arc<RulePolicy>,
     req: Request<DownstreamBody>,
     mtls: Option<Mtls>,
+    mesh: Option<&MeshClient>,
 ) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     if let Some(bucket) = &policy.rate_limit
         && let Err(wait) = bucket.try_take(req.headers())
@@ -174,8 +178,8 @@ pub async fn forward(
     // Each arm builds its own future: a future kept in a local and then awaited in one of two
     // ways is laid out twice, and the request future (moved at every poll layer) grows by it.
     match policy.timeout {
-        None => attempts(&set, &policy, req, mtls.as_ref()).await,
-        Some(t) => tokio::time::timeout(t, attempts(&set, &policy, req, mtls.as_ref()))
+        None => attempts(&set, &policy, req, mtls.as_ref(), mesh).await,
+        Some(t) => tokio::time::timeout(t, attempts(&set, &policy, req, mtls.as_ref(), mesh))
             .await
             .unwrap_or_else(|_| {
                 Err(ResilienceError::Timeout {
@@ -192,7 +196,7 @@ pub async fn forward(
 /// its sidecars must prove.
 #[derive(Debug, Clone)]
 pub struct Mtls {
-    pub client: crate::identity::mesh::MeshClient,
+    pub client: MeshClient,
     pub identity: Arc<str>,
 }
 
@@ -219,6 +223,7 @@ async fn attempts(
     policy: &RulePolicy,
     req: Request<DownstreamBody>,
     mtls: Option<&Mtls>,
+    mesh: Option<&MeshClient>,
 ) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
     let rt = &set.runtime;
     let mut permit = match rt.max_requests {
@@ -276,7 +281,7 @@ async fn attempts(
             && let Some(parts) = &head
         {
             mirrored = true;
-            mirror_copy(m, parts, r, mtls);
+            mirror_copy(m, parts, r, mesh);
         }
         let idx = set
             .choose(head.as_ref().map_or(&no_headers, |p| &p.headers), exclude)
@@ -331,7 +336,7 @@ async fn attempts(
             if r.is_complete()
                 && let Some(parts) = &head
             {
-                mirror_copy(m, parts, r, mtls);
+                mirror_copy(m, parts, r, mesh);
             }
         }
 
@@ -397,22 +402,25 @@ async fn attempts(
     }
 }
 
-/// One attempt, to its own endpoint, over mTLS when the destination has an identity.
 /// Spawns the copy of a request for `m`: over mTLS when the mirror's service has an identity
-/// (this proxy's mesh client, that service's identity).
+/// (this proxy's mesh client, that service's identity), whether or not the rule's own backend
+/// has one.
 fn mirror_copy(
     m: &MirrorPolicy,
     parts: &http::request::Parts,
     body: &ReplayBody,
-    mtls: Option<&Mtls>,
+    mesh: Option<&MeshClient>,
 ) {
-    let mtls = mtls.zip(m.identity.as_ref()).map(|(p, identity)| Mtls {
-        client: p.client.clone(),
-        identity: identity.clone(),
-    });
+    let mtls = mesh
+        .zip(m.identity.as_ref())
+        .map(|(client, identity)| Mtls {
+            client: client.clone(),
+            identity: identity.clone(),
+        });
     mirror::spawn(m.set.clone(), parts, body, mtls);
 }
 
+/// One attempt, to its own endpoint, over mTLS when the destination has an identity.
 pub(super) async fn send(
     mtls: Option<&Mtls>,
     upstream: &Upstream,
