@@ -129,14 +129,24 @@ impl Forwarder {
     }
 
     /// [`Self::handle`], observed: metrics, trace span and access log around it.
-    pub async fn serve(&self, mut req: Request<DownstreamBody>) -> Response<ObservedBody> {
+    //
+    // The request path's functions return `async move` blocks instead of being `async fn`s: an
+    // `async fn` keeps each by-value argument twice in its future (the argument and the local
+    // it is moved to), and the request (264 bytes) would be carried, and copied at every
+    // poll layer, once per layer more than needed.
+    pub fn serve(
+        &self,
+        mut req: Request<DownstreamBody>,
+    ) -> impl Future<Output = Response<ObservedBody>> {
         let obs = self.observe(&mut req);
-        let mut meta = RequestMeta {
-            started: Some(obs.started()),
-            ..RequestMeta::default()
-        };
-        let resp = self.handle_with(req, &mut meta).await;
-        obs.respond(resp, meta)
+        async move {
+            let mut meta = RequestMeta {
+                started: Some(obs.started()),
+                ..RequestMeta::default()
+            };
+            let resp = self.handle_with(req, &mut meta).await;
+            obs.respond(resp, meta)
+        }
     }
 
     /// Starts observing a request; for callers that answer some requests themselves (the
@@ -150,102 +160,110 @@ impl Forwarder {
         self.handle_with(req, &mut RequestMeta::default()).await
     }
 
-    pub(crate) async fn handle_with(
+    pub(crate) fn handle_with(
         &self,
         req: Request<DownstreamBody>,
         meta: &mut RequestMeta,
-    ) -> Response<ProxyBody> {
+    ) -> impl Future<Output = Response<ProxyBody>> {
         let grpc = is_grpc(req.headers());
         let version = req.version();
-        match self.forward(req, meta).await {
-            Ok(resp) => resp,
-            Err(err) => {
-                meta.reason = Some(err.reason());
-                if let ProxyError::Route(RouteError::NoEndpoints { service, subset }) = &err {
-                    // Error path only: the target is known by name, not by compiled labels.
-                    meta.target = Some(Arc::new(TargetLabels::new("", service, subset)));
+        async move {
+            match self.forward(req, meta).await {
+                Ok(resp) => resp,
+                Err(err) => {
+                    meta.reason = Some(err.reason());
+                    if let ProxyError::Route(RouteError::NoEndpoints { service, subset }) = &err {
+                        // Error path only: the target is known by name, not by compiled labels.
+                        meta.target = Some(Arc::new(TargetLabels::new("", service, subset)));
+                    }
+                    tracing::debug!(
+                        side = self.inner.side,
+                        reason = err.reason(),
+                        error = %err,
+                        "request failed in the proxy"
+                    );
+                    err.to_response(grpc, version)
                 }
-                tracing::debug!(
-                    side = self.inner.side,
-                    reason = err.reason(),
-                    error = %err,
-                    "request failed in the proxy"
-                );
-                err.to_response(grpc, version)
             }
         }
     }
 
-    async fn forward(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would keep the request twice in its future"
+    )]
+    fn forward(
         &self,
         req: Request<DownstreamBody>,
         meta: &mut RequestMeta,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (endpoint, protocol) = match &self.inner.mode {
-            Mode::Outbound(state) => {
-                // Route while holding the snapshot, then let go of it before any `.await`:
-                // the request keeps only its backend set and rule policy (the endpoint is
-                // chosen per attempt), so a config swap cannot disturb it.
-                let snapshot = state.load();
-                // Captured connections carry where they were going (transparent mode).
-                let orig = req
-                    .extensions()
-                    .get::<crate::intercept::OriginalDst>()
-                    .map(|o| o.0);
-                let (set, policy, labels) = snapshot.table.resolve_at(&req, orig)?;
-                meta.target = Some(labels);
-                // Experiments judge a subset by what its callers saw after retries: one
-                // outcome per request, recorded here.
-                let subset_stats = set.subset_stats.clone();
-                let started = meta.started.unwrap_or_else(std::time::Instant::now);
-                let mtls = self.mtls(&snapshot.security, &set.service);
-                drop(snapshot);
-                if crate::upgrade::is_upgrade(&req) {
-                    let idx =
-                        set.choose(req.headers(), None)
-                            .ok_or_else(|| RouteError::NoEndpoints {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            let (endpoint, protocol) = match &self.inner.mode {
+                Mode::Outbound(state) => {
+                    // Route while holding the snapshot, then let go of it before any `.await`:
+                    // the request keeps only its backend set and rule policy (the endpoint is
+                    // chosen per attempt), so a config swap cannot disturb it.
+                    let snapshot = state.load();
+                    // Captured connections carry where they were going (transparent mode).
+                    let orig = req
+                        .extensions()
+                        .get::<crate::intercept::OriginalDst>()
+                        .map(|o| o.0);
+                    let (set, policy, labels) = snapshot.table.resolve_at(&req, orig)?;
+                    meta.target = Some(labels);
+                    // Experiments judge a subset by what its callers saw after retries: one
+                    // outcome per request, recorded here.
+                    let subset_stats = set.subset_stats.clone();
+                    let started = meta.started.unwrap_or_else(std::time::Instant::now);
+                    let mtls = self.mtls(&snapshot.security, &set.service);
+                    drop(snapshot);
+                    if crate::upgrade::is_upgrade(&req) {
+                        let idx = set.choose(req.headers(), None).ok_or_else(|| {
+                            RouteError::NoEndpoints {
                                 service: set.service.clone(),
                                 subset: set.subset.clone(),
-                            })?;
-                    let endpoint = set.endpoint(idx).authority.clone();
-                    meta.upstream = Some(endpoint.clone());
-                    // Boxed: rare, and the request's future stays small.
-                    let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref());
-                    return Ok(Box::pin(upgrade).await?);
+                            }
+                        })?;
+                        let endpoint = set.endpoint(idx).authority.clone();
+                        meta.upstream = Some(endpoint.clone());
+                        // Boxed: rare, and the request's future stays small.
+                        let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref());
+                        return Ok(Box::pin(upgrade).await?);
+                    }
+                    let result = crate::resilience::call::forward(
+                        set,
+                        policy,
+                        req,
+                        mtls,
+                        self.inner.mesh.as_ref(),
+                    )
+                    .await;
+                    let failed = result
+                        .as_ref()
+                        .map_or(true, |(r, _)| r.status().is_server_error());
+                    let elapsed = started.elapsed();
+                    meta.elapsed = Some(elapsed);
+                    subset_stats.record(failed, elapsed);
+                    let (resp, attempted) = result?;
+                    meta.upstream = Some(attempted.endpoint);
+                    meta.retries = attempted.retries;
+                    return Ok(resp);
                 }
-                let result = crate::resilience::call::forward(
-                    set,
-                    policy,
-                    req,
-                    mtls,
-                    self.inner.mesh.as_ref(),
-                )
-                .await;
-                let failed = result
-                    .as_ref()
-                    .map_or(true, |(r, _)| r.status().is_server_error());
-                let elapsed = started.elapsed();
-                meta.elapsed = Some(elapsed);
-                subset_stats.record(failed, elapsed);
-                let (resp, attempted) = result?;
-                meta.upstream = Some(attempted.endpoint);
-                meta.retries = attempted.retries;
-                return Ok(resp);
+                Mode::Inbound { app, protocol } => {
+                    meta.target = Some(self.inner.telemetry.inbound_target.clone());
+                    (app.clone(), *protocol)
+                }
+            };
+            meta.upstream = Some(endpoint.clone());
+            if crate::upgrade::is_upgrade(&req) {
+                return Ok(Box::pin(crate::upgrade::forward(req, endpoint, None)).await?);
             }
-            Mode::Inbound { app, protocol } => {
-                meta.target = Some(self.inner.telemetry.inbound_target.clone());
-                (app.clone(), *protocol)
-            }
-        };
-        meta.upstream = Some(endpoint.clone());
-        if crate::upgrade::is_upgrade(&req) {
-            return Ok(Box::pin(crate::upgrade::forward(req, endpoint, None)).await?);
+            let protocol = UpstreamProtocol::resolve(protocol, req.version());
+            Ok(self
+                .inner
+                .upstream
+                .forward(req.map(Into::into), endpoint, protocol)
+                .await?)
         }
-        let protocol = UpstreamProtocol::resolve(protocol, req.version());
-        Ok(self
-            .inner
-            .upstream
-            .forward(req.map(Into::into), endpoint, protocol)
-            .await?)
     }
 }

@@ -132,11 +132,14 @@ impl Connection {
 
     /// Sends `req` (origin-form URI, hop-by-hop headers already removed) and reads the response
     /// head. The body stays on the connection: [`H1Body`] reads it.
-    pub async fn send(
+    ///
+    /// The head is encoded before the future is made and the request kept in one place (the
+    /// future is carried by every request's; see `Forwarder::serve`).
+    pub fn send(
         mut self: Box<Self>,
         req: Request<RequestBody>,
         reused: bool,
-    ) -> Result<Exchange, SendError> {
+    ) -> impl Future<Output = Result<Exchange, SendError>> {
         let body = req.body();
         let has_body = !body.is_end_stream() && body.size_hint().exact() != Some(0);
         let declared = content_length(req.headers());
@@ -149,60 +152,62 @@ impl Connection {
         let chunked = has_body && declared.is_none() && add_length.is_none();
         self.encode_head(&req, add_length, chunked);
         let head_request = req.method() == Method::HEAD;
-
         // A request without a body is kept until the response starts: when this reused
         // connection turns out closed, it can go again on another.
-        let mut unsent = None;
-        let mut complete = true;
-        if has_body {
-            // Boxed: streaming a body (selects on the upstream answering early) makes a
-            // future of kilobytes that every bodiless request would otherwise carry.
-            complete = Box::pin(self.write_with_body(req.into_body(), chunked))
-                .await
-                .map_err(SendError::Failed)?;
+        let (mut unsent, body) = if has_body {
+            (None, Some(req.into_body()))
         } else {
-            if let Err(e) = write_all(&self.io, &self.write).await {
-                return Err(stale_or_failed(Some(req), reused, H1Error::Write(e)));
-            }
-            unsent = Some(req);
-        }
-
-        let (head, framing, keep_alive) = loop {
-            match self.read_head().await {
-                Ok(Some(head))
-                    if head.resp.status().is_informational()
-                        && head.resp.status() != StatusCode::SWITCHING_PROTOCOLS =>
-                {
-                    // 100 Continue, 103 Early Hints: the final response follows.
-                    continue;
-                }
-                Ok(Some(head)) => {
-                    let (framing, keep_alive) = framing(&head, head_request);
-                    break (head.resp, framing, keep_alive);
-                }
-                // Nothing at all came back: closed (or reset) under the request.
-                Ok(None) => {
-                    return Err(stale_or_failed(
-                        unsent,
-                        reused,
-                        H1Error::ClosedBeforeResponse,
-                    ));
-                }
-                Err(e @ H1Error::Read(_)) if self.read.is_empty() => {
-                    return Err(stale_or_failed(unsent, reused, e));
-                }
-                Err(e) => return Err(SendError::Failed(e)),
-            }
+            (Some(req), None)
         };
-        Ok(Exchange {
-            head,
-            body: BodyState {
-                conn: self,
-                framing,
-                // A request body cut short leaves the upstream mid-message.
-                keep_alive: keep_alive && complete,
-            },
-        })
+        async move {
+            let mut complete = true;
+            if let Some(body) = body {
+                // Boxed: streaming a body (selects on the upstream answering early) makes a
+                // future of kilobytes that every bodiless request would otherwise carry.
+                complete = Box::pin(self.write_with_body(body, chunked))
+                    .await
+                    .map_err(SendError::Failed)?;
+            } else if let Err(e) = write_all(&self.io, &self.write).await {
+                return Err(stale_or_failed(unsent.take(), reused, H1Error::Write(e)));
+            }
+
+            let (head, framing, keep_alive) = loop {
+                match self.read_head().await {
+                    Ok(Some(head))
+                        if head.resp.status().is_informational()
+                            && head.resp.status() != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        // 100 Continue, 103 Early Hints: the final response follows.
+                        continue;
+                    }
+                    Ok(Some(head)) => {
+                        let (framing, keep_alive) = framing(&head, head_request);
+                        break (head.resp, framing, keep_alive);
+                    }
+                    // Nothing at all came back: closed (or reset) under the request.
+                    Ok(None) => {
+                        return Err(stale_or_failed(
+                            unsent,
+                            reused,
+                            H1Error::ClosedBeforeResponse,
+                        ));
+                    }
+                    Err(e @ H1Error::Read(_)) if self.read.is_empty() => {
+                        return Err(stale_or_failed(unsent, reused, e));
+                    }
+                    Err(e) => return Err(SendError::Failed(e)),
+                }
+            };
+            Ok(Exchange {
+                head,
+                body: BodyState {
+                    conn: self,
+                    framing,
+                    // A request body cut short leaves the upstream mid-message.
+                    keep_alive: keep_alive && complete,
+                },
+            })
+        }
     }
 
     fn encode_head(&mut self, req: &Request<RequestBody>, length: Option<u64>, chunked: bool) {

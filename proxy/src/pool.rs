@@ -84,35 +84,39 @@ impl Http1Pool {
 
     /// Sends `req` (origin-form URI, head ready for the wire) to `endpoint` on an idle
     /// connection, or on a new one when none is idle.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: the request is held once by the future (see `Forwarder::serve`).
+    pub fn send(
         &self,
         endpoint: Authority,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
         let endpoint = Key(endpoint);
-        loop {
-            let (conn, reused) = match self.inner.checkout(&endpoint) {
-                Some(conn) => (conn, true),
-                // Boxed: connecting is rare, and its future would otherwise be carried (and
-                // moved) by every request's future.
-                None => (Box::pin(self.connect(&endpoint.0)).await?, false),
-            };
-            match conn.send(req, reused).await {
-                Ok(exchange) => {
-                    let home = Home {
-                        pool: self.inner.clone(),
-                        endpoint,
-                    };
-                    let body = UpstreamBody::H1(H1Body::new(exchange.body, home));
-                    return Ok(exchange.head.map(|()| body));
-                }
-                // The reused connection was closed under a request that can go again.
-                Err(SendError::Stale(again)) => req = *again,
-                Err(SendError::Failed(e)) => {
-                    return Err(UpstreamError::Reset {
-                        endpoint: endpoint.0.to_string(),
-                        cause: e.to_string(),
-                    });
+        async move {
+            loop {
+                let (conn, reused) = match self.inner.checkout(&endpoint) {
+                    Some(conn) => (conn, true),
+                    // Boxed: connecting is rare, and its future would otherwise be carried (and
+                    // moved) by every request's future.
+                    None => (Box::pin(self.connect(&endpoint.0)).await?, false),
+                };
+                match conn.send(req, reused).await {
+                    Ok(exchange) => {
+                        let home = Home {
+                            pool: self.inner.clone(),
+                            endpoint,
+                        };
+                        let body = UpstreamBody::H1(H1Body::new(exchange.body, home));
+                        return Ok(exchange.head.map(|()| body));
+                    }
+                    // The reused connection was closed under a request that can go again.
+                    Err(SendError::Stale(again)) => req = *again,
+                    Err(SendError::Failed(e)) => {
+                        return Err(UpstreamError::Reset {
+                            endpoint: endpoint.0.to_string(),
+                            cause: e.to_string(),
+                        });
+                    }
                 }
             }
         }

@@ -114,32 +114,36 @@ impl Upstream {
     }
 
     /// [`Upstream::forward`] with the upstream's body as it is.
-    pub async fn send(
+    ///
+    /// The request is prepared before the future is made: the future holds it once (see
+    /// `Forwarder::serve`).
+    pub fn send(
         &self,
         req: Request<RequestBody>,
         endpoint: Authority,
         protocol: UpstreamProtocol,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
         let downstream_version = req.version();
-        // Prepared apart: only what crosses the await stays in this (per request) future.
         let req = prepare(req, &endpoint, protocol);
-        let mut resp = match protocol {
-            // The HTTP/1.1 client never puts hop-by-hop fields in the map.
-            UpstreamProtocol::Http1 => self.http1.send(endpoint, req).await?,
-            UpstreamProtocol::Http2 => {
-                let mut resp = self
-                    .http2
-                    .request(req)
-                    .await
-                    .map_err(|e| classify(&e, endpoint.as_str()))?
-                    .map(UpstreamBody::new);
-                strip_hop_by_hop(resp.headers_mut());
-                resp
-            }
-        };
-        // hyper frames the response for the downstream connection; the version says which.
-        *resp.version_mut() = downstream_version;
-        Ok(resp)
+        async move {
+            let mut resp = match protocol {
+                // The HTTP/1.1 client never puts hop-by-hop fields in the map.
+                UpstreamProtocol::Http1 => self.http1.send(endpoint, req).await?,
+                UpstreamProtocol::Http2 => {
+                    let mut resp = self
+                        .http2
+                        .request(req)
+                        .await
+                        .map_err(|e| classify(&e, endpoint.as_str()))?
+                        .map(UpstreamBody::new);
+                    strip_hop_by_hop(resp.headers_mut());
+                    resp
+                }
+            };
+            // hyper frames the response for the downstream connection; the version says which.
+            *resp.version_mut() = downstream_version;
+            Ok(resp)
+        }
     }
 }
 

@@ -78,12 +78,15 @@ impl MeshClient {
 
     /// One attempt over mTLS, body streamed or replayed: what the resilience layer calls for a
     /// destination that has an identity.
-    pub async fn send(
+    ///
+    /// The request is rewritten before the future is made, which then holds it once (see
+    /// `Forwarder::serve`).
+    pub fn send(
         &self,
         req: Request<RequestBody>,
         endpoint: Authority,
         expected: Arc<str>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
         let downstream_version = req.version();
         let (mut parts, body) = req.into_parts();
         // HTTP/2 carries the authority as `:authority`; take it from Host when the app spoke
@@ -109,37 +112,38 @@ impl MeshClient {
         );
         parts.version = Version::HTTP_2;
         let mut req = Request::from_parts(parts, body);
-
         let key: Key = (expected, endpoint);
-        // One retry when a pooled connection turned out to be closing before it took the
-        // request (the request is handed back unsent, so nothing is replayed).
-        for _ in 0..2 {
-            let mut sender = self.sender(&key).await?;
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    parts.version = downstream_version;
-                    return Ok(Response::from_parts(parts, UpstreamBody::new(body)));
-                }
-                Err(mut e) => {
-                    self.forget(&key);
-                    match e.take_message() {
-                        Some(unsent) => req = unsent,
-                        None => {
-                            return Err(UpstreamError::Reset {
-                                endpoint: key.1.to_string(),
-                                cause: e.into_error().to_string(),
-                            });
+        async move {
+            // One retry when a pooled connection turned out to be closing before it took the
+            // request (the request is handed back unsent, so nothing is replayed).
+            for _ in 0..2 {
+                let mut sender = self.sender(&key).await?;
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        let (mut parts, body) = resp.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        parts.version = downstream_version;
+                        return Ok(Response::from_parts(parts, UpstreamBody::new(body)));
+                    }
+                    Err(mut e) => {
+                        self.forget(&key);
+                        match e.take_message() {
+                            Some(unsent) => req = unsent,
+                            None => {
+                                return Err(UpstreamError::Reset {
+                                    endpoint: key.1.to_string(),
+                                    cause: e.into_error().to_string(),
+                                });
+                            }
                         }
                     }
                 }
             }
+            Err(UpstreamError::Reset {
+                endpoint: key.1.to_string(),
+                cause: "connection closed before the request was sent".into(),
+            })
         }
-        Err(UpstreamError::Reset {
-            endpoint: key.1.to_string(),
-            cause: "connection closed before the request was sent".into(),
-        })
     }
 
     fn forget(&self, key: &Key) {

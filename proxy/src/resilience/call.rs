@@ -33,6 +33,7 @@ use crate::error::ProxyError;
 use crate::identity::mesh::MeshClient;
 use crate::routing::RouteError;
 use crate::upstream::{Upstream, UpstreamError, UpstreamProtocol};
+use futures_util::future::Either;
 
 /// A `Retry-After` longer than this is not waited for: the answer goes back instead.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -156,39 +157,47 @@ impl RulePolicy {
 /// Forwards `req` to `set` under `policy`; with the response, which endpoint gave it. `mtls`
 /// is how to reach `set` when its service has an identity; `mesh` is this proxy's mesh client
 /// (when it has an identity), for a mirror whose service has one of its own.
-pub async fn forward(
+///
+/// Not an `async fn`, like the rest of the request path (see `Forwarder::serve`).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` would keep the request twice in its future"
+)]
+pub fn forward(
     set: Arc<EndpointSet>,
     policy: Arc<RulePolicy>,
     req: Request<DownstreamBody>,
     mtls: Option<Mtls>,
     mesh: Option<&MeshClient>,
-) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
-    if let Some(bucket) = &policy.rate_limit
-        && let Err(wait) = bucket.try_take(req.headers())
-    {
-        return Err(ResilienceError::RateLimited {
-            limit: format!("route rule {}", policy.name),
-            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+) -> impl Future<Output = Result<(Response<ProxyBody>, Attempted), ProxyError>> {
+    async move {
+        if let Some(bucket) = &policy.rate_limit
+            && let Err(wait) = bucket.try_take(req.headers())
+        {
+            return Err(ResilienceError::RateLimited {
+                limit: format!("route rule {}", policy.name),
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            }
+            .into());
         }
-        .into());
-    }
-    if let Some(f) = &policy.fault {
-        f.apply(&policy.name).await?;
-    }
-    // Each arm builds its own future: a future kept in a local and then awaited in one of two
-    // ways is laid out twice, and the request future (moved at every poll layer) grows by it.
-    match policy.timeout {
-        None => attempts(&set, &policy, req, mtls.as_ref(), mesh).await,
-        Some(t) => tokio::time::timeout(t, attempts(&set, &policy, req, mtls.as_ref(), mesh))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ResilienceError::Timeout {
-                    kind: TimeoutKind::Request,
-                    after_ms: t.as_millis() as u64,
-                    target: format!("service {:?}", set.service),
-                }
-                .into())
-            }),
+        if let Some(f) = &policy.fault {
+            f.apply(&policy.name).await?;
+        }
+        // Each arm builds its own future: a future kept in a local and then awaited in one of two
+        // ways is laid out twice, and the request future (moved at every poll layer) grows by it.
+        match policy.timeout {
+            None => attempts(&set, &policy, req, mtls.as_ref(), mesh).await,
+            Some(t) => tokio::time::timeout(t, attempts(&set, &policy, req, mtls.as_ref(), mesh))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ResilienceError::Timeout {
+                        kind: TimeoutKind::Request,
+                        after_ms: t.as_millis() as u64,
+                        target: format!("service {:?}", set.service),
+                    }
+                    .into())
+                }),
+        }
     }
 }
 
@@ -218,27 +227,15 @@ pub fn request(parts: &Parts, body: RequestBody) -> Request<RequestBody> {
     req
 }
 
-async fn attempts(
-    set: &Arc<EndpointSet>,
-    policy: &RulePolicy,
+/// The request is taken apart before the future is made, so that the future holds its head
+/// and body once each (see `Forwarder::serve`).
+fn attempts<'a>(
+    set: &'a Arc<EndpointSet>,
+    policy: &'a RulePolicy,
     req: Request<DownstreamBody>,
-    mtls: Option<&Mtls>,
-    mesh: Option<&MeshClient>,
-) -> Result<(Response<ProxyBody>, Attempted), ProxyError> {
-    let rt = &set.runtime;
-    let mut permit = match rt.max_requests {
-        None => None,
-        Some(max) => Some(
-            rt.shared
-                .bulkhead
-                .acquire(max, rt.max_pending)
-                .await
-                .ok_or_else(|| ResilienceError::Overflow {
-                    service: set.service.clone(),
-                    limit: max,
-                })?,
-        ),
-    };
+    mtls: Option<&'a Mtls>,
+    mesh: Option<&'a MeshClient>,
+) -> impl Future<Output = Result<(Response<ProxyBody>, Attempted), ProxyError>> + 'a {
     let protocol = UpstreamProtocol::resolve(set.protocol, req.version());
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
@@ -259,144 +256,161 @@ async fn attempts(
     // A request that is sent once keeps its own head; others copy it per attempt.
     let single = retry.is_none() && mirror.is_none();
     let mut head = Some(parts);
-    let no_headers = http::HeaderMap::new();
-    // The clock is read once when an attempt starts and once when it ends; everything
-    // else (budget, EWMA, ejection) takes its time from those.
-    let mut started = Instant::now();
-    rt.shared.budget.deposit(&rt.budget, ms_at(started));
-    let mut exclude = None;
-    let mut retries = 0u32;
-    loop {
-        let body = match (&replay, stream.take()) {
-            (_, Some(b)) => RequestBody::Stream(b),
-            (Some(r), None) => match r.replay() {
-                Some(b) => RequestBody::Replay(b),
-                None => unreachable_replay()?,
-            },
-            (None, None) => unreachable_replay()?,
+    async move {
+        let rt = &set.runtime;
+        let mut permit = match rt.max_requests {
+            None => None,
+            Some(max) => Some(
+                rt.shared
+                    .bulkhead
+                    .acquire(max, rt.max_pending)
+                    .await
+                    .ok_or_else(|| ResilienceError::Overflow {
+                        service: set.service.clone(),
+                        limit: max,
+                    })?,
+            ),
         };
-        if !mirrored
-            && let (Some(m), Some(r)) = (mirror, &replay)
-            && r.is_complete()
-            && let Some(parts) = &head
-        {
-            mirrored = true;
-            mirror_copy(m, parts, r, mesh);
-        }
-        let idx = set
-            .choose(head.as_ref().map_or(&no_headers, |p| &p.headers), exclude)
-            .ok_or_else(|| RouteError::NoEndpoints {
-                service: set.service.clone(),
-                subset: set.subset.clone(),
-            })?;
-        let stats = &set.stats[idx];
-        let inflight = stats.start();
-        let endpoint = set.endpoint(idx).authority.clone();
-        let attempt = match head.as_ref() {
-            Some(parts) if !single => request(parts, body),
-            _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
-        };
-        let per_try = retry.and_then(|r| r.per_try_timeout);
-        let send = || send(mtls, &rt.upstream, attempt, endpoint.clone(), protocol);
-        let result: Result<Response<UpstreamBody>, ProxyError> = match per_try {
-            None => send().await.map_err(Into::into),
-            Some(t) => match tokio::time::timeout(t, send()).await {
-                Ok(r) => r.map_err(Into::into),
-                Err(_) => Err(ResilienceError::Timeout {
-                    kind: TimeoutKind::PerTry,
-                    after_ms: t.as_millis() as u64,
-                    target: format!("endpoint {endpoint}"),
-                }
-                .into()),
-            },
-        };
-        let ended = Instant::now();
-        let elapsed = ended.saturating_duration_since(started);
-        let now = ms_at(ended);
-        let failed = match &result {
-            Ok(resp) => {
-                stats.observe_latency_at(elapsed, ended);
-                resp.status().is_server_error()
-            }
-            Err(_) => {
-                // A fast failure (refused connection) must not look like a fast endpoint to
-                // peak-EWMA; outlier ejection does the rest.
-                stats.observe_latency_at(elapsed.max(Duration::from_millis(100)), ended);
-                true
-            }
-        };
-        if let Some(o) = &rt.outlier
-            && outlier::report(o, &set.stats, idx, failed, now)
-        {
-            rt.shared.ejections.inc();
-        }
-        if !mirrored && let (Some(m), Some(r)) = (mirror, &replay) {
-            // The first attempt has the body (or never will): mirror now or not at all.
-            mirrored = true;
-            if r.is_complete()
+        // The clock is read once when an attempt starts and once when it ends; everything
+        // else (budget, EWMA, ejection) takes its time from those.
+        let mut started = Instant::now();
+        rt.shared.budget.deposit(&rt.budget, ms_at(started));
+        let mut exclude = None;
+        let mut retries = 0u32;
+        loop {
+            let body = match (&replay, stream.take()) {
+                (_, Some(b)) => RequestBody::Stream(b),
+                (Some(r), None) => match r.replay() {
+                    Some(b) => RequestBody::Replay(b),
+                    None => unreachable_replay()?,
+                },
+                (None, None) => unreachable_replay()?,
+            };
+            if !mirrored
+                && let (Some(m), Some(r)) = (mirror, &replay)
+                && r.is_complete()
                 && let Some(parts) = &head
             {
+                mirrored = true;
                 mirror_copy(m, parts, r, mesh);
             }
-        }
-
-        // Should this outcome be tried again?
-        let mut wait = None;
-        if let Some(r) = retry
-            && retries < r.attempts
-        {
-            let safe = r.allow_non_idempotent || retry::idempotent(&method);
-            let wanted = match &result {
-                Ok(resp) if safe && r.retry_response(resp.status(), resp.headers()) => {
-                    match retry::retry_after(resp.headers()) {
-                        Some(ra) if ra > MAX_RETRY_AFTER => None,
-                        ra => Some(ra.unwrap_or_default()),
-                    }
-                }
-                Ok(_) => None,
-                // Nothing reached the upstream: safe for every method.
-                Err(ProxyError::Upstream(
-                    UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. },
-                )) if r.on.connect_failure => Some(Duration::ZERO),
-                Err(ProxyError::Upstream(UpstreamError::Reset { cause, .. }))
-                    if safe
-                        && (r.on.reset
-                            || (r.on.refused_stream
-                                && cause.to_ascii_lowercase().contains("refused"))) =>
-                {
-                    Some(Duration::ZERO)
-                }
-                Err(ProxyError::Resilience(ResilienceError::Timeout { .. })) if safe => {
-                    Some(Duration::ZERO)
-                }
-                Err(_) => None,
+            // The head is kept until the last attempt is made.
+            let headers = &head.as_ref().ok_or_else(gone)?.headers;
+            let idx = set
+                .choose(headers, exclude)
+                .ok_or_else(|| RouteError::NoEndpoints {
+                    service: set.service.clone(),
+                    subset: set.subset.clone(),
+                })?;
+            let stats = &set.stats[idx];
+            let inflight = stats.start();
+            let endpoint = set.endpoint(idx).authority.clone();
+            let attempt = match head.as_ref() {
+                Some(parts) if !single => request(parts, body),
+                _ => Request::from_parts(head.take().ok_or_else(gone)?, body),
             };
-            let replayable = replay.as_ref().is_some_and(|r| r.replay().is_some());
-            if let Some(retry_after) = wanted
-                && replayable
-                && rt.shared.budget.try_withdraw(&rt.budget, now)
+            let per_try = retry.and_then(|r| r.per_try_timeout);
+            let send = || send(mtls, &rt.upstream, attempt, endpoint.clone(), protocol);
+            let result: Result<Response<UpstreamBody>, ProxyError> = match per_try {
+                None => send().await.map_err(Into::into),
+                Some(t) => match tokio::time::timeout(t, send()).await {
+                    Ok(r) => r.map_err(Into::into),
+                    Err(_) => Err(ResilienceError::Timeout {
+                        kind: TimeoutKind::PerTry,
+                        after_ms: t.as_millis() as u64,
+                        target: format!("endpoint {endpoint}"),
+                    }
+                    .into()),
+                },
+            };
+            let ended = Instant::now();
+            let elapsed = ended.saturating_duration_since(started);
+            let now = ms_at(ended);
+            let failed = match &result {
+                Ok(resp) => {
+                    stats.observe_latency_at(elapsed, ended);
+                    resp.status().is_server_error()
+                }
+                Err(_) => {
+                    // A fast failure (refused connection) must not look like a fast endpoint to
+                    // peak-EWMA; outlier ejection does the rest.
+                    stats.observe_latency_at(elapsed.max(Duration::from_millis(100)), ended);
+                    true
+                }
+            };
+            if let Some(o) = &rt.outlier
+                && outlier::report(o, &set.stats, idx, failed, now)
             {
-                retries += 1;
-                wait = Some(r.backoff(retries).max(retry_after));
+                rt.shared.ejections.inc();
             }
-        }
-        match wait {
-            Some(pause) => {
-                drop(result);
-                drop(inflight);
-                exclude = (set.stats.len() > 1).then_some(idx);
-                tokio::time::sleep(pause).await;
-                started = Instant::now();
+            if !mirrored && let (Some(m), Some(r)) = (mirror, &replay) {
+                // The first attempt has the body (or never will): mirror now or not at all.
+                mirrored = true;
+                if r.is_complete()
+                    && let Some(parts) = &head
+                {
+                    mirror_copy(m, parts, r, mesh);
+                }
             }
-            None => {
-                let resp = result?;
-                let idle = policy.stream_idle_timeout;
-                let resp = resp.map(|b| {
-                    ProxyBody::Tracked(TrackedBody::new(b, Some(inflight), permit.take(), idle))
-                });
-                // Returned beside the response, not in its extensions: inserting one there
-                // allocates a map and a box per request.
-                return Ok((resp, Attempted { endpoint, retries }));
+
+            // Should this outcome be tried again?
+            let mut wait = None;
+            if let Some(r) = retry
+                && retries < r.attempts
+            {
+                let safe = r.allow_non_idempotent || retry::idempotent(&method);
+                let wanted = match &result {
+                    Ok(resp) if safe && r.retry_response(resp.status(), resp.headers()) => {
+                        match retry::retry_after(resp.headers()) {
+                            Some(ra) if ra > MAX_RETRY_AFTER => None,
+                            ra => Some(ra.unwrap_or_default()),
+                        }
+                    }
+                    Ok(_) => None,
+                    // Nothing reached the upstream: safe for every method.
+                    Err(ProxyError::Upstream(
+                        UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. },
+                    )) if r.on.connect_failure => Some(Duration::ZERO),
+                    Err(ProxyError::Upstream(UpstreamError::Reset { cause, .. }))
+                        if safe
+                            && (r.on.reset
+                                || (r.on.refused_stream
+                                    && cause.to_ascii_lowercase().contains("refused"))) =>
+                    {
+                        Some(Duration::ZERO)
+                    }
+                    Err(ProxyError::Resilience(ResilienceError::Timeout { .. })) if safe => {
+                        Some(Duration::ZERO)
+                    }
+                    Err(_) => None,
+                };
+                let replayable = replay.as_ref().is_some_and(|r| r.replay().is_some());
+                if let Some(retry_after) = wanted
+                    && replayable
+                    && rt.shared.budget.try_withdraw(&rt.budget, now)
+                {
+                    retries += 1;
+                    wait = Some(r.backoff(retries).max(retry_after));
+                }
+            }
+            match wait {
+                Some(pause) => {
+                    drop(result);
+                    drop(inflight);
+                    exclude = (set.stats.len() > 1).then_some(idx);
+                    tokio::time::sleep(pause).await;
+                    started = Instant::now();
+                }
+                None => {
+                    let resp = result?;
+                    let idle = policy.stream_idle_timeout;
+                    let resp = resp.map(|b| {
+                        ProxyBody::Tracked(TrackedBody::new(b, Some(inflight), permit.take(), idle))
+                    });
+                    // Returned beside the response, not in its extensions: inserting one there
+                    // allocates a map and a box per request.
+                    return Ok((resp, Attempted { endpoint, retries }));
+                }
             }
         }
     }
@@ -421,16 +435,18 @@ fn mirror_copy(
 }
 
 /// One attempt, to its own endpoint, over mTLS when the destination has an identity.
-pub(super) async fn send(
+pub(super) fn send(
     mtls: Option<&Mtls>,
     upstream: &Upstream,
     attempt: Request<RequestBody>,
     endpoint: http::uri::Authority,
     protocol: UpstreamProtocol,
-) -> Result<Response<UpstreamBody>, UpstreamError> {
+) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
+    // Either future, not an `async fn` around them: one layer (and one copy of the request)
+    // less in every request's future.
     match mtls {
-        Some(m) => m.client.send(attempt, endpoint, m.identity.clone()).await,
-        None => upstream.send(attempt, endpoint, protocol).await,
+        Some(m) => Either::Left(m.client.send(attempt, endpoint, m.identity.clone())),
+        None => Either::Right(upstream.send(attempt, endpoint, protocol)),
     }
 }
 
