@@ -320,8 +320,12 @@ async fn spans_reach_a_collector_over_otlp_grpc() {
     })
     .await;
     assert_eq!(span.parent_id, "00f067aa0ba902b7", "{span:?}");
-    let m = scrape(proxy.admin).await;
-    assert!(value(&m, "weft_proxy_trace_spans_exported_total", &[]) >= 1.0);
+    // The collector prints a span before the proxy has read the answer to its export.
+    let m = eventually(Duration::from_secs(10), "the export counted", || async {
+        let m = scrape(proxy.admin).await;
+        (value(&m, "weft_proxy_trace_spans_exported_total", &[]) >= 1.0).then_some(m)
+    })
+    .await;
     assert_eq!(value(&m, "weft_proxy_trace_spans_dropped_total", &[]), 0.0);
 }
 
