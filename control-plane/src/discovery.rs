@@ -4,8 +4,9 @@
 //! The translation is a pure function over real Kubernetes types (`k8s-openapi`,
 //! `gateway-api`), so it is tested with the objects a cluster would return. Watching the API
 //! server is I/O behind [`ClusterSource`]; the translation never fails as a whole: what weft
-//! cannot express (filters, unknown backends, all-zero weights) is left out with a warning that
-//! names the object, and the result is validated like any other configuration.
+//! cannot express (filters other than the header modifiers, unknown backends, all-zero weights)
+//! is left out with a warning that names the object, and the result is validated like any
+//! other configuration.
 //!
 //! Mapping:
 //! - Service `reviews` in `bookinfo` → weft service `reviews.bookinfo` for its first TCP port
@@ -18,7 +19,8 @@
 //!   sends everything to its own port; otherwise its rules come from the HTTPRoutes attached to
 //!   it (a parentRef without `port` attaches to every port) in Gateway API precedence order,
 //!   one weft rule per HTTPRoute match (matches are OR'ed there, AND'ed in weft), with
-//!   weighted `backendRefs` (to the port they name) as weighted backends.
+//!   weighted `backendRefs` (to the port they name) as weighted backends and the
+//!   `RequestHeaderModifier`/`ResponseHeaderModifier` filters as the rule's `headers`.
 //!
 //! Layering ([`merge`]): the registry serves `merge(base, discovered)`, where `base` is the
 //! mesh file plus API changes and `discovered` the latest translation. On a name clash the base
@@ -33,11 +35,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures_util::future::BoxFuture;
 use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
-    HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
+    HttpRoute, HttpRouteRules, HttpRouteRulesFiltersType, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
 };
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use weft_proto::headers::{HeaderEdits, HeaderRules};
 use weft_proto::model::{self, MeshConfig, NamedMatch, Protocol, StringMatch};
 
 /// Everything discovery reads from a cluster at one moment.
@@ -233,9 +237,8 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                 else {
                     continue;
                 };
-                if rule.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-                    warnings.push(format!("HTTPRoute {rns}/{rname} rule {rule_index}: filters are not supported yet and were ignored"));
-                }
+                let what = format!("HTTPRoute {rns}/{rname} rule {rule_index}");
+                let headers = header_filters(rule, &what, &mut warnings);
                 let matches = rule
                     .matches
                     .clone()
@@ -247,6 +250,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                         name: format!("{rns}/{rname}#{rule_index}.{match_index}"),
                         matches: route_match(m),
                         backends: backends.clone(),
+                        headers: headers.clone(),
                         ..model::Rule::default()
                     };
                     for &index in &parents {
@@ -404,6 +408,66 @@ fn backend(service: &str, weight: u32) -> model::Backend {
         subset: String::new(),
         weight: Some(weight),
     }
+}
+
+/// The header edits of one HTTPRoute rule, from its `RequestHeaderModifier` and
+/// `ResponseHeaderModifier` filters. Other filters are left out with a warning (weft cannot
+/// express them yet), and so are edits weft refuses (e.g. of `x-weft-*` fields), with the
+/// reason: one bad filter must not make the whole discovered layer invalid.
+fn header_filters(
+    rule: &HttpRouteRules,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Option<HeaderRules> {
+    let mut out = HeaderRules::default();
+    let merge = |edits: &mut HeaderEdits,
+                 set: Vec<(String, String)>,
+                 add: Vec<(String, String)>,
+                 remove: &Option<Vec<String>>| {
+        edits.set.extend(set);
+        edits.add.extend(add);
+        edits.remove.extend(remove.iter().flatten().cloned());
+    };
+    // The request and response modifiers are distinct generated types of one shape.
+    macro_rules! pairs {
+        ($list:expr) => {
+            $list
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect()
+        };
+    }
+    for f in rule.filters.iter().flatten() {
+        match (
+            &f.r#type,
+            &f.request_header_modifier,
+            &f.response_header_modifier,
+        ) {
+            (HttpRouteRulesFiltersType::RequestHeaderModifier, Some(m), _) => {
+                merge(&mut out.request, pairs!(m.set), pairs!(m.add), &m.remove);
+            }
+            (HttpRouteRulesFiltersType::ResponseHeaderModifier, _, Some(m)) => {
+                merge(&mut out.response, pairs!(m.set), pairs!(m.add), &m.remove);
+            }
+            (other, _, _) => warnings.push(format!(
+                "{what}: filter {other:?} is not supported yet and was ignored"
+            )),
+        }
+    }
+    if out.request.is_empty() && out.response.is_empty() {
+        return None;
+    }
+    let problems = weft_proto::headers::check(&[], &out);
+    if !problems.is_empty() {
+        let reasons: Vec<_> = problems.into_iter().map(|(_, reason)| reason).collect();
+        warnings.push(format!(
+            "{what}: header filters left out: {}",
+            reasons.join("; ")
+        ));
+        return None;
+    }
+    Some(out)
 }
 
 /// The weighted backends of one HTTPRoute rule; `None` (with a warning) when it has none usable.

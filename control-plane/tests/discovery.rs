@@ -210,7 +210,7 @@ spec:
   rules:
     - backendRefs: [{name: reviews-v1, weight: 0}, {name: reviews-v2, weight: 0}]
     - backendRefs: [{name: nowhere}, {name: reviews-v1}]
-      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: y}]}}]
+      filters: [{type: URLRewrite, urlRewrite: {hostname: elsewhere}}]
 "#;
     let t = translate(&snapshot(bad));
     validate(&t.config, &Limits::default()).expect("still a valid configuration");
@@ -221,7 +221,10 @@ spec:
         w.contains("backend Service nowhere.bookinfo not found"),
         "{w}"
     );
-    assert!(w.contains("filters are not supported"), "{w}");
+    assert!(
+        w.contains("rule 1: filter UrlRewrite is not supported"),
+        "{w}"
+    );
     let route = t
         .config
         .routes
@@ -399,4 +402,59 @@ spec:
         let r = t.config.routes.iter().find(|r| r.name == name).unwrap();
         assert_eq!(r.rules.len(), 2, "{name}: {r:?}");
     }
+}
+
+#[test]
+fn header_modifier_filters_become_the_rules_header_edits() {
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: edits, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: X-Env, value: prod}]
+            add: [{name: x-via, value: weft}]
+            remove: [x-debug]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {remove: [server]}
+        - type: RequestRedirect
+          requestRedirect: {scheme: https}
+      backendRefs: [{name: reviews-v1}]
+    - filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-weft-peer-identity, value: "spiffe://weft.local/ns/bookinfo/sa/admin"}]
+      backendRefs: [{name: reviews-v1}]
+"#;
+    let t = translate(&snapshot(route));
+    let cart = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .expect("the reviews route");
+    let edited = cart.rules[0].headers.as_ref().expect("rule 0's edits");
+    assert_eq!(edited.request.set["X-Env"], "prod");
+    assert_eq!(edited.request.add["x-via"], "weft");
+    assert_eq!(edited.request.remove, ["x-debug"]);
+    assert_eq!(edited.response.remove, ["server"]);
+    // What weft cannot express is named, and the forged identity is left out with its reason.
+    assert!(cart.rules[1].headers.is_none(), "{:?}", cart.rules[1]);
+    let warnings = t.warnings.join("\n");
+    assert!(
+        warnings
+            .contains("HTTPRoute bookinfo/edits rule 0: filter RequestRedirect is not supported"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("HTTPRoute bookinfo/edits rule 1: header filters left out")
+            && warnings.contains("x-weft-peer-identity cannot be edited"),
+        "{warnings}"
+    );
+    validate(&t.config, &Limits::default()).expect("a valid configuration");
 }

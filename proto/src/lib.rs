@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod experiment;
+pub mod headers;
 pub mod locate;
 pub mod model;
 pub mod ops;

@@ -136,6 +136,9 @@ pub struct Rule {
     /// Pick the backend by a hash of a cookie or header instead of at random.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<crate::experiment::StickySplit>,
+    /// Header fields set, added or removed on the request and on the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<crate::headers::HeaderRules>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -430,6 +430,9 @@ pub fn check_rule(p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str
     if let Some(rl) = &rule.rate_limit {
         out.extend(check_rate_limit(&at(p, &["rate_limit"]), rl));
     }
+    if let Some(h) = &rule.headers {
+        out.extend(crate::headers::check(p, h));
+    }
     if let Some(f) = &rule.fault {
         let p = at(p, &["fault"]);
         if let Some(d) = &f.delay {
@@ -601,6 +604,7 @@ pub fn rate_limit_from_pb(r: &pb::RateLimit) -> RateLimit {
 /// Fills the resilience fields of a wire `RoutePolicy`.
 pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
     out.stream_idle_timeout_ms = ms(rule.stream_idle_timeout);
+    out.headers = rule.headers.as_ref().map(crate::headers::to_pb);
     out.rate_limit = rule.rate_limit.as_ref().map(rate_limit_to_pb);
     out.fault = rule.fault.as_ref().map(|f| pb::Fault {
         delay: f.delay.as_ref().map(|d| pb::FaultDelay {
@@ -623,6 +627,7 @@ pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
 /// Reads the resilience fields of a wire `RoutePolicy` into `rule`.
 pub fn route_policy_from_pb(w: &pb::RoutePolicy, rule: &mut Rule) {
     rule.stream_idle_timeout = opt_ms(w.stream_idle_timeout_ms);
+    rule.headers = w.headers.as_ref().map(crate::headers::from_pb);
     rule.rate_limit = w.rate_limit.as_ref().map(rate_limit_from_pb);
     rule.fault = w.fault.map(|f| Fault {
         delay: f.delay.map(|d| FaultDelay {

@@ -194,7 +194,7 @@ impl Forwarder {
     )]
     fn forward(
         &self,
-        req: Request<DownstreamBody>,
+        mut req: Request<DownstreamBody>,
         meta: &mut RequestMeta,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
         async move {
@@ -211,6 +211,10 @@ impl Forwarder {
                         .map(|o| o.0);
                     let (set, policy, labels) = snapshot.table.resolve_at(&req, orig)?;
                     meta.target = Some(labels);
+                    let edits = policy.headers.clone();
+                    if let Some(e) = &edits {
+                        e.request.apply(req.headers_mut());
+                    }
                     // Experiments judge a subset by what its callers saw after retries: one
                     // outcome per request, recorded here.
                     let subset_stats = set.subset_stats.clone();
@@ -228,7 +232,11 @@ impl Forwarder {
                         meta.upstream = Some(endpoint.clone());
                         // Boxed: rare, and the request's future stays small.
                         let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref());
-                        return Ok(Box::pin(upgrade).await?);
+                        let mut resp = Box::pin(upgrade).await?;
+                        if let Some(e) = &edits {
+                            e.response.apply(resp.headers_mut());
+                        }
+                        return Ok(resp);
                     }
                     let result = crate::resilience::call::forward(
                         set,
@@ -244,7 +252,10 @@ impl Forwarder {
                     let elapsed = started.elapsed();
                     meta.elapsed = Some(elapsed);
                     subset_stats.record(failed, elapsed);
-                    let (resp, attempted) = result?;
+                    let (mut resp, attempted) = result?;
+                    if let Some(e) = &edits {
+                        e.response.apply(resp.headers_mut());
+                    }
                     meta.upstream = Some(attempted.endpoint);
                     meta.retries = attempted.retries;
                     return Ok(resp);

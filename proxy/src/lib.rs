@@ -30,6 +30,7 @@ pub mod error;
 pub mod forward;
 pub mod h1;
 pub mod h1_server;
+pub mod header_edits;
 pub mod health;
 pub mod identity;
 pub mod inbound;

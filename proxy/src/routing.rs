@@ -404,7 +404,19 @@ impl<'a> Compiler<'a> {
                 Ok::<_, CompileError>((self.endpoint_set(&m.service, &m.subset, at)?, identity))
             })
             .transpose()?;
-        let policy = Arc::new(RulePolicy::build(route, index, rule, self.registry, mirror));
+        let mut policy = RulePolicy::build(route, index, rule, self.registry, mirror);
+        policy.headers = rule
+            .headers
+            .as_ref()
+            .map(|h| {
+                crate::header_edits::Compiled::compile(h).map_err(|reason| CompileError::Match {
+                    path: format!("{at}.headers"),
+                    reason,
+                })
+            })
+            .transpose()?
+            .map(Arc::new);
+        let policy = Arc::new(policy);
         let m = &rule.matches;
         let limits = self.limits;
         Ok(Rule {

@@ -530,3 +530,95 @@ async fn three_hundred_streams_converge_on_every_push() {
         "every push reached every stream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_edits_apply_to_the_request_and_the_upstreams_response() {
+    let dir = tempfile::tempdir().unwrap();
+    // The app answers with every value of every field it received.
+    let app = weft_tests::identity::HeaderApp::serve(|req| {
+        let mut seen = serde_json::Map::new();
+        for name in req.headers().keys() {
+            let values: Vec<_> = req
+                .headers()
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                .collect();
+            seen.insert(name.as_str().to_owned(), values.into());
+        }
+        serde_json::Value::Object(seen).to_string()
+    })
+    .await;
+    let yaml = |headers: &str| {
+        format!(
+            r#"services:
+  - name: reviews
+    endpoints: [{{address: "{}"}}]
+routes:
+  - name: reviews
+    hosts: [reviews]
+    rules:
+      - backends: [{{service: reviews}}]
+        headers: {headers}
+"#,
+            app.addr
+        )
+    };
+    let edits = "{request: {set: {X-Env: prod}, add: {x-via: weft}, remove: [x-debug]}, \
+                 response: {set: {x-served-by: weft}, remove: [content-type]}}";
+    let cp = ControlPlane::start(
+        dir.path(),
+        "control",
+        &yaml(edits),
+        ControlPlaneOpts::default(),
+    )
+    .await;
+    let proxy = Proxy::start(
+        dir.path(),
+        "proxy",
+        ProxyOpts {
+            control_plane: Some(cp.grpc),
+            service: "productpage".into(),
+            ..ProxyOpts::default()
+        },
+    )
+    .await;
+    let http = HttpClient::http1();
+    let r = http
+        .get(
+            proxy.outbound,
+            "reviews",
+            "/",
+            &[("x-debug", "1"), ("x-env", "dev"), ("x-via", "client")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert!(seen.get("x-debug").is_none(), "removed: {seen}");
+    assert_eq!(seen["x-env"], serde_json::json!(["prod"]), "set: {seen}");
+    assert_eq!(
+        seen["x-via"],
+        serde_json::json!(["client", "weft"]),
+        "added: {seen}"
+    );
+    assert_eq!(r.header("x-served-by"), Some("weft"));
+    assert_eq!(r.header("content-type"), None, "removed from the response");
+
+    // A rule may not forge the identity header a sidecar vouches for: refused, and named.
+    let (status, body) = cp
+        .apply(&yaml(
+            "{request: {set: {x-weft-peer-identity: spiffe://weft.local/ns/default/sa/admin}}}",
+        ))
+        .await;
+    assert!(status.is_client_error(), "{status} {body}");
+    let text = body.to_string();
+    assert!(
+        text.contains("routes[0].rules[0].headers.request.set.x-weft-peer-identity")
+            && text.contains("x-weft-* fields are the mesh's own"),
+        "{text}"
+    );
+    // The running edits stay.
+    let again = http.get(proxy.outbound, "reviews", "/", &[]).await.unwrap();
+    assert_eq!(again.header("x-served-by"), Some("weft"));
+}

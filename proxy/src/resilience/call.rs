@@ -109,6 +109,8 @@ pub struct RulePolicy {
     pub fault: Option<FaultConfig>,
     pub mirror: Option<MirrorPolicy>,
     pub stream_idle_timeout: Option<Duration>,
+    /// Header edits; applied where the request is routed (see `Forwarder::forward`).
+    pub headers: Option<Arc<crate::header_edits::Compiled>>,
 }
 
 /// Where a rule's copies go, and how many.
@@ -150,6 +152,7 @@ impl RulePolicy {
                     identity,
                 }),
             stream_idle_timeout: rule.stream_idle_timeout.map(|m| m.as_duration()),
+            headers: None,
         }
     }
 }
