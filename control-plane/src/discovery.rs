@@ -4,7 +4,7 @@
 //! The translation is a pure function over real Kubernetes types (`k8s-openapi`,
 //! `gateway-api`), so it is tested with the objects a cluster would return. Watching the API
 //! server is I/O behind [`ClusterSource`]; the translation never fails as a whole: what weft
-//! cannot express (filters other than the header modifiers, unknown backends, all-zero weights)
+//! cannot express (redirect, mirror and CORS filters, unknown backends, all-zero weights)
 //! is left out with a warning that names the object, and the result is validated like any
 //! other configuration.
 //!
@@ -19,8 +19,9 @@
 //!   sends everything to its own port; otherwise its rules come from the HTTPRoutes attached to
 //!   it (a parentRef without `port` attaches to every port) in Gateway API precedence order,
 //!   one weft rule per HTTPRoute match (matches are OR'ed there, AND'ed in weft), with
-//!   weighted `backendRefs` (to the port they name) as weighted backends and the
-//!   `RequestHeaderModifier`/`ResponseHeaderModifier` filters as the rule's `headers`.
+//!   weighted `backendRefs` (to the port they name) as weighted backends, the
+//!   `RequestHeaderModifier`/`ResponseHeaderModifier` filters as the rule's `headers` and
+//!   `URLRewrite` as its `rewrite`.
 //!
 //! Layering ([`merge`]): the registry serves `merge(base, discovered)`, where `base` is the
 //! mesh file plus API changes and `discovered` the latest translation. On a name clash the base
@@ -35,7 +36,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures_util::future::BoxFuture;
 use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesFiltersType, HttpRouteRulesMatches,
+    HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersType,
+    HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
     HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
@@ -43,6 +45,7 @@ use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weft_proto::headers::{HeaderEdits, HeaderRules};
 use weft_proto::model::{self, MeshConfig, NamedMatch, Protocol, StringMatch};
+use weft_proto::rewrite::Rewrite;
 
 /// Everything discovery reads from a cluster at one moment.
 #[derive(Debug, Clone, Default)]
@@ -239,6 +242,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                 };
                 let what = format!("HTTPRoute {rns}/{rname} rule {rule_index}");
                 let headers = header_filters(rule, &what, &mut warnings);
+                let rule_filters = rule.filters.as_deref().unwrap_or_default();
                 let matches = rule
                     .matches
                     .clone()
@@ -246,13 +250,14 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                     .unwrap_or_else(|| vec![HttpRouteRulesMatches::default()]);
                 for (match_index, m) in matches.iter().enumerate() {
                     let key = RuleKey::of(m, route_rank, rule_index, match_index);
-                    let rule = model::Rule {
+                    let mut rule = model::Rule {
                         name: format!("{rns}/{rname}#{rule_index}.{match_index}"),
                         matches: route_match(m),
                         backends: backends.clone(),
                         headers: headers.clone(),
                         ..model::Rule::default()
                     };
+                    url_rewrite(rule_filters, &mut rule, &what, &mut warnings);
                     for &index in &parents {
                         attached
                             .entry(index)
@@ -450,6 +455,8 @@ fn header_filters(
             (HttpRouteRulesFiltersType::ResponseHeaderModifier, _, Some(m)) => {
                 merge(&mut out.response, pairs!(m.set), pairs!(m.add), &m.remove);
             }
+            // Per match: see `url_rewrite`.
+            (HttpRouteRulesFiltersType::UrlRewrite, _, _) => {}
             (other, _, _) => warnings.push(format!(
                 "{what}: filter {other:?} is not supported yet and was ignored"
             )),
@@ -468,6 +475,53 @@ fn header_filters(
         return None;
     }
     Some(out)
+}
+
+/// The rule's `rewrite` from a `URLRewrite` filter (the first; the API allows one). Its
+/// `ReplacePrefixMatch` replaces the prefix this match matched: a match on the whole path
+/// space (`PathPrefix /`, weft's "any path") becomes an explicit `/` prefix for it. A rewrite
+/// weft refuses is left out with its reason.
+fn url_rewrite(
+    filters: &[HttpRouteRulesFilters],
+    rule: &mut model::Rule,
+    what: &str,
+    warnings: &mut Vec<String>,
+) {
+    let Some(f) = filters
+        .iter()
+        .filter(|f| f.r#type == HttpRouteRulesFiltersType::UrlRewrite)
+        .find_map(|f| f.url_rewrite.as_ref())
+    else {
+        return;
+    };
+    let mut rewrite = Rewrite {
+        host: f.hostname.clone(),
+        ..Rewrite::default()
+    };
+    let matched = rule.matches.path.clone();
+    match f.path.as_ref() {
+        Some(p) if p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath => {
+            rewrite.path = p.replace_full_path.clone();
+        }
+        Some(p) => {
+            rewrite.prefix = p.replace_prefix_match.clone();
+            if rule.matches.path.is_none() {
+                rule.matches.path = Some(StringMatch::prefix("/"));
+            }
+        }
+        None => {}
+    }
+    let problems = weft_proto::rewrite::check(&[], rule, &rewrite);
+    if problems.is_empty() {
+        rule.rewrite = Some(rewrite);
+    } else {
+        rule.matches.path = matched;
+        let reasons: Vec<_> = problems.into_iter().map(|(_, reason)| reason).collect();
+        warnings.push(format!(
+            "{what}: URLRewrite left out: {}",
+            reasons.join("; ")
+        ));
+    }
 }
 
 /// The weighted backends of one HTTPRoute rule; `None` (with a warning) when it has none usable.

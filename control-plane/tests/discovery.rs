@@ -210,7 +210,7 @@ spec:
   rules:
     - backendRefs: [{name: reviews-v1, weight: 0}, {name: reviews-v2, weight: 0}]
     - backendRefs: [{name: nowhere}, {name: reviews-v1}]
-      filters: [{type: URLRewrite, urlRewrite: {hostname: elsewhere}}]
+      filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]
 "#;
     let t = translate(&snapshot(bad));
     validate(&t.config, &Limits::default()).expect("still a valid configuration");
@@ -222,7 +222,7 @@ spec:
         "{w}"
     );
     assert!(
-        w.contains("rule 1: filter UrlRewrite is not supported"),
+        w.contains("rule 1: filter RequestRedirect is not supported"),
         "{w}"
     );
     let route = t
@@ -457,4 +457,72 @@ spec:
         "{warnings}"
     );
     validate(&t.config, &Limits::default()).expect("a valid configuration");
+}
+
+#[test]
+fn a_url_rewrite_filter_becomes_the_rules_rewrite() {
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: rewrites, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {hostname: reviews-internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}
+      backendRefs: [{name: reviews-v1}]
+    - matches: [{path: {type: Exact, value: /old}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /new}}
+      backendRefs: [{name: reviews-v1}]
+    - matches: [{path: {type: Exact, value: /bad}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+      backendRefs: [{name: reviews-v1}]
+    - filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /root}}
+      backendRefs: [{name: reviews-v1}]
+"#;
+    let t = translate(&snapshot(route));
+    validate(&t.config, &Limits::default()).expect("a valid configuration");
+    let rules = &t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .expect("the reviews route")
+        .rules;
+    let by_name = |n: &str| {
+        rules
+            .iter()
+            .find(|r| r.name.starts_with(&format!("bookinfo/rewrites#{n}")))
+            .unwrap_or_else(|| panic!("rule {n} in {rules:?}"))
+    };
+    let api = by_name("0").rewrite.as_ref().expect("rule 0's rewrite");
+    assert_eq!(api.prefix.as_deref(), Some("/v1"));
+    assert_eq!(api.host.as_deref(), Some("reviews-internal"));
+    assert_eq!(
+        by_name("1").rewrite.as_ref().unwrap().path.as_deref(),
+        Some("/new")
+    );
+    // A prefix rewrite on an exact match has no prefix to replace: left out, with the reason.
+    assert!(by_name("2").rewrite.is_none());
+    let w = t.warnings.join("\n");
+    assert!(
+        w.contains("HTTPRoute bookinfo/rewrites rule 2: URLRewrite left out")
+            && w.contains("needs a rule that matches a path prefix"),
+        "{w}"
+    );
+    // Matching every path, the prefix replaced is `/`.
+    let root = by_name("3");
+    assert_eq!(root.matches.path, Some(StringMatch::prefix("/")));
+    assert_eq!(
+        root.rewrite.as_ref().unwrap().prefix.as_deref(),
+        Some("/root")
+    );
 }

@@ -191,18 +191,7 @@ mod tests {
     use crate::validate::{Limits, parse_yaml};
 
     fn mesh(headers: &str) -> String {
-        format!(
-            r#"services:
-  - name: reviews
-    endpoints: [{{address: "127.0.0.1:9"}}]
-routes:
-  - name: reviews
-    hosts: [reviews]
-    rules:
-      - backends: [{{service: reviews}}]
-        headers: {headers}
-"#
-        )
+        crate::test_support::one_rule_mesh(&format!("        headers: {headers}"))
     }
 
     #[test]

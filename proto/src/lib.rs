@@ -9,8 +9,11 @@ pub mod locate;
 pub mod model;
 pub mod ops;
 pub mod policy;
+pub mod rewrite;
 pub mod security;
 pub mod stats;
+#[cfg(test)]
+mod test_support;
 pub mod validate;
 
 /// Generated protobuf and tonic code for `weft.config.v1`.

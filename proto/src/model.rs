@@ -139,6 +139,9 @@ pub struct Rule {
     /// Header fields set, added or removed on the request and on the response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<crate::headers::HeaderRules>,
+    /// The path and host the upstream sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<crate::rewrite::Rewrite>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -211,6 +211,9 @@ impl Forwarder {
                         .map(|o| o.0);
                     let (set, policy, labels) = snapshot.table.resolve_at(&req, orig)?;
                     meta.target = Some(labels);
+                    if let Some(r) = &policy.rewrite {
+                        r.apply(&mut req);
+                    }
                     let edits = policy.headers.clone();
                     if let Some(e) = &edits {
                         e.request.apply(req.headers_mut());

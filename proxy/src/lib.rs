@@ -44,6 +44,7 @@ pub mod observe;
 pub mod policy;
 pub mod pool;
 pub mod resilience;
+pub mod rewrite;
 pub mod routing;
 pub mod server;
 pub mod state;

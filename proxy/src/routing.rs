@@ -416,6 +416,11 @@ impl<'a> Compiler<'a> {
             })
             .transpose()?
             .map(Arc::new);
+        policy.rewrite =
+            crate::rewrite::Compiled::compile(rule).map_err(|reason| CompileError::Match {
+                path: format!("{at}.rewrite"),
+                reason,
+            })?;
         let policy = Arc::new(policy);
         let m = &rule.matches;
         let limits = self.limits;

@@ -531,11 +531,10 @@ async fn three_hundred_streams_converge_on_every_push() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_edits_apply_to_the_request_and_the_upstreams_response() {
-    let dir = tempfile::tempdir().unwrap();
-    // The app answers with every value of every field it received.
-    let app = weft_tests::identity::HeaderApp::serve(|req| {
+/// An app that answers with what it received: every value of every field, the path and
+/// query, as JSON.
+async fn echo_app() -> weft_tests::identity::HeaderApp {
+    weft_tests::identity::HeaderApp::serve(|req| {
         let mut seen = serde_json::Map::new();
         for name in req.headers().keys() {
             let values: Vec<_> = req
@@ -546,35 +545,34 @@ async fn header_edits_apply_to_the_request_and_the_upstreams_response() {
                 .collect();
             seen.insert(name.as_str().to_owned(), values.into());
         }
+        seen.insert("uri".into(), req.uri().to_string().into());
         serde_json::Value::Object(seen).to_string()
     })
-    .await;
-    let yaml = |headers: &str| {
-        format!(
-            r#"services:
+    .await
+}
+
+/// A mesh whose one route sends `reviews` to `app` under `rule` (YAML lines of the rule, after
+/// its backends).
+fn one_rule(app: std::net::SocketAddr, rule: &str) -> String {
+    format!(
+        r#"services:
   - name: reviews
-    endpoints: [{{address: "{}"}}]
+    endpoints: [{{address: "{app}"}}]
 routes:
   - name: reviews
     hosts: [reviews]
     rules:
       - backends: [{{service: reviews}}]
-        headers: {headers}
-"#,
-            app.addr
-        )
-    };
-    let edits = "{request: {set: {X-Env: prod}, add: {x-via: weft}, remove: [x-debug]}, \
-                 response: {set: {x-served-by: weft}, remove: [content-type]}}";
-    let cp = ControlPlane::start(
-        dir.path(),
-        "control",
-        &yaml(edits),
-        ControlPlaneOpts::default(),
+{rule}
+"#
     )
-    .await;
+}
+
+/// A control plane serving `yaml` and a proxy following it.
+async fn control_and_proxy(dir: &std::path::Path, yaml: &str) -> (ControlPlane, Proxy) {
+    let cp = ControlPlane::start(dir, "control", yaml, ControlPlaneOpts::default()).await;
     let proxy = Proxy::start(
-        dir.path(),
+        dir,
         "proxy",
         ProxyOpts {
             control_plane: Some(cp.grpc),
@@ -583,6 +581,17 @@ routes:
         },
     )
     .await;
+    (cp, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_edits_apply_to_the_request_and_the_upstreams_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = echo_app().await;
+    let yaml = |headers: &str| one_rule(app.addr, &format!("        headers: {headers}"));
+    let edits = "{request: {set: {X-Env: prod}, add: {x-via: weft}, remove: [x-debug]}, \
+                 response: {set: {x-served-by: weft}, remove: [content-type]}}";
+    let (cp, proxy) = control_and_proxy(dir.path(), &yaml(edits)).await;
     let http = HttpClient::http1();
     let r = http
         .get(
@@ -621,4 +630,30 @@ routes:
     // The running edits stay.
     let again = http.get(proxy.outbound, "reviews", "/", &[]).await.unwrap();
     assert_eq!(again.header("x-served-by"), Some("weft"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_changes_the_path_and_host_the_upstream_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = echo_app().await;
+    let rules = "        match: {path: {prefix: /api}}
+        rewrite: {prefix: /v1, host: reviews-internal}
+      - backends: [{service: reviews}]
+        rewrite: {path: /fallback}";
+    let (_cp, proxy) = control_and_proxy(dir.path(), &one_rule(app.addr, rules)).await;
+    let http = HttpClient::http1();
+    for (path, uri, host) in [
+        ("/api/books?id=7", "/v1/books?id=7", "reviews-internal"),
+        ("/api", "/v1", "reviews-internal"),
+        ("/other?x=y", "/fallback?x=y", "reviews"),
+    ] {
+        let r = http
+            .get(proxy.outbound, "reviews", path, &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let seen = r.json();
+        assert_eq!(seen["uri"], uri, "{path}: {seen}");
+        assert_eq!(seen["host"], serde_json::json!([host]), "{path}: {seen}");
+    }
 }

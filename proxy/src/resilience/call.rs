@@ -111,6 +111,8 @@ pub struct RulePolicy {
     pub stream_idle_timeout: Option<Duration>,
     /// Header edits; applied where the request is routed (see `Forwarder::forward`).
     pub headers: Option<Arc<crate::header_edits::Compiled>>,
+    /// URL rewrite; applied where the request is routed, before the header edits.
+    pub rewrite: Option<crate::rewrite::Compiled>,
 }
 
 /// Where a rule's copies go, and how many.
@@ -153,6 +155,7 @@ impl RulePolicy {
                 }),
             stream_idle_timeout: rule.stream_idle_timeout.map(|m| m.as_duration()),
             headers: None,
+            rewrite: None,
         }
     }
 }

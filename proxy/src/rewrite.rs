@@ -1,0 +1,160 @@
+//! A rule's URL rewrite, compiled: the path and host the upstream sees, applied once the
+//! request is routed (so retries and mirror copies carry them). The model and its validation
+//! are in [`weft_proto::rewrite`].
+
+use http::Request;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Uri};
+use weft_proto::model::Rule;
+
+#[derive(Debug)]
+enum Path {
+    Keep,
+    /// The rule's matched prefix, and what replaces it.
+    Prefix {
+        matched: String,
+        with: String,
+    },
+    Full(String),
+}
+
+#[derive(Debug)]
+pub struct Compiled {
+    path: Path,
+    host: Option<(HeaderValue, Authority)>,
+}
+
+impl Compiled {
+    pub fn compile(rule: &Rule) -> Result<Option<Self>, String> {
+        let Some(r) = &rule.rewrite else {
+            return Ok(None);
+        };
+        let path = match (&r.prefix, &r.path) {
+            (Some(with), _) => Path::Prefix {
+                matched: rule
+                    .matches
+                    .path
+                    .as_ref()
+                    .and_then(|m| m.prefix.clone())
+                    .ok_or("a prefix rewrite needs a path prefix match")?,
+                with: with.clone(),
+            },
+            (None, Some(full)) => Path::Full(full.clone()),
+            (None, None) => Path::Keep,
+        };
+        let host = r
+            .host
+            .as_deref()
+            .map(|h| {
+                Ok::<_, String>((
+                    HeaderValue::from_str(h).map_err(|_| format!("{h:?} is not a host"))?,
+                    h.parse::<Authority>()
+                        .map_err(|_| format!("{h:?} is not a host"))?,
+                ))
+            })
+            .transpose()?;
+        Ok(Some(Self { path, host }))
+    }
+
+    /// The rewritten path, when it changes.
+    fn path(&self, path: &str) -> Option<String> {
+        match &self.path {
+            Path::Keep => None,
+            Path::Full(full) => Some(full.clone()),
+            Path::Prefix { matched, with } => {
+                let rest = path.strip_prefix(matched.as_str())?;
+                // `/api` → `/`: `/api/x` becomes `/x`, not `//x`.
+                let joined = format!("{}{rest}", with.trim_end_matches('/'));
+                Some(if joined.is_empty() {
+                    "/".into()
+                } else {
+                    joined
+                })
+            }
+        }
+    }
+
+    pub fn apply<B>(&self, req: &mut Request<B>) {
+        if let Some(path) = self.path(req.uri().path()) {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            // Validated as URL path characters: these conversions cannot fail.
+            if let Ok(pq) = PathAndQuery::try_from(pq) {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+        if let Some((value, authority)) = &self.host {
+            req.headers_mut().insert(header::HOST, value.clone());
+            if req.uri().authority().is_some() {
+                let mut parts = req.uri().clone().into_parts();
+                parts.authority = Some(authority.clone());
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::model::StringMatch;
+    use weft_proto::rewrite::Rewrite;
+
+    fn rule(prefix_match: Option<&str>, r: Rewrite) -> Rule {
+        let mut rule = Rule::default();
+        rule.matches.path = prefix_match.map(StringMatch::prefix);
+        rule.rewrite = Some(r);
+        rule
+    }
+
+    fn rewritten(c: &Compiled, uri: &str) -> (String, Option<String>) {
+        let mut req = Request::builder().uri(uri).body(()).unwrap();
+        c.apply(&mut req);
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.to_str().unwrap().to_owned());
+        (req.uri().to_string(), host)
+    }
+
+    #[test]
+    fn prefix_path_and_host() {
+        let prefix = |with: &str| Rewrite {
+            prefix: Some(with.into()),
+            ..Rewrite::default()
+        };
+        let c = Compiled::compile(&rule(Some("/api"), prefix("/v1")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(rewritten(&c, "/api/x?q=1").0, "/v1/x?q=1");
+        assert_eq!(rewritten(&c, "/api").0, "/v1");
+        let c = Compiled::compile(&rule(Some("/api"), prefix("/")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(rewritten(&c, "/api/x").0, "/x");
+        assert_eq!(rewritten(&c, "/api").0, "/");
+        let full = Rewrite {
+            path: Some("/health".into()),
+            host: Some("internal:8080".into()),
+            ..Rewrite::default()
+        };
+        let c = Compiled::compile(&rule(None, full)).unwrap().unwrap();
+        assert_eq!(
+            rewritten(&c, "/anything?x=y"),
+            ("/health?x=y".into(), Some("internal:8080".into()))
+        );
+        // An absolute URI (HTTP/2's :authority) gets the new authority too.
+        assert_eq!(
+            rewritten(&c, "http://reviews/a").0,
+            "http://internal:8080/health"
+        );
+    }
+}
