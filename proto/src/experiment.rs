@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::locate::Seg;
-use crate::model::{Backend, MeshConfig, Millis, NamedMatch, Route, RouteMatch, Rule, StringMatch};
+use crate::model::{Backend, MeshConfig, Millis, NamedMatch, Route, StringMatch};
 use crate::policy::Mirror;
 
 /// One experiment: move traffic of `route` from subset `stable` to `candidate` of `service`.
@@ -292,7 +292,7 @@ impl ExperimentSpec {
     }
 
     /// Rewrites the route for `stage`: the target rule's split, plus (A/B, blue/green while
-    /// running) rules at the top of the route that send matching requests to the candidate.
+    /// running) rules just before it that send its matching requests to the candidate.
     pub fn apply(&self, cfg: &mut MeshConfig, stage: Stage) -> Result<(), String> {
         let route = cfg
             .routes
@@ -336,44 +336,60 @@ impl ExperimentSpec {
             (None, Some(bg)) => (&bg.headers, &bg.cookies, None),
             (None, None) => return Ok(()),
         };
-        let mut added = Vec::new();
-        let to_candidate = |name: String, header: NamedMatch| Rule {
-            name,
-            matches: RouteMatch {
-                headers: vec![header],
-                ..RouteMatch::default()
-            },
-            backends: vec![self.backend(&self.candidate, 100)],
-            ..Rule::default()
+        // The testers' rules are the split rule itself (its matches, timeouts, retries, header
+        // edits, rewrite…) narrowed by one more header match, just before it: requests an
+        // earlier rule takes stay there, and a tester's request is handled like any other.
+        let base = {
+            let mut rule = route.rules[target].clone();
+            if rule.mirror.as_ref().is_some_and(|m| self.is_own_mirror(m)) {
+                rule.mirror = None;
+            }
+            rule.sticky = None;
+            rule
         };
+        let narrowed = |name: String, header: NamedMatch, backends: Vec<Backend>| {
+            let mut rule = base.clone();
+            rule.name = name;
+            rule.matches.headers.push(header);
+            rule.backends = backends;
+            rule
+        };
+        let mut added = Vec::new();
         for (i, h) in headers.iter().enumerate() {
-            added.push(to_candidate(format!("{prefix}header-{i}"), h.clone()));
+            let to_candidate = vec![self.backend(&self.candidate, 100)];
+            added.push(narrowed(
+                format!("{prefix}header-{i}"),
+                h.clone(),
+                to_candidate,
+            ));
         }
         for (i, c) in cookies.iter().enumerate() {
             let header = cookie_header_match(&c.name, Some(&c.value));
-            added.push(to_candidate(format!("{prefix}cookie-{i}"), header));
+            let to_candidate = vec![self.backend(&self.candidate, 100)];
+            added.push(narrowed(
+                format!("{prefix}cookie-{i}"),
+                header,
+                to_candidate,
+            ));
         }
         if let Some(cookie) = sticky {
-            added.push(Rule {
-                name: format!("{prefix}sticky"),
-                matches: RouteMatch {
-                    headers: vec![cookie_header_match(cookie, None)],
-                    ..RouteMatch::default()
-                },
+            let mut rule = narrowed(
+                format!("{prefix}sticky"),
+                cookie_header_match(cookie, None),
                 // Candidate first: `hash % 100 < weight` lands on it, and raising the
                 // weight only ever moves users from stable to candidate.
-                backends: vec![
+                vec![
                     self.backend(&self.candidate, w.min(100)),
                     self.backend(&self.stable, 100 - w.min(100)),
                 ],
-                sticky: Some(StickySplit {
-                    cookie: Some(cookie.clone()),
-                    header: None,
-                }),
-                ..Rule::default()
+            );
+            rule.sticky = Some(StickySplit {
+                cookie: Some(cookie.clone()),
+                header: None,
             });
+            added.push(rule);
         }
-        route.rules.splice(0..0, added);
+        route.rules.splice(target..target, added);
         Ok(())
     }
 }
@@ -730,18 +746,33 @@ experiments:
             sticky_cookie: Some("user".into()),
             weight: 30,
         });
+        // The split rule matches a path and has a timeout: the testers' rules keep both.
+        let split = &mut cfg.routes[0].rules[1];
+        split.matches.path = Some(StringMatch::prefix("/api"));
+        split.timeout = Some(Millis(1500));
         spec.apply(&mut cfg, Stage::Step(30)).unwrap();
         let rules = &cfg.routes[0].rules;
         assert_eq!(rules.len(), 4, "{rules:#?}");
+        // An earlier rule still comes first; the testers' rules sit just before the split.
+        assert!(
+            rules[0].matches.headers[0].name == "x-user-group",
+            "{rules:#?}"
+        );
+        assert_eq!(rules[1].matches.headers[0].name, "x-beta");
+        assert_eq!(rules[1].backends, [spec.backend("v2", 100)]);
+        for tester in &rules[1..3] {
+            assert_eq!(tester.matches.path, Some(StringMatch::prefix("/api")));
+            assert_eq!(tester.timeout, Some(Millis(1500)));
+        }
         assert_eq!(
-            rules[1].sticky.as_ref().unwrap().cookie.as_deref(),
+            rules[2].sticky.as_ref().unwrap().cookie.as_deref(),
             Some("user")
         );
-        assert_eq!(rules[1].backends[0].weight, Some(30));
+        assert_eq!(rules[2].backends[0].weight, Some(30));
         assert_eq!(spec.live_weight(&cfg), Some(0), "others stay on stable");
         crate::validate(&cfg, &Limits::default()).unwrap();
         let re = crate::validate::compile_regex(
-            rules[1].matches.headers[0].value.regex.as_ref().unwrap(),
+            rules[2].matches.headers[0].value.regex.as_ref().unwrap(),
             &Limits::default(),
         )
         .unwrap();
