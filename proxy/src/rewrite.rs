@@ -75,30 +75,34 @@ impl Compiled {
     }
 
     pub fn apply<B>(&self, req: &mut Request<B>) {
-        if let Some(path) = self.path(req.uri().path()) {
-            let pq = match req.uri().query() {
+        let path = self.path(req.uri().path());
+        let mut authority = None;
+        if let Some((value, new)) = &self.host {
+            req.headers_mut().insert(header::HOST, value.clone());
+            // Origin-form URIs (HTTP/1.1) carry no authority: Host alone says it.
+            if req.uri().authority().is_some() {
+                authority = Some(new.clone());
+            }
+        }
+        if path.is_none() && authority.is_none() {
+            return;
+        }
+        // One rebuild of the URI for both changes.
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        if let Some(path) = path {
+            let pq = match parts.path_and_query.as_ref().and_then(|pq| pq.query()) {
                 Some(q) => format!("{path}?{q}"),
                 None => path,
             };
-            let mut parts = req.uri().clone().into_parts();
-            // Validated as URL path characters: these conversions cannot fail.
-            if let Ok(pq) = PathAndQuery::try_from(pq) {
-                parts.path_and_query = Some(pq);
-                if let Ok(uri) = Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-            }
+            // Validated as URL path characters: this conversion cannot fail.
+            parts.path_and_query = PathAndQuery::try_from(pq).ok().or(parts.path_and_query);
         }
-        if let Some((value, authority)) = &self.host {
-            req.headers_mut().insert(header::HOST, value.clone());
-            if req.uri().authority().is_some() {
-                let mut parts = req.uri().clone().into_parts();
-                parts.authority = Some(authority.clone());
-                if let Ok(uri) = Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-            }
+        if authority.is_some() {
+            parts.authority = authority;
         }
+        // Cannot fail: the parts keep the original's shape (scheme and authority both there
+        // or both absent, a path always there).
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
     }
 }
 

@@ -301,7 +301,7 @@ impl Connection {
     async fn read_head(&mut self) -> Result<Option<Head>, H1Error> {
         loop {
             if !self.read.is_empty()
-                && let Some(head) = self.parse_head()?
+                && let Some(head) = head::parse(&mut self.read)?
             {
                 return Ok(Some(head));
             }
@@ -319,11 +319,6 @@ impl Connection {
                 };
             }
         }
-    }
-
-    /// Parses a buffered response head (see [`head::parse`]).
-    fn parse_head(&mut self) -> Result<Option<Head>, H1Error> {
-        head::parse(&mut self.read)
     }
 
     /// One read from the socket into the buffer, with room for `want` bytes (within bounds);
