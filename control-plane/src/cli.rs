@@ -132,7 +132,7 @@ fn route_text(route: &Route) -> String {
             out,
             "  #{i}{name}: {} → {}",
             match_summary(&rule.matches),
-            backends_summary(&rule.backends)
+            answer_summary(rule).unwrap_or_else(|| backends_summary(&rule.backends))
         );
     }
     out
@@ -174,6 +174,30 @@ fn string_match(m: &StringMatch) -> String {
     } else {
         "(any)".to_owned()
     }
+}
+
+/// `redirect 308 (scheme https, prefix /new)` or `respond 404`, for a rule that answers itself.
+fn answer_summary(rule: &weft_proto::model::Rule) -> Option<String> {
+    if let Some(d) = &rule.direct_response {
+        return Some(format!("respond {}", d.status));
+    }
+    let r = rule.redirect.as_ref()?;
+    let parts: Vec<String> = [
+        ("scheme", r.scheme.clone()),
+        ("host", r.host.clone()),
+        ("port", r.port.map(|p| p.to_string())),
+        ("path", r.path.clone()),
+        ("prefix", r.prefix.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some(format!("{k} {}", v?)))
+    .collect();
+    let code = r.code_or_default();
+    Some(if parts.is_empty() {
+        format!("redirect {code}")
+    } else {
+        format!("redirect {code} ({})", parts.join(", "))
+    })
 }
 
 /// `reviews/v1 90%, reviews/v2 10%`.
@@ -354,6 +378,29 @@ mod tests {
         );
         assert_eq!(percent(1, 3), "33.3%");
         assert_eq!(percent(0, 0), "0%");
+        let yaml = "services: [{name: a, endpoints: [{address: \"127.0.0.1:9\"}]}]
+routes:
+  - name: a
+    hosts: [a]
+    rules:
+      - {match: {path: {prefix: /old}}, redirect: {scheme: https, prefix: /new, code: 308}}
+      - {redirect: {port: 8443}}
+      - {match: {path: {exact: /gone}}, direct_response: {status: 410}}
+      - {backends: [{service: a}]}
+";
+        let cfg = parse_yaml("t", yaml, &Limits::default()).unwrap();
+        let text = routes(&api::Routes {
+            version: 1,
+            routes: cfg.routes,
+        });
+        for line in [
+            "#0: path prefix /old → redirect 308 (scheme https, prefix /new)",
+            "#1: any request → redirect 301 (port 8443)\n",
+            "#2: path = /gone → respond 410",
+            "#3: any request → a 100%",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 
     #[test]

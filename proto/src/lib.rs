@@ -2,6 +2,7 @@
 //! `proto/weft/config/v1/config.proto`) and the declarative mesh model ([`model`]) that
 //! operators write, the control plane stores and the proxy compiles.
 
+pub mod answer;
 pub mod convert;
 pub mod experiment;
 pub mod headers;

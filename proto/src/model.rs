@@ -118,6 +118,8 @@ pub struct Rule {
     pub name: String,
     #[serde(default, rename = "match", skip_serializing_if = "RouteMatch::is_any")]
     pub matches: RouteMatch,
+    /// Empty only on a rule that answers itself (`redirect`, `direct_response`).
+    #[serde(default)]
     pub backends: Vec<Backend>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Millis>,
@@ -142,6 +144,12 @@ pub struct Rule {
     /// The path and host the upstream sees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<crate::rewrite::Rewrite>,
+    /// Answer with a redirect instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<crate::answer::Redirect>,
+    /// Answer with a fixed response instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<crate::answer::DirectResponse>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

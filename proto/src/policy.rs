@@ -436,6 +436,7 @@ pub fn check_rule(p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str
     if let Some(r) = &rule.rewrite {
         out.extend(crate::rewrite::check(p, rule, r));
     }
+    out.extend(crate::answer::check(p, rule));
     if let Some(f) = &rule.fault {
         let p = at(p, &["fault"]);
         if let Some(d) = &f.delay {
@@ -609,6 +610,11 @@ pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
     out.stream_idle_timeout_ms = ms(rule.stream_idle_timeout);
     out.headers = rule.headers.as_ref().map(crate::headers::to_pb);
     out.rewrite = rule.rewrite.as_ref().map(crate::rewrite::to_pb);
+    out.redirect = rule.redirect.as_ref().map(crate::answer::redirect_to_pb);
+    out.direct_response = rule
+        .direct_response
+        .as_ref()
+        .map(crate::answer::direct_to_pb);
     out.rate_limit = rule.rate_limit.as_ref().map(rate_limit_to_pb);
     out.fault = rule.fault.as_ref().map(|f| pb::Fault {
         delay: f.delay.as_ref().map(|d| pb::FaultDelay {
@@ -633,6 +639,11 @@ pub fn route_policy_from_pb(w: &pb::RoutePolicy, rule: &mut Rule) {
     rule.stream_idle_timeout = opt_ms(w.stream_idle_timeout_ms);
     rule.headers = w.headers.as_ref().map(crate::headers::from_pb);
     rule.rewrite = w.rewrite.as_ref().map(crate::rewrite::from_pb);
+    rule.redirect = w.redirect.as_ref().map(crate::answer::redirect_from_pb);
+    rule.direct_response = w
+        .direct_response
+        .as_ref()
+        .map(crate::answer::direct_from_pb);
     rule.rate_limit = w.rate_limit.as_ref().map(rate_limit_from_pb);
     rule.fault = w.fault.map(|f| Fault {
         delay: f.delay.map(|d| FaultDelay {

@@ -43,7 +43,7 @@ fn path_problem(path: &str) -> Option<String> {
     }
 }
 
-fn host_problem(host: &str) -> Option<String> {
+pub(crate) fn host_problem(host: &str) -> Option<String> {
     let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b);
     if host.is_empty() || host.len() > 253 || !host.bytes().all(ok) {
         Some(format!("{host:?} is not a host name"))
@@ -52,22 +52,23 @@ fn host_problem(host: &str) -> Option<String> {
     }
 }
 
-/// Checks a rule's `rewrite` (`p` is the rule's path).
-pub fn check(p: &[Seg], rule: &Rule, r: &Rewrite) -> Problems {
-    let mut out = Problems::new();
-    let at = |field: &str| {
-        let mut v = p.to_vec();
-        v.extend([Seg::Key("rewrite".into()), Seg::Key(field.into())]);
-        v
-    };
-    if r.prefix.is_some() && r.path.is_some() {
+/// Checks a path change of `rule` (a rewrite's or a redirect's): `prefix` replaces the prefix
+/// the rule matched, `path` the whole path; `at` names the field.
+pub(crate) fn check_path_edit(
+    out: &mut Problems,
+    at: &dyn Fn(&str) -> Vec<Seg>,
+    rule: &Rule,
+    prefix: Option<&str>,
+    path: Option<&str>,
+) {
+    if prefix.is_some() && path.is_some() {
         out.push((
             at("path"),
             "give prefix or path, not both (prefix replaces the matched prefix, path the whole path)"
                 .into(),
         ));
     }
-    if let Some(prefix) = &r.prefix {
+    if let Some(prefix) = prefix {
         if rule
             .matches
             .path
@@ -81,9 +82,20 @@ pub fn check(p: &[Seg], rule: &Rule, r: &Rewrite) -> Problems {
         }
         out.extend(path_problem(prefix).map(|e| (at("prefix"), e)));
     }
-    if let Some(path) = &r.path {
+    if let Some(path) = path {
         out.extend(path_problem(path).map(|e| (at("path"), e)));
     }
+}
+
+/// Checks a rule's `rewrite` (`p` is the rule's path).
+pub fn check(p: &[Seg], rule: &Rule, r: &Rewrite) -> Problems {
+    let mut out = Problems::new();
+    let at = |field: &str| {
+        let mut v = p.to_vec();
+        v.extend([Seg::Key("rewrite".into()), Seg::Key(field.into())]);
+        v
+    };
+    check_path_edit(&mut out, &at, rule, r.prefix.as_deref(), r.path.as_deref());
     if let Some(host) = &r.host {
         out.extend(host_problem(host).map(|e| (at("host"), e)));
     }

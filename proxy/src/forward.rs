@@ -16,7 +16,7 @@ use crate::error::{ProxyError, is_grpc};
 use crate::identity::mesh::MeshClient;
 use crate::metrics::{Direction, TargetLabels};
 use crate::observe::{Observation, ObservedBody, RequestMeta, Telemetry};
-use crate::routing::RouteError;
+use crate::routing::{Resolved, RouteError};
 use crate::state::ProxyState;
 use crate::upstream::{Upstream, UpstreamProtocol};
 
@@ -209,7 +209,25 @@ impl Forwarder {
                         .extensions()
                         .get::<crate::intercept::OriginalDst>()
                         .map(|o| o.0);
-                    let (set, policy, labels) = snapshot.table.resolve_at(&req, orig)?;
+                    let (set, policy, labels) = match snapshot.table.resolve_at(&req, orig)? {
+                        Resolved::Forward {
+                            set,
+                            policy,
+                            labels,
+                        } => (set, policy, labels),
+                        Resolved::Answer {
+                            answer,
+                            policy,
+                            labels,
+                        } => {
+                            meta.target = Some(labels);
+                            let mut resp = answer.respond(&req);
+                            if let Some(e) = &policy.headers {
+                                e.response.apply(resp.headers_mut());
+                            }
+                            return Ok(resp);
+                        }
+                    };
                     meta.target = Some(labels);
                     if let Some(r) = &policy.rewrite {
                         r.apply(&mut req);

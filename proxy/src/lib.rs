@@ -20,6 +20,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod answer;
 pub mod app;
 pub mod balance;
 pub mod body;

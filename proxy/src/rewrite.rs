@@ -7,8 +7,9 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Uri};
 use weft_proto::model::Rule;
 
+/// A path change: of the prefix the rule matched, or of the whole path. Shared with redirects.
 #[derive(Debug)]
-enum Path {
+pub(crate) enum PathEdit {
     Keep,
     /// The rule's matched prefix, and what replaces it.
     Prefix {
@@ -18,9 +19,49 @@ enum Path {
     Full(String),
 }
 
+impl PathEdit {
+    pub(crate) fn new(
+        rule: &Rule,
+        prefix: Option<&String>,
+        full: Option<&String>,
+    ) -> Result<Self, String> {
+        Ok(match (prefix, full) {
+            (Some(with), _) => PathEdit::Prefix {
+                matched: rule
+                    .matches
+                    .path
+                    .as_ref()
+                    .and_then(|m| m.prefix.clone())
+                    .ok_or("replacing the matched prefix needs a path prefix match")?,
+                with: with.clone(),
+            },
+            (None, Some(full)) => PathEdit::Full(full.clone()),
+            (None, None) => PathEdit::Keep,
+        })
+    }
+
+    /// The new path, when it changes.
+    pub(crate) fn apply(&self, path: &str) -> Option<String> {
+        match self {
+            PathEdit::Keep => None,
+            PathEdit::Full(full) => Some(full.clone()),
+            PathEdit::Prefix { matched, with } => {
+                let rest = path.strip_prefix(matched.as_str())?;
+                // `/api` → `/`: `/api/x` becomes `/x`, not `//x`.
+                let joined = format!("{}{rest}", with.trim_end_matches('/'));
+                Some(if joined.is_empty() {
+                    "/".into()
+                } else {
+                    joined
+                })
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Compiled {
-    path: Path,
+    path: PathEdit,
     host: Option<(HeaderValue, Authority)>,
 }
 
@@ -29,19 +70,7 @@ impl Compiled {
         let Some(r) = &rule.rewrite else {
             return Ok(None);
         };
-        let path = match (&r.prefix, &r.path) {
-            (Some(with), _) => Path::Prefix {
-                matched: rule
-                    .matches
-                    .path
-                    .as_ref()
-                    .and_then(|m| m.prefix.clone())
-                    .ok_or("a prefix rewrite needs a path prefix match")?,
-                with: with.clone(),
-            },
-            (None, Some(full)) => Path::Full(full.clone()),
-            (None, None) => Path::Keep,
-        };
+        let path = PathEdit::new(rule, r.prefix.as_ref(), r.path.as_ref())?;
         let host = r
             .host
             .as_deref()
@@ -56,26 +85,8 @@ impl Compiled {
         Ok(Some(Self { path, host }))
     }
 
-    /// The rewritten path, when it changes.
-    fn path(&self, path: &str) -> Option<String> {
-        match &self.path {
-            Path::Keep => None,
-            Path::Full(full) => Some(full.clone()),
-            Path::Prefix { matched, with } => {
-                let rest = path.strip_prefix(matched.as_str())?;
-                // `/api` → `/`: `/api/x` becomes `/x`, not `//x`.
-                let joined = format!("{}{rest}", with.trim_end_matches('/'));
-                Some(if joined.is_empty() {
-                    "/".into()
-                } else {
-                    joined
-                })
-            }
-        }
-    }
-
     pub fn apply<B>(&self, req: &mut Request<B>) {
-        let path = self.path(req.uri().path());
+        let path = self.path.apply(req.uri().path());
         let mut authority = None;
         if let Some((value, new)) = &self.host {
             req.headers_mut().insert(header::HOST, value.clone());

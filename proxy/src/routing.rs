@@ -79,8 +79,11 @@ struct Rule {
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
     backends: Vec<Arc<EndpointSet>>,
-    /// Metric labels of each backend (route, service, subset), parallel to `backends`.
+    /// Metric labels of each backend (route, service, subset), parallel to `backends`; for a
+    /// rule that answers itself, one with the route alone.
     labels: Vec<Arc<TargetLabels>>,
+    /// The redirect or fixed response of a rule that answers itself (it has no backends).
+    answer: Option<Arc<crate::answer::Compiled>>,
     /// `None` only if every backend weighs 0, which validation refuses.
     weights: Option<WeightedIndex>,
     /// Timeouts, retries, rate limit, fault, mirror.
@@ -210,20 +213,34 @@ impl Table {
         req: &Request<B>,
         orig: Option<std::net::SocketAddr>,
     ) -> Result<Resolved, RouteError> {
-        let (rule, set, labels) = self.select(req, orig)?;
+        let (rule, picked) = self.select(req, orig)?;
+        let Some(i) = picked else {
+            return Ok(Resolved::Answer {
+                answer: rule.answer.clone().ok_or_else(|| self.no_route(req))?,
+                policy: rule.policy.clone(),
+                labels: rule.labels[0].clone(),
+            });
+        };
+        let set = &rule.backends[i];
         if set.endpoints().is_empty() {
             return Err(RouteError::NoEndpoints {
                 service: set.service.clone(),
                 subset: set.subset.clone(),
             });
         }
-        Ok((set.clone(), rule.policy.clone(), labels.clone()))
+        Ok(Resolved::Forward {
+            set: set.clone(),
+            policy: rule.policy.clone(),
+            labels: rule.labels[i].clone(),
+        })
     }
 
     /// Routes a request to one endpoint: route by host, first matching rule, backend by weight,
     /// endpoint by weight.
     pub fn route<B>(&self, req: &Request<B>) -> Result<Target<'_>, RouteError> {
-        let (_, set, labels) = self.select(req, None)?;
+        let (rule, picked) = self.select(req, None)?;
+        let i = picked.ok_or_else(|| self.no_route(req))?;
+        let (set, labels) = (&rule.backends[i], &rule.labels[i]);
         let endpoint = set
             .choose(req.headers(), None)
             .map(|i| set.endpoint(i))
@@ -244,17 +261,22 @@ impl Table {
         self.resolve_at(req, None)
     }
 
-    /// Route by host, first matching rule, backend by weight.
+    fn no_route<B>(&self, req: &Request<B>) -> RouteError {
+        RouteError::NoRoute {
+            host: request_host(req).into_owned(),
+            path: req.uri().path().to_owned(),
+        }
+    }
+
+    /// Route by host, first matching rule, backend by weight: the rule and the index of the
+    /// backend, `None` for a rule that answers itself.
     fn select<B>(
         &self,
         req: &Request<B>,
         orig: Option<std::net::SocketAddr>,
-    ) -> Result<(&Rule, &Arc<EndpointSet>, &Arc<TargetLabels>), RouteError> {
+    ) -> Result<(&Rule, Option<usize>), RouteError> {
         let host = request_host(req);
-        let no_route = || RouteError::NoRoute {
-            host: host.clone().into_owned(),
-            path: req.uri().path().to_owned(),
-        };
+        let no_route = || self.no_route(req);
         let index = self
             .hosts
             .get(host.as_ref())
@@ -267,15 +289,17 @@ impl Table {
             .iter()
             .find(|rule| rule.matches(req))
             .ok_or_else(no_route)?;
-        let (set, labels) = match &rule.weights {
+        if rule.answer.is_some() {
+            return Ok((rule, None));
+        }
+        match &rule.weights {
             Some(weights) => {
                 let hash = rule.sticky.as_ref().and_then(|k| k.hash(req.headers()));
                 let i = hash.map_or_else(|| weights.pick(), |h| weights.pick_hashed(h));
-                (&rule.backends[i], &rule.labels[i])
+                Ok((rule, Some(i)))
             }
-            None => return Err(no_route()),
-        };
-        Ok((rule, set, labels))
+            None => Err(no_route()),
+        }
     }
 }
 
@@ -356,8 +380,31 @@ fn routes_by_address(
     out
 }
 
-/// What [`Table::resolve`] gives a request: its backend set, its rule's policy, its labels.
-pub type Resolved = (Arc<EndpointSet>, Arc<RulePolicy>, Arc<TargetLabels>);
+/// What [`Table::resolve`] gives a request: its rule's policy and metric labels, and either the
+/// backend set to forward to or the rule's own answer.
+#[derive(Debug)]
+pub enum Resolved {
+    Forward {
+        set: Arc<EndpointSet>,
+        policy: Arc<RulePolicy>,
+        labels: Arc<TargetLabels>,
+    },
+    Answer {
+        answer: Arc<crate::answer::Compiled>,
+        policy: Arc<RulePolicy>,
+        labels: Arc<TargetLabels>,
+    },
+}
+
+impl Resolved {
+    /// The backend set, when the request is forwarded.
+    pub fn set(&self) -> Option<&Arc<EndpointSet>> {
+        match self {
+            Resolved::Forward { set, .. } => Some(set),
+            Resolved::Answer { .. } => None,
+        }
+    }
+}
 
 /// Where a request goes: the chosen endpoint and the set (service, subset, protocol) it is in.
 #[derive(Debug, Clone, Copy)]
@@ -422,6 +469,12 @@ impl<'a> Compiler<'a> {
                 reason,
             })?;
         let policy = Arc::new(policy);
+        let answer = crate::answer::Compiled::compile(rule)
+            .map_err(|(field, reason)| CompileError::Match {
+                path: format!("{at}.{field}"),
+                reason,
+            })?
+            .map(Arc::new);
         let m = &rule.matches;
         let limits = self.limits;
         Ok(Rule {
@@ -456,11 +509,15 @@ impl<'a> Compiler<'a> {
                 })
                 .collect::<Result<_, CompileError>>()?,
             weights: WeightedIndex::new(rule.backends.iter().map(model::Backend::weight)),
-            labels: rule
-                .backends
-                .iter()
-                .map(|b| Arc::new(TargetLabels::new(route, &b.service, &b.subset)))
-                .collect(),
+            labels: if answer.is_some() {
+                vec![Arc::new(TargetLabels::new(route, "", ""))]
+            } else {
+                rule.backends
+                    .iter()
+                    .map(|b| Arc::new(TargetLabels::new(route, &b.service, &b.subset)))
+                    .collect()
+            },
+            answer,
             sticky: rule.sticky.as_ref().map(crate::sticky::Key::compile),
             backends,
             policy,
@@ -623,7 +680,7 @@ fn decode(s: &str) -> Cow<'_, [u8]> {
 
 /// The authority a request names: the URI's (HTTP/2 `:authority`, HTTP/1 absolute-form), else
 /// the `Host` header.
-fn authority<B>(req: &Request<B>) -> &str {
+pub(crate) fn authority<B>(req: &Request<B>) -> &str {
     match req.uri().authority() {
         Some(a) => a.as_str(),
         None => req
@@ -662,7 +719,7 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// An authority's host (userinfo dropped, IPv6 brackets kept) and port, if it names one.
-fn split_port(authority: &str) -> (&str, Option<u16>) {
+pub(crate) fn split_port(authority: &str) -> (&str, Option<u16>) {
     // Byte scans: this runs on every request.
     let bytes = authority.as_bytes();
     // Drop userinfo, which is never part of a host.

@@ -111,8 +111,12 @@ routes:
     let captured = |host: &str, port: u16| {
         let r = req("GET", "/", &[("host", host)]);
         let orig = std::net::SocketAddr::from(([10, 0, 0, 1], port));
-        t.resolve_at(&r, Some(orig))
-            .map(|(set, _, _)| set.endpoints()[0].authority.port_u16().unwrap())
+        t.resolve_at(&r, Some(orig)).map(|r| {
+            r.set().expect("forwarded").endpoints()[0]
+                .authority
+                .port_u16()
+                .unwrap()
+        })
     };
     assert_eq!(captured("svc", 9090), Ok(2002));
     assert_eq!(
@@ -270,7 +274,8 @@ routes:
     let cfg = parse_yaml("t.yaml", yaml, &Limits::default()).unwrap();
     let t = Table::compile(&cfg, &Limits::default()).unwrap();
     let req = |host: &str| Request::get("/").header("host", host).body(()).unwrap();
-    let service = |r: Result<Resolved, RouteError>| r.map(|(set, _, _)| set.service.clone());
+    let service =
+        |r: Result<Resolved, RouteError>| r.map(|r| r.set().expect("forwarded").service.clone());
     let server: std::net::SocketAddr = "10.1.2.2:8080".parse().unwrap();
     let other: std::net::SocketAddr = "10.1.2.3:8080".parse().unwrap();
     // Host is the IP: the original destination picks the route of its service.
@@ -328,6 +333,6 @@ routes:
         .header("host", "10.96.0.11")
         .body(())
         .unwrap();
-    let (set, _, _) = t.resolve_at(&req, Some(addr("10.96.0.11:80"))).unwrap();
-    assert_eq!(set.service, "web");
+    let resolved = t.resolve_at(&req, Some(addr("10.96.0.11:80"))).unwrap();
+    assert_eq!(resolved.set().expect("forwarded").service, "web");
 }

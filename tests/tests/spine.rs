@@ -633,6 +633,91 @@ async fn header_edits_apply_to_the_request_and_the_upstreams_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_that_answer_themselves_redirect_and_respond_without_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = echo_app().await;
+    let mesh = |answers: &str| {
+        format!(
+            r#"services:
+  - name: reviews
+    endpoints: [{{address: "{}"}}]
+routes:
+  - name: reviews
+    hosts: [reviews]
+    rules:
+{answers}
+      - backends: [{{service: reviews}}]
+"#,
+            app.addr
+        )
+    };
+    let answers = "      - match: {path: {prefix: /old}}
+        redirect: {prefix: /new, code: 308}
+      - match: {path: {prefix: /secure}}
+        redirect: {scheme: https}
+      - match: {path: {prefix: /admin}}
+        direct_response: {status: 403, body: \"admin is not served here\\n\"}
+        headers: {response: {set: {x-served-by: weft}}}";
+    let (cp, proxy) = control_and_proxy(dir.path(), &mesh(answers)).await;
+    let http = HttpClient::http1();
+    let get = |host: &'static str, path: &'static str| http.get(proxy.outbound, host, path, &[]);
+    let r = get("reviews:9080", "/old/books?id=7").await.unwrap();
+    assert_eq!(r.status, 308, "{}", r.text());
+    assert_eq!(
+        r.header("location"),
+        Some("http://reviews:9080/new/books?id=7")
+    );
+    assert!(r.body.is_empty());
+    let r = get("reviews:9080", "/secure/login").await.unwrap();
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://reviews/secure/login"));
+    let r = get("reviews", "/admin/users").await.unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.text(), "admin is not served here\n");
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(
+        r.header("x-served-by"),
+        Some("weft"),
+        "response edits apply"
+    );
+    assert_eq!(
+        r.header("x-weft-error"),
+        None,
+        "an answer, not a proxy error"
+    );
+    // Everything else still reaches the app.
+    let r = get("reviews", "/other").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["uri"], "/other");
+    // Answers are counted under their route, without a service.
+    let m = weft_tests::observe::scrape(proxy.admin).await;
+    let count = |code: &str| {
+        weft_tests::observe::value(
+            &m,
+            "weft_proxy_requests_total",
+            &[("route", "reviews"), ("service", ""), ("code", code)],
+        )
+    };
+    assert_eq!((count("308"), count("301"), count("403")), (1.0, 1.0, 1.0));
+
+    // A redirect that also forwards is refused, and named; the running answers stay.
+    let (status, body) = cp
+        .apply(&mesh(
+            "      - redirect: {path: /x}\n        backends: [{service: reviews}]",
+        ))
+        .await;
+    assert!(status.is_client_error(), "{status} {body}");
+    let text = body.to_string();
+    assert!(
+        text.contains("routes[0].rules[0].backends")
+            && text.contains("answers itself and has no upstream"),
+        "{text}"
+    );
+    let again = get("reviews", "/admin").await.unwrap();
+    assert_eq!(again.status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewrite_changes_the_path_and_host_the_upstream_sees() {
     let dir = tempfile::tempdir().unwrap();
     let app = echo_app().await;
