@@ -210,7 +210,7 @@ spec:
   rules:
     - backendRefs: [{name: reviews-v1, weight: 0}, {name: reviews-v2, weight: 0}]
     - backendRefs: [{name: nowhere}, {name: reviews-v1}]
-      filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]
+      filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: x}}]
 "#;
     let t = translate(&snapshot(bad));
     validate(&t.config, &Limits::default()).expect("still a valid configuration");
@@ -222,7 +222,7 @@ spec:
         "{w}"
     );
     assert!(
-        w.contains("rule 1: filter RequestRedirect is not supported"),
+        w.contains("rule 1: filter ExtensionRef is not supported"),
         "{w}"
     );
     let route = t
@@ -422,8 +422,8 @@ spec:
             remove: [x-debug]
         - type: ResponseHeaderModifier
           responseHeaderModifier: {remove: [server]}
-        - type: RequestRedirect
-          requestRedirect: {scheme: https}
+        - type: CORS
+          cors: {allowCredentials: true}
       backendRefs: [{name: reviews-v1}]
     - filters:
         - type: RequestHeaderModifier
@@ -447,8 +447,7 @@ spec:
     assert!(cart.rules[1].headers.is_none(), "{:?}", cart.rules[1]);
     let warnings = t.warnings.join("\n");
     assert!(
-        warnings
-            .contains("HTTPRoute bookinfo/edits rule 0: filter RequestRedirect is not supported"),
+        warnings.contains("HTTPRoute bookinfo/edits rule 0: filter Cors is not supported"),
         "{warnings}"
     );
     assert!(
@@ -525,4 +524,234 @@ spec:
         root.rewrite.as_ref().unwrap().prefix.as_deref(),
         Some("/root")
     );
+}
+
+/// The `reviews.bookinfo` route's (first) rule made from rule `n` of HTTPRoute `bookinfo/route`.
+fn rule_of<'a>(
+    t: &'a weft_control::discovery::Translation,
+    route: &str,
+    n: usize,
+) -> Option<&'a weft_proto::model::Rule> {
+    t.config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .expect("the reviews route")
+        .rules
+        .iter()
+        .find(|r| r.name.starts_with(&format!("bookinfo/{route}#{n}.")))
+}
+
+#[test]
+fn a_request_redirect_filter_becomes_a_redirect_rule_without_backends() {
+    use weft_proto::answer::Redirect;
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: redirects, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /old}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect:
+            scheme: https
+            hostname: new.example
+            path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
+            statusCode: 301
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-moved, value: "1"}]}
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-env, value: prod}]}
+    - matches: [{path: {type: Exact, value: /legacy}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {port: 8443, path: {type: ReplaceFullPath, replaceFullPath: /current}}
+    - filters:
+        - type: RequestRedirect
+          requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: reviews-v2, port: 9080}}
+      backendRefs: [{name: reviews-v1, port: 9080}]
+    - matches: [{path: {type: PathPrefix, value: /bad-host}}]
+      filters: [{type: RequestRedirect, requestRedirect: {hostname: "new.example:8443"}}]
+    - matches: [{path: {type: PathPrefix, value: /bad-port}}]
+      filters: [{type: RequestRedirect, requestRedirect: {port: 70000}}]
+    - matches: [{path: {type: PathPrefix, value: /zero-port}}]
+      filters: [{type: RequestRedirect, requestRedirect: {port: 0}}]
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: reviews-v2, port: 9080}]
+"#;
+    let t = translate(&snapshot(route));
+    validate(&t.config, &Limits::default()).expect("a valid configuration");
+    let w = t.warnings.join("\n");
+    let rule = |n| rule_of(&t, "redirects", n).unwrap_or_else(|| panic!("rule {n}: {t:#?}"));
+
+    // A prefix redirect to https: no backends, the response edits apply, the request edits
+    // (which would reach no one) are left out with a warning.
+    let old = rule(0);
+    assert!(old.backends.is_empty(), "{old:?}");
+    assert_eq!(
+        old.redirect,
+        Some(Redirect {
+            scheme: Some("https".into()),
+            host: Some("new.example".into()),
+            prefix: Some("/new".into()),
+            code: Some(301),
+            ..Redirect::default()
+        })
+    );
+    let headers = old.headers.as_ref().expect("rule 0's response edits");
+    assert_eq!(headers.response.set["x-moved"], "1");
+    assert!(headers.request.is_empty(), "{headers:?}");
+    assert!(
+        w.contains("HTTPRoute bookinfo/redirects rule 0: RequestHeaderModifier left out"),
+        "{w}"
+    );
+
+    // A full-path redirect gets the Gateway API's default status, 302 (weft's is 301).
+    let legacy = rule(1);
+    assert!(legacy.backends.is_empty());
+    assert_eq!(
+        legacy.redirect,
+        Some(Redirect {
+            port: Some(8443),
+            path: Some("/current".into()),
+            code: Some(302),
+            ..Redirect::default()
+        })
+    );
+
+    // Matching every path, the prefix replaced is `/`; the backendRefs (and the mirror) are
+    // ignored with a warning, since the redirect answers the request.
+    let root = rule(2);
+    assert_eq!(root.matches.path, Some(StringMatch::prefix("/")));
+    assert_eq!(
+        root.redirect
+            .as_ref()
+            .map(|r| (r.prefix.as_deref(), r.code)),
+        Some((Some("/v2"), Some(302)))
+    );
+    assert!(root.backends.is_empty(), "{root:?}");
+    assert!(root.mirror.is_none(), "{root:?}");
+    assert!(
+        w.contains(
+            "HTTPRoute bookinfo/redirects rule 2: a RequestRedirect answers the request itself, \
+             so its backendRefs, RequestMirror were ignored"
+        ),
+        "{w}"
+    );
+
+    // What weft cannot express is left out (never forwarded), with the reason; the rest stays.
+    for (n, reason) in [
+        (3, "give the port as redirect.port"),
+        (4, "70000 is not a port"),
+        (5, "0 is not a port"),
+    ] {
+        assert!(rule_of(&t, "redirects", n).is_none(), "rule {n}");
+        let said = format!(
+            "HTTPRoute bookinfo/redirects rule {n}: RequestRedirect cannot be expressed, \
+             rule left out: "
+        );
+        assert!(
+            t.warnings
+                .iter()
+                .any(|l| l.starts_with(&said) && l.contains(reason)),
+            "rule {n}: {w}"
+        );
+    }
+    let api = rule(6);
+    assert!(api.redirect.is_none());
+    assert_eq!(api.backends[0].service, "reviews-v2.bookinfo");
+    assert!(
+        !w.contains("filter RequestRedirect is not supported"),
+        "{w}"
+    );
+}
+
+#[test]
+fn a_request_mirror_filter_becomes_the_rules_mirror() {
+    use weft_proto::policy::Mirror;
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirrors, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /quarter}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: reviews-v2, port: 9080}, percent: 25}
+      backendRefs: [{name: reviews-v1, port: 9080}]
+    - matches: [{path: {type: PathPrefix, value: /third}}]
+      filters:
+        - type: RequestMirror
+          requestMirror:
+            backendRef: {name: reviews-v2, port: 9080}
+            fraction: {numerator: 1, denominator: 3}
+      backendRefs: [{name: reviews-v1, port: 9080}]
+    - matches: [{path: {type: PathPrefix, value: /two-thirds}}]
+      filters:
+        - type: RequestMirror
+          requestMirror:
+            backendRef: {name: reviews-v2, port: 9080}
+            fraction: {numerator: 2, denominator: 3}
+      backendRefs: [{name: reviews-v1, port: 9080}]
+    - matches: [{path: {type: PathPrefix, value: /ghost}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: ghost, port: 9080}}
+      backendRefs: [{name: reviews-v1, port: 9080}]
+    - matches: [{path: {type: PathPrefix, value: /twice}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: reviews-v2, port: 9080}}
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: reviews, namespace: other, port: 80}}
+      backendRefs: [{name: reviews-v1, port: 9080}]
+"#;
+    let t = translate(&snapshot(route));
+    validate(&t.config, &Limits::default()).expect("a valid configuration");
+    let w = t.warnings.join("\n");
+    let rule = |n| rule_of(&t, "mirrors", n).unwrap_or_else(|| panic!("rule {n}: {t:#?}"));
+    let to_v2 = |percent| {
+        Some(Mirror {
+            service: "reviews-v2.bookinfo".into(),
+            subset: String::new(),
+            percent,
+        })
+    };
+    assert_eq!(rule(0).mirror, to_v2(Some(25)));
+    // A fraction becomes the nearest whole percent.
+    assert_eq!(rule(1).mirror, to_v2(Some(33)));
+    assert_eq!(rule(2).mirror, to_v2(Some(67)));
+    // The rule still forwards to its backends.
+    for n in 0..5 {
+        assert_eq!(
+            rule(n).backends[0].service,
+            "reviews-v1.bookinfo",
+            "rule {n}"
+        );
+    }
+    // An unknown Service: no mirror, and the reason.
+    assert!(rule(3).mirror.is_none(), "{:?}", rule(3));
+    assert!(
+        w.contains(
+            "HTTPRoute bookinfo/mirrors rule 3: RequestMirror left out: \
+             backend Service ghost.bookinfo not found"
+        ),
+        "{w}"
+    );
+    // weft mirrors a rule to one service: the first filter (all requests), and a warning.
+    assert_eq!(rule(4).mirror, to_v2(None));
+    assert!(
+        w.contains(
+            "HTTPRoute bookinfo/mirrors rule 4: weft mirrors a rule to one service: \
+             the first RequestMirror is kept, 1 more left out"
+        ),
+        "{w}"
+    );
+    assert!(!w.contains("filter RequestMirror is not supported"), "{w}");
 }

@@ -4,9 +4,9 @@
 //! The translation is a pure function over real Kubernetes types (`k8s-openapi`,
 //! `gateway-api`), so it is tested with the objects a cluster would return. Watching the API
 //! server is I/O behind [`ClusterSource`]; the translation never fails as a whole: what weft
-//! cannot express (redirect, mirror and CORS filters, unknown backends, all-zero weights)
-//! is left out with a warning that names the object, and the result is validated like any
-//! other configuration.
+//! cannot express (CORS and ExtensionRef filters, a rule's second mirror, redirects and
+//! rewrites weft refuses, unknown backends, all-zero weights) is left out with a warning that
+//! names the object, and the result is validated like any other configuration.
 //!
 //! Mapping:
 //! - Service `reviews` in `bookinfo` → weft service `reviews.bookinfo` for its first TCP port
@@ -20,8 +20,13 @@
 //!   it (a parentRef without `port` attaches to every port) in Gateway API precedence order,
 //!   one weft rule per HTTPRoute match (matches are OR'ed there, AND'ed in weft), with
 //!   weighted `backendRefs` (to the port they name) as weighted backends, the
-//!   `RequestHeaderModifier`/`ResponseHeaderModifier` filters as the rule's `headers` and
-//!   `URLRewrite` as its `rewrite`.
+//!   `RequestHeaderModifier`/`ResponseHeaderModifier` filters as the rule's `headers`,
+//!   `URLRewrite` as its `rewrite` and the first `RequestMirror` as its `mirror` (to the
+//!   Service port its backendRef names; a `fraction` becomes the nearest whole percent).
+//! - A rule with a `RequestRedirect` filter becomes a rule that answers with its `redirect`
+//!   (status 302 unless given, the Gateway API's default): it has no backends (its
+//!   `backendRefs`, mirror, rewrite and request header edits are ignored with a warning; its
+//!   response header edits apply), and one weft refuses is left out rather than forwarded.
 //!
 //! Layering ([`merge`]): the registry serves `merge(base, discovered)`, where `base` is the
 //! mesh file plus API changes and `discovered` the latest translation. On a name clash the base
@@ -36,16 +41,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures_util::future::BoxFuture;
 use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersType,
-    HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
-    HttpRouteRulesMatchesQueryParamsType,
+    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
+    HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
 };
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use weft_proto::headers::{HeaderEdits, HeaderRules};
 use weft_proto::model::{self, MeshConfig, NamedMatch, Protocol, StringMatch};
-use weft_proto::rewrite::Rewrite;
+
+mod filters;
+use filters::{
+    header_filters, ignored_by_redirect, redirect_filter, request_mirror, request_redirect,
+    url_rewrite,
+};
 
 /// Everything discovery reads from a cluster at one moment.
 #[derive(Debug, Clone, Default)]
@@ -236,13 +243,23 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                 continue;
             }
             for (rule_index, rule) in hr.spec.rules.iter().flatten().enumerate() {
-                let Some(backends) = backends_of(rule, &rns, &rname, &ports_of, &mut warnings)
-                else {
-                    continue;
-                };
                 let what = format!("HTTPRoute {rns}/{rname} rule {rule_index}");
-                let headers = header_filters(rule, &what, &mut warnings);
                 let rule_filters = rule.filters.as_deref().unwrap_or_default();
+                // A redirect answers the request: the rule needs (and gets) no backends.
+                let redirect = redirect_filter(rule_filters);
+                let (backends, mirror) = if redirect.is_some() {
+                    ignored_by_redirect(rule, &what, &mut warnings);
+                    (Vec::new(), None)
+                } else {
+                    let Some(backends) = backends_of(rule, &rns, &rname, &ports_of, &mut warnings)
+                    else {
+                        continue;
+                    };
+                    let mirror =
+                        request_mirror(rule_filters, &rns, &ports_of, &what, &mut warnings);
+                    (backends, mirror)
+                };
+                let headers = header_filters(rule, redirect.is_some(), &what, &mut warnings);
                 let matches = rule
                     .matches
                     .clone()
@@ -255,9 +272,17 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                         matches: route_match(m),
                         backends: backends.clone(),
                         headers: headers.clone(),
+                        mirror: mirror.clone(),
                         ..model::Rule::default()
                     };
-                    url_rewrite(rule_filters, &mut rule, &what, &mut warnings);
+                    match redirect {
+                        Some(f) => {
+                            if !request_redirect(f, &mut rule, &what, &mut warnings) {
+                                continue;
+                            }
+                        }
+                        None => url_rewrite(rule_filters, &mut rule, &what, &mut warnings),
+                    }
                     for &index in &parents {
                         attached
                             .entry(index)
@@ -415,113 +440,44 @@ fn backend(service: &str, weight: u32) -> model::Backend {
     }
 }
 
-/// The header edits of one HTTPRoute rule, from its `RequestHeaderModifier` and
-/// `ResponseHeaderModifier` filters. Other filters are left out with a warning (weft cannot
-/// express them yet), and so are edits weft refuses (e.g. of `x-weft-*` fields), with the
-/// reason: one bad filter must not make the whole discovered layer invalid.
-fn header_filters(
-    rule: &HttpRouteRules,
-    what: &str,
-    warnings: &mut Vec<String>,
-) -> Option<HeaderRules> {
-    let mut out = HeaderRules::default();
-    let merge = |edits: &mut HeaderEdits,
-                 set: Vec<(String, String)>,
-                 add: Vec<(String, String)>,
-                 remove: &Option<Vec<String>>| {
-        edits.set.extend(set);
-        edits.add.extend(add);
-        edits.remove.extend(remove.iter().flatten().cloned());
-    };
-    // The request and response modifiers are distinct generated types of one shape.
-    macro_rules! pairs {
-        ($list:expr) => {
-            $list
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect()
-        };
-    }
-    for f in rule.filters.iter().flatten() {
-        match (
-            &f.r#type,
-            &f.request_header_modifier,
-            &f.response_header_modifier,
-        ) {
-            (HttpRouteRulesFiltersType::RequestHeaderModifier, Some(m), _) => {
-                merge(&mut out.request, pairs!(m.set), pairs!(m.add), &m.remove);
-            }
-            (HttpRouteRulesFiltersType::ResponseHeaderModifier, _, Some(m)) => {
-                merge(&mut out.response, pairs!(m.set), pairs!(m.add), &m.remove);
-            }
-            // Per match: see `url_rewrite`.
-            (HttpRouteRulesFiltersType::UrlRewrite, _, _) => {}
-            (other, _, _) => warnings.push(format!(
-                "{what}: filter {other:?} is not supported yet and was ignored"
-            )),
-        }
-    }
-    if out.request.is_empty() && out.response.is_empty() {
-        return None;
-    }
-    let problems = weft_proto::headers::check(&[], &out);
-    if !problems.is_empty() {
-        let reasons: Vec<_> = problems.into_iter().map(|(_, reason)| reason).collect();
-        warnings.push(format!(
-            "{what}: header filters left out: {}",
-            reasons.join("; ")
-        ));
-        return None;
-    }
-    Some(out)
+/// The fields of a backendRef that name a Service port (a rule's backendRefs and a mirror's
+/// backendRef are distinct generated types of this shape).
+struct ServiceRef<'a> {
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    name: &'a str,
+    namespace: Option<&'a str>,
+    port: Option<i32>,
 }
 
-/// The rule's `rewrite` from a `URLRewrite` filter (the first; the API allows one). Its
-/// `ReplacePrefixMatch` replaces the prefix this match matched: a match on the whole path
-/// space (`PathPrefix /`, weft's "any path") becomes an explicit `/` prefix for it. A rewrite
-/// weft refuses is left out with its reason.
-fn url_rewrite(
-    filters: &[HttpRouteRulesFilters],
-    rule: &mut model::Rule,
-    what: &str,
-    warnings: &mut Vec<String>,
-) {
-    let Some(f) = filters
-        .iter()
-        .filter(|f| f.r#type == HttpRouteRulesFiltersType::UrlRewrite)
-        .find_map(|f| f.url_rewrite.as_ref())
-    else {
-        return;
-    };
-    let mut rewrite = Rewrite {
-        host: f.hostname.clone(),
-        ..Rewrite::default()
-    };
-    let matched = rule.matches.path.clone();
-    match f.path.as_ref() {
-        Some(p) if p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath => {
-            rewrite.path = p.replace_full_path.clone();
-        }
-        Some(p) => {
-            rewrite.prefix = p.replace_prefix_match.clone();
-            if rule.matches.path.is_none() {
-                rule.matches.path = Some(StringMatch::prefix("/"));
-            }
-        }
-        None => {}
-    }
-    let problems = weft_proto::rewrite::check(&[], rule, &rewrite);
-    if problems.is_empty() {
-        rule.rewrite = Some(rewrite);
-    } else {
-        rule.matches.path = matched;
-        let reasons: Vec<_> = problems.into_iter().map(|(_, reason)| reason).collect();
-        warnings.push(format!(
-            "{what}: URLRewrite left out: {}",
-            reasons.join("; ")
+/// The meshed Service port a backendRef of an HTTPRoute in `rns` names: its `port` (the API
+/// requires one for a Service), else the Service's first. `Err` says why there is none.
+fn meshed_port<'a>(
+    b: &ServiceRef,
+    rns: &str,
+    ports_of: &'a HashMap<String, Vec<MeshedPort>>,
+) -> Result<&'a MeshedPort, String> {
+    if !matches!(b.kind, None | Some("Service"))
+        || !matches!(b.group, None | Some("") | Some("core"))
+    {
+        return Err(format!(
+            "backend {} of kind {:?} is not supported",
+            b.name, b.kind
         ));
     }
+    let svc = service_name(b.name, b.namespace.unwrap_or(rns));
+    let Some(meshed) = ports_of.get(&svc) else {
+        return Err(format!("backend Service {svc} not found"));
+    };
+    meshed
+        .iter()
+        .find(|m| b.port.is_none_or(|p| i32::from(m.port) == p))
+        .ok_or_else(|| {
+            format!(
+                "backend Service {svc} has no meshed port {}",
+                b.port.unwrap_or_default()
+            )
+        })
 }
 
 /// The weighted backends of one HTTPRoute rule; `None` (with a warning) when it has none usable.
@@ -534,32 +490,19 @@ fn backends_of(
 ) -> Option<Vec<model::Backend>> {
     let mut out = Vec::new();
     for b in rule.backend_refs.iter().flatten() {
-        if !matches!(b.kind.as_deref(), None | Some("Service"))
-            || !matches!(b.group.as_deref(), None | Some("") | Some("core"))
-        {
-            warnings.push(format!(
-                "HTTPRoute {rns}/{rname}: backend {} of kind {:?} is not supported",
-                b.name, b.kind
-            ));
-            continue;
-        }
-        let svc = service_name(&b.name, b.namespace.as_deref().unwrap_or(rns));
-        let Some(meshed) = ports_of.get(&svc) else {
-            warnings.push(format!(
-                "HTTPRoute {rns}/{rname}: backend Service {svc} not found, left out"
-            ));
-            continue;
+        let target = ServiceRef {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: &b.name,
+            namespace: b.namespace.as_deref(),
+            port: b.port,
         };
-        // The port the backendRef names (the API requires one for a Service), else the first.
-        let Some(port) = meshed
-            .iter()
-            .find(|m| b.port.is_none_or(|p| i32::from(m.port) == p))
-        else {
-            warnings.push(format!(
-                "HTTPRoute {rns}/{rname}: backend Service {svc} has no meshed port {}, left out",
-                b.port.unwrap_or_default()
-            ));
-            continue;
+        let port = match meshed_port(&target, rns, ports_of) {
+            Ok(port) => port,
+            Err(e) => {
+                warnings.push(format!("HTTPRoute {rns}/{rname}: {e}, left out"));
+                continue;
+            }
         };
         out.push(backend(
             &port.service,
