@@ -102,8 +102,14 @@ impl Redirect {
             .filter(|&p| p != if scheme == "https" { 443 } else { 80 });
         let path = req.uri().path();
         let new_path = self.path.apply(path);
-        let mut out = format!("{scheme}://{host}");
-        if let Some(p) = port {
+        // No host to write (an HTTP/1.0 request without Host, and none configured): a relative
+        // reference, which clients resolve against the URL they asked for.
+        let mut out = if host.is_empty() {
+            String::new()
+        } else {
+            format!("{scheme}://{host}")
+        };
+        if let Some(p) = port.filter(|_| !host.is_empty()) {
             out.push(':');
             out.push_str(&p.to_string());
         }
@@ -201,6 +207,16 @@ mod tests {
             },
         );
         assert_eq!(location(&c, "/p", "a:9"), (301, "http://a/p".into()));
+        // Without a Host, a relative reference.
+        let c = redirect(
+            Some("/old"),
+            Model {
+                prefix: Some("/new".into()),
+                ..Model::default()
+            },
+        );
+        let req = Request::builder().uri("/old/a?b").body(()).unwrap();
+        assert_eq!(c.respond(&req).headers()[LOCATION], "/new/a?b");
     }
 
     #[test]
