@@ -2,8 +2,10 @@
 """weft's benchmark: direct vs weft vs Envoy vs HAProxy, in one run, reported as ratios.
 
 Everything listens on loopback. Targets alternate within each scenario so that machine drift is
-shared; the headline scenario (a) runs --rounds rounds (default 3) in a rotating order after a
-warm-up and reports each target's median run. Usage: bench/run.sh [--duration 10] [--rounds 3].
+shared; the headline scenario (a) runs --rounds rounds (default 5) in a rotating order after a
+warm-up and reports each target's median run, and for weft's ratios also the median of the
+per-round ratios (each round's targets ran back to back, so they met the same drift).
+Usage: bench/run.sh [--duration 10] [--rounds 5].
 Results: bench/results/results.md + raw.json.
 """
 import argparse, json, os, re, resource, shutil, signal, socket, subprocess, sys, tempfile, time
@@ -218,7 +220,7 @@ def cpu_budget(a, cpus):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--weft", default=os.path.join(ROOT, "target", "release", "weft-proxy"))
     ap.add_argument("--control", default=os.path.join(ROOT, "target", "release", "weft-control"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -282,6 +284,11 @@ def main():
                 med["cpu_s_per_10k"] = (med["cpu_us_per_req"]["proxy_user"] + med["cpu_us_per_req"]["proxy_sys"]) / 100
                 med["loaded_rss_kb"] = rss_kb(pids[t])
             sc["a_http1_c32"][t] = med
+        # Per-round ratios: a round's runs are adjacent in time, so their ratio cancels the
+        # drift that separate medians keep (runs of one target vary ±10% across a run).
+        raw["a_paired_ratios"] = {
+            p: sorted(runs["weft"][r]["rps"] / runs[p][r]["rps"] for r in range(args.rounds))
+            for p in ["envoy", "haproxy"]}
         raw["cpus"] = os.cpu_count()
         sc["b_fixed_8k"] = {t: h2load_fixed(ports[t], d, 8000) for t in order}
         sc["c_h2_mux"] = {t: h2load_mux(ports[t], d) for t in ["weft", "envoy"]}
@@ -305,12 +312,18 @@ def main():
     a = raw["scenarios"]["a_http1_c32"]
     b = raw["scenarios"]["b_fixed_8k"]
     ratio = lambda x, y: f"{x / y:.2f}×" if x and y else "n/a"
+
+    def paired(p):
+        v = raw["a_paired_ratios"][p]
+        return f"{v[len(v) // 2]:.2f}× ({v[0]:.2f}–{v[-1]:.2f})"
     added = lambda t, k: f"{(b[t][k] - b['direct'][k]):.3f} ms" if b[t][k] is not None and b['direct'][k] is not None else "n/a"
     lines = ["# weft benchmark", "", f"{d} s per run, loopback, one worker thread per proxy, nginx upstream; "
-             f"HTTP/1.1 req/s is the median of {args.rounds} rounds (all runs in raw.json).", "",
+             f"HTTP/1.1 req/s is the median of {args.rounds} rounds (all runs in raw.json); "
+             "the second row pairs the targets' runs of each round.", "",
              "| metric | weft | Envoy | HAProxy | weft/Envoy | weft/HAProxy | target |", "|---|---|---|---|---|---|---|",
              f"| HTTP/1.1 req/s (wrk -c32) | {a['weft']['rps']:.0f} | {a['envoy']['rps']:.0f} | {a['haproxy']['rps']:.0f} | "
              f"{ratio(a['weft']['rps'], a['envoy']['rps'])} | {ratio(a['weft']['rps'], a['haproxy']['rps'])} | ≥2.5× Envoy, ≥1.0× HAProxy |",
+             f"| HTTP/1.1, median of per-round ratios (range) | | | | {paired('envoy')} | {paired('haproxy')} | |",
              f"| p99 ms (wrk -c32) | {a['weft']['p99_ms']:.2f} | {a['envoy']['p99_ms']:.2f} | {a['haproxy']['p99_ms']:.2f} | | | |",
              f"| p50/p99/p99.9 added at 8k req/s | {added('weft','p50_ms')} / {added('weft','p99_ms')} / {added('weft','p999_ms')} | "
              f"{added('envoy','p50_ms')} / {added('envoy','p99_ms')} / {added('envoy','p999_ms')} | "
