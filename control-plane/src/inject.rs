@@ -257,7 +257,10 @@ fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
         // `/app-health/...` can run them; an absent annotation is an empty value.
         "env": [env_from("POD_NAME", "metadata.name"), env_from("POD_NAMESPACE", "metadata.namespace"),
                 env_from("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-                env_from("WEFT_APP_PROBES", &format!("metadata.annotations['{APP_PROBES_KEY}']"))],
+                env_from("WEFT_APP_PROBES", &format!("metadata.annotations['{APP_PROBES_KEY}']")),
+                // Set on pods by the PodTopologyLabels admission (Kubernetes 1.33+); empty
+                // without it, and then zone-aware balancing is off for this proxy.
+                env_from("WEFT_ZONE", "metadata.labels['topology.kubernetes.io/zone']")],
         "ports": [{"name": "weft-health", "containerPort": HEALTH_PORT}],
         "readinessProbe": ready,
         "resources": {"requests": {"cpu": "10m", "memory": "40Mi"}, "limits": {"memory": "256Mi"}},

@@ -67,6 +67,10 @@ pub struct LoadBalancer {
     /// `consistent-hash`: the cookie whose value is hashed (when the header is absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_cookie: Option<String>,
+    /// Keep requests in the calling proxy's zone (its `--zone`; endpoints labelled `zone`)
+    /// while enough endpoints there are available, spilling over to the other zones as they fail.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefer_local_zone: bool,
 }
 
 /// Passive outlier ejection (Istio's defaults when a field is absent).
@@ -319,6 +323,12 @@ pub fn check_cluster_policy(p: &[Seg], policy: &ClusterPolicy) -> Problems {
                 "consistent-hash needs hash_header or hash_cookie".to_owned(),
             ));
         }
+        if lb.algorithm == LbAlgorithm::ConsistentHash && lb.prefer_local_zone {
+            out.push((
+                at(&p, &["prefer_local_zone"]),
+                "prefer_local_zone does not apply to consistent-hash (the ring keeps a key on one endpoint, whatever its zone)".to_owned(),
+            ));
+        }
         if lb.algorithm != LbAlgorithm::ConsistentHash && hashed {
             out.push((
                 p.clone(),
@@ -509,6 +519,7 @@ pub fn cluster_policy_to_pb(m: &ClusterPolicy, out: &mut pb::ClusterPolicy) {
         algorithm: lb.algorithm.as_str().to_owned(),
         hash_header: lb.hash_header.clone().unwrap_or_default(),
         hash_cookie: lb.hash_cookie.clone().unwrap_or_default(),
+        prefer_local_zone: lb.prefer_local_zone,
     });
     out.outlier_detection = m.outlier_detection.as_ref().map(|o| pb::OutlierDetection {
         consecutive_errors: o.consecutive_errors.unwrap_or(0),
@@ -557,6 +568,7 @@ pub fn cluster_policy_from_pb(
             })?,
             hash_header: opt_str(&lb.hash_header),
             hash_cookie: opt_str(&lb.hash_cookie),
+            prefer_local_zone: lb.prefer_local_zone,
         }),
     };
     out.outlier_detection = w.outlier_detection.map(|o| OutlierDetection {
@@ -720,7 +732,8 @@ services:
       health_check: {path: /healthz, interval: 50ms}
       retry_budget: {ratio_percent: 20, min_retries_per_second: 0}
   - name: shadow
-    endpoints: [{address: "127.0.0.1:2"}]
+    endpoints: [{address: "127.0.0.1:2", labels: {zone: zone-a}}]
+    policy: {load_balancer: {prefer_local_zone: true}}
 routes:
   - name: a
     hosts: [a]
@@ -739,6 +752,14 @@ routes:
         let cfg = parse_yaml("m.yaml", YAML, &Limits::default()).unwrap();
         let back = crate::from_resources(&crate::to_resources(&cfg)).unwrap();
         assert_eq!(back.services, cfg.services);
+        assert!(
+            back.services[1]
+                .policy
+                .load_balancer
+                .as_ref()
+                .unwrap()
+                .prefer_local_zone
+        );
         let (a, b) = (&back.routes[0].rules[0], &cfg.routes[0].rules[0]);
         assert_eq!(a.rate_limit, b.rate_limit);
         assert_eq!(a.fault, b.fault);
@@ -750,7 +771,10 @@ routes:
     #[test]
     fn bad_policies_are_refused_with_the_place_and_reason() {
         let bad = YAML
-            .replace("hash_header: x-user", "hash_header: \"x user\"")
+            .replace(
+                "hash_header: x-user",
+                "hash_header: \"x user\", prefer_local_zone: true",
+            )
             .replace("percent: 50", "percent: 150")
             .replace("service: shadow", "service: nope")
             .replace("path: /healthz", "path: healthz")
@@ -760,6 +784,7 @@ routes:
             .to_string();
         for want in [
             "load_balancer.hash_header: invalid header name",
+            "load_balancer.prefer_local_zone: prefer_local_zone does not apply to consistent-hash",
             "rate_limit.per.header: invalid header name \"x api\"",
             "fault.abort.percent: 150 is not a percentage",
             "mirror.service: unknown mirror service \"nope\"",

@@ -116,10 +116,10 @@ pub struct Proxy {
 /// Loads the configuration source, binds every listener and starts serving.
 pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     let telemetry = telemetry(args)?;
-    let state = Arc::new(ProxyState::with_metrics(
-        args.limits(),
-        telemetry.metrics.clone(),
-    ));
+    let state = Arc::new(
+        ProxyState::with_metrics(args.limits(), telemetry.metrics.clone())
+            .in_zone(args.zone.as_deref()),
+    );
     if let Some(path) = &args.control_plane_ca {
         let pem = std::fs::read_to_string(path).map_err(|source| StartError::ReadConfig {
             path: path.clone(),

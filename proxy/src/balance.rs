@@ -2,6 +2,7 @@
 //! the service's load-balancing algorithm: power of two choices over peak-EWMA latency
 //! (default), least-request, round-robin, weighted random, or a consistent-hash ring on a
 //! header or cookie. Ejected and unhealthy endpoints are skipped while any other is available.
+//! A service may prefer the endpoints in the proxy's zone ([`crate::locality`]).
 //!
 //! Everything here is built when a configuration is compiled (indexes, the hash ring); the
 //! per-endpoint state the algorithms read lives in [`EndpointStats`] atomics that survive
@@ -112,6 +113,8 @@ pub struct EndpointSet {
     /// The service's policy and shared state (bulkhead, budget, pools).
     pub runtime: Arc<ServiceRuntime>,
     ring: Option<Ring>,
+    /// The endpoints in this proxy's zone, when the service prefers them.
+    local: Option<crate::locality::LocalZone>,
     next: AtomicUsize,
     /// Outbound counters of this (service, subset) for experiments, kept across config swaps.
     pub subset_stats: Arc<crate::stats::Counters>,
@@ -141,6 +144,7 @@ impl EndpointSet {
         let mut endpoints = Vec::new();
         let mut weights = Vec::new();
         let mut stats = Vec::new();
+        let mut zones = Vec::new();
         for ep in &service.endpoints {
             let selected = selector
                 .iter()
@@ -156,12 +160,18 @@ impl EndpointSet {
                 }
             })?;
             endpoints.push(Endpoint { authority });
+            zones.push(ep.labels.get("zone").map(String::as_str));
             stats.push(registry.endpoint(&service.name, &ep.address));
             // The wire says 0 means 1; validation refuses an explicit 0 in the model.
             weights.push(ep.weight.unwrap_or(1).max(1));
         }
         let ring = (runtime.lb.algorithm == LbAlgorithm::ConsistentHash)
             .then(|| Ring::build(&endpoints, &weights));
+        let local = runtime
+            .lb
+            .local_zone
+            .as_deref()
+            .and_then(|zone| crate::locality::LocalZone::build(zone, zones, &weights));
         Ok(Self {
             service: service.name.clone(),
             subset: subset.to_owned(),
@@ -171,6 +181,7 @@ impl EndpointSet {
             stats: stats.into_boxed_slice(),
             runtime,
             ring,
+            local,
             next: AtomicUsize::new(fastrand::usize(..)),
             subset_stats: crate::stats::global().handle(&service.name, subset),
         })
@@ -204,34 +215,47 @@ impl EndpointSet {
         {
             return Some(i);
         }
-        let pick = |ok: &dyn Fn(usize) -> bool| -> Option<usize> {
-            match lb.algorithm {
-                LbAlgorithm::RoundRobin => (0..n).find_map(|_| {
-                    let r = self.next.fetch_add(1, Relaxed) as u64 % index.total();
-                    let i = index.index_of(r);
-                    ok(i).then_some(i)
-                }),
-                LbAlgorithm::Random => random_available(index, ok),
-                LbAlgorithm::P2cEwma | LbAlgorithm::LeastRequest | LbAlgorithm::ConsistentHash => {
-                    let a = random_available(index, ok)?;
-                    let b = (0..3)
-                        .map(|_| index.pick())
-                        .find(|&b| b != a && ok(b))
-                        .unwrap_or(a);
-                    let cost = |i: usize| {
-                        if lb.algorithm == LbAlgorithm::LeastRequest {
-                            f64::from(self.stats[i].inflight())
-                        } else {
-                            self.stats[i].cost()
-                        }
-                    };
-                    Some(if cost(b) < cost(a) { b } else { a })
-                }
+        if let Some(local) = &self.local {
+            // Kept requests go to the zone, the spilled share to the other zones only (as
+            // Envoy's priority levels do), so the zone's load falls as its endpoints fail.
+            let keep = local.keep(|i| self.stats[i].available(now));
+            let side = if keep { &local.index } else { index };
+            if let Some(i) = self.pick_in(side, &|i| local.contains(i) == keep && ok(i)) {
+                return Some(i);
             }
-        };
-        pick(&ok)
-            .or_else(|| pick(&|i| Some(i) != exclude))
+        }
+        self.pick_in(index, &ok)
+            .or_else(|| self.pick_in(index, &|i| Some(i) != exclude))
             .or_else(|| Some(index.pick()))
+    }
+
+    /// An endpoint by the service's algorithm among those `index` can pick and `ok` allows.
+    fn pick_in(&self, index: &WeightedIndex, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let lb = &self.runtime.lb;
+        let n = self.endpoints.len();
+        match lb.algorithm {
+            LbAlgorithm::RoundRobin => (0..n).find_map(|_| {
+                let r = self.next.fetch_add(1, Relaxed) as u64 % index.total();
+                let i = index.index_of(r);
+                ok(i).then_some(i)
+            }),
+            LbAlgorithm::Random => random_available(index, ok),
+            LbAlgorithm::P2cEwma | LbAlgorithm::LeastRequest | LbAlgorithm::ConsistentHash => {
+                let a = random_available(index, ok)?;
+                let b = (0..3)
+                    .map(|_| index.pick())
+                    .find(|&b| b != a && ok(b))
+                    .unwrap_or(a);
+                let cost = |i: usize| {
+                    if lb.algorithm == LbAlgorithm::LeastRequest {
+                        f64::from(self.stats[i].inflight())
+                    } else {
+                        self.stats[i].cost()
+                    }
+                };
+                Some(if cost(b) < cost(a) { b } else { a })
+            }
+        }
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
@@ -424,6 +448,7 @@ mod tests {
             algorithm: LbAlgorithm::ConsistentHash,
             hash_header: Some("x-user".into()),
             hash_cookie: Some("user".into()),
+            prefer_local_zone: false,
         });
         svc
     }

@@ -197,6 +197,13 @@ pub struct Args {
     #[arg(long, value_name = "JSON", env = "WEFT_APP_PROBES")]
     pub app_probes: Option<String>,
 
+    /// The zone this proxy runs in (the injector passes the pod's
+    /// `topology.kubernetes.io/zone` label). Services whose load balancer sets
+    /// `prefer_local_zone` keep this proxy's requests on endpoints labelled with the same
+    /// `zone` while enough of them are available. Empty: no zone.
+    #[arg(long, value_name = "ZONE", env = "WEFT_ZONE")]
+    pub zone: Option<String>,
+
     /// Runtime worker threads; default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,

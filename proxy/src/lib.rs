@@ -39,6 +39,7 @@ pub mod intercept;
 pub mod jwt;
 pub mod limits;
 pub mod linger;
+pub mod locality;
 pub mod log_level;
 pub mod metrics;
 pub mod observe;

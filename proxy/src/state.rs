@@ -96,6 +96,12 @@ impl ProxyState {
         Self::with_registry(limits, Registry::with_metrics(metrics))
     }
 
+    /// This proxy's zone (`--zone`), for zone-aware load balancing.
+    pub fn in_zone(mut self, zone: Option<&str>) -> Self {
+        self.registry.set_zone(zone);
+        self
+    }
+
     fn with_registry(limits: Limits, registry: Registry) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),

@@ -249,6 +249,72 @@ async fn failing_endpoint_is_ejected_and_returns_when_healed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_aware_balancing_keeps_requests_in_the_zone_and_fails_over() {
+    let apps = [
+        ChaosApp::start("a1").await,
+        ChaosApp::start("b1").await,
+        ChaosApp::start("b2").await,
+    ];
+    let yaml = format!(
+        "services:\n  - name: api\n    endpoints:\n\
+         \x20     - {{address: \"{}\", labels: {{zone: zone-a}}}}\n\
+         \x20     - {{address: \"{}\", labels: {{zone: zone-b}}}}\n\
+         \x20     - {{address: \"{}\", labels: {{zone: zone-b}}}}\n\
+         \x20   policy: {{load_balancer: {{prefer_local_zone: true}}, \
+         outlier_detection: {{consecutive_errors: 2, base_ejection_time: 2s, max_ejection_percent: 50}}}}\n\
+         routes:\n  - name: api\n    hosts: [api]\n    rules:\n      - backends: [{{service: api}}]\n\
+         \x20       retries: {{attempts: 2, retry_on: [5xx], backoff_base: 1ms}}\n",
+        apps[0].addr, apps[1].addr, apps[2].addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), "control", &yaml, ControlPlaneOpts::default()).await;
+    let proxy = Proxy::start(
+        dir.path(),
+        "client-proxy",
+        ProxyOpts {
+            control_plane: Some(cp.grpc),
+            service: "client".into(),
+            extra_args: vec!["--zone".into(), "zone-a".into()],
+            ..ProxyOpts::default()
+        },
+    )
+    .await;
+    let client = HttpClient::http1();
+    let drive = |n| mesh::drive(&client, proxy.outbound, "api", &[], n, 4);
+
+    // Healthy: every request stays in the proxy's zone.
+    let split = drive(200).await;
+    assert_eq!(split.by_version.get("a1"), Some(&200), "{split:?}");
+    assert_eq!(apps[1].hits() + apps[2].hits(), 0);
+
+    // The zone's only endpoint fails: ejected, and requests go to the other zone (the
+    // failures before the ejection are retried there, so callers see none).
+    apps[0].always(Some(500));
+    let split = drive(100).await;
+    assert_eq!(split.failed, 0, "{split:?}");
+    let a_hits = apps[0].hits();
+    let split = drive(200).await;
+    assert_eq!(split.failed, 0, "{split:?}");
+    assert_eq!(apps[0].hits(), a_hits, "ejected: no request to zone-a");
+    assert!(
+        split.percent("b1") > 25.0 && split.percent("b2") > 25.0,
+        "both zone-b endpoints share: {split:?}"
+    );
+
+    // Healed: back home once its ejection ends.
+    apps[0].always(None);
+    eventually(
+        Duration::from_secs(15),
+        "requests to return to zone-a",
+        || async {
+            let s = drive(40).await;
+            (s.by_version.get("a1") == Some(&40)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_try_timeout_moves_on_and_request_timeout_answers_504() {
     let (ok, stuck) = (ChaosApp::start("ok").await, ChaosApp::start("stuck").await);
     stuck.hang(true);

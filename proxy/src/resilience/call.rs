@@ -44,6 +44,8 @@ pub struct LbRuntime {
     pub algorithm: LbAlgorithm,
     pub hash_header: Option<HeaderName>,
     pub hash_cookie: Option<String>,
+    /// The proxy's zone when the service prefers local endpoints and the proxy has a zone.
+    pub local_zone: Option<Arc<str>>,
 }
 
 /// A service's policy for one configuration version, with its state shared across versions.
@@ -84,6 +86,10 @@ impl ServiceRuntime {
                     .as_deref()
                     .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                 hash_cookie: lb.hash_cookie,
+                local_zone: lb
+                    .prefer_local_zone
+                    .then(|| registry.zone().cloned())
+                    .flatten(),
             },
             outlier: p.outlier_detection.as_ref().map(OutlierConfig::from_model),
             max_requests: limits.max_requests,

@@ -67,6 +67,8 @@ pub struct Registry {
     health: Mutex<HashMap<String, HealthTask>>,
     /// Where per-service counters live; `None` in tests that compile tables alone.
     metrics: Option<Arc<ProxyMetrics>>,
+    /// This proxy's zone, for services that prefer local endpoints.
+    zone: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -86,6 +88,15 @@ impl Registry {
         let mut registry = Self::default();
         registry.metrics = Some(metrics);
         registry
+    }
+
+    /// Sets this proxy's zone (empty: none).
+    pub fn set_zone(&mut self, zone: Option<&str>) {
+        self.zone = zone.filter(|z| !z.is_empty()).map(Arc::from);
+    }
+
+    pub fn zone(&self) -> Option<&Arc<str>> {
+        self.zone.as_ref()
     }
 
     pub fn endpoint(&self, service: &str, address: &str) -> Arc<EndpointStats> {
