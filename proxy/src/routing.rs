@@ -213,14 +213,15 @@ impl Table {
         req: &Request<B>,
         orig: Option<std::net::SocketAddr>,
     ) -> Result<Resolved, RouteError> {
-        let (rule, picked) = self.select(req, orig)?;
-        let Some(i) = picked else {
+        let rule = self.rule_for(req, orig)?;
+        if let Some(answer) = &rule.answer {
             return Ok(Resolved::Answer {
-                answer: rule.answer.clone().ok_or_else(|| self.no_route(req))?,
+                answer: answer.clone(),
                 policy: rule.policy.clone(),
                 labels: rule.labels[0].clone(),
             });
-        };
+        }
+        let i = self.backend_of(rule, req)?;
         let set = &rule.backends[i];
         if set.endpoints().is_empty() {
             return Err(RouteError::NoEndpoints {
@@ -238,8 +239,8 @@ impl Table {
     /// Routes a request to one endpoint: route by host, first matching rule, backend by weight,
     /// endpoint by weight.
     pub fn route<B>(&self, req: &Request<B>) -> Result<Target<'_>, RouteError> {
-        let (rule, picked) = self.select(req, None)?;
-        let i = picked.ok_or_else(|| self.no_route(req))?;
+        let rule = self.rule_for(req, None)?;
+        let i = self.backend_of(rule, req)?;
         let (set, labels) = (&rule.backends[i], &rule.labels[i]);
         let endpoint = set
             .choose(req.headers(), None)
@@ -268,38 +269,33 @@ impl Table {
         }
     }
 
-    /// Route by host, first matching rule, backend by weight: the rule and the index of the
-    /// backend, `None` for a rule that answers itself.
-    fn select<B>(
+    /// Route by host, then the first matching rule.
+    fn rule_for<B>(
         &self,
         req: &Request<B>,
         orig: Option<std::net::SocketAddr>,
-    ) -> Result<(&Rule, Option<usize>), RouteError> {
+    ) -> Result<&Rule, RouteError> {
         let host = request_host(req);
-        let no_route = || self.no_route(req);
         let index = self
             .hosts
             .get(host.as_ref())
             .and_then(|routes| routes.pick(|| request_port(req, orig)))
             .or_else(|| orig.and_then(|a| self.route_at(&a)))
             .or(self.wildcard)
-            .ok_or_else(no_route)?;
-        let rule = self.routes[index]
+            .ok_or_else(|| self.no_route(req))?;
+        self.routes[index]
             .rules
             .iter()
             .find(|rule| rule.matches(req))
-            .ok_or_else(no_route)?;
-        if rule.answer.is_some() {
-            return Ok((rule, None));
-        }
-        match &rule.weights {
-            Some(weights) => {
-                let hash = rule.sticky.as_ref().and_then(|k| k.hash(req.headers()));
-                let i = hash.map_or_else(|| weights.pick(), |h| weights.pick_hashed(h));
-                Ok((rule, Some(i)))
-            }
-            None => Err(no_route()),
-        }
+            .ok_or_else(|| self.no_route(req))
+    }
+
+    /// The rule's backend for this request, by weight (or its sticky hash). A rule without
+    /// backends (one that answers itself) has none.
+    fn backend_of<B>(&self, rule: &Rule, req: &Request<B>) -> Result<usize, RouteError> {
+        let weights = rule.weights.as_ref().ok_or_else(|| self.no_route(req))?;
+        let hash = rule.sticky.as_ref().and_then(|k| k.hash(req.headers()));
+        Ok(hash.map_or_else(|| weights.pick(), |h| weights.pick_hashed(h)))
     }
 }
 
