@@ -134,6 +134,11 @@ fn route_text(route: &Route) -> String {
             match_summary(&rule.matches),
             answer_summary(rule).unwrap_or_else(|| backends_summary(&rule.backends))
         );
+        if let Some(cors) = &rule.cors {
+            // The origins are what a "CORS error" in a browser is usually about.
+            let origins: Vec<_> = cors.allow_origins.iter().map(string_match).collect();
+            let _ = writeln!(out, "      cors origins: {}", origins.join(", "));
+        }
     }
     out
 }
@@ -386,7 +391,7 @@ routes:
       - {match: {path: {prefix: /old}}, redirect: {scheme: https, prefix: /new, code: 308}}
       - {redirect: {port: 8443}}
       - {match: {path: {exact: /gone}}, direct_response: {status: 410}}
-      - {backends: [{service: a}]}
+      - {backends: [{service: a}], cors: {allow_origins: [{exact: \"https://a.example\"}, {regex: \"https://.*\"}]}}
 ";
         let cfg = parse_yaml("t", yaml, &Limits::default()).unwrap();
         let text = routes(&api::Routes {
@@ -397,7 +402,7 @@ routes:
             "#0: path prefix /old → redirect 308 (scheme https, prefix /new)",
             "#1: any request → redirect 301 (port 8443)\n",
             "#2: path = /gone → respond 410",
-            "#3: any request → a 100%",
+            "#3: any request → a 100%\n      cors origins: = https://a.example, ~ https://.*\n",
         ] {
             assert!(text.contains(line), "{line}: {text}");
         }

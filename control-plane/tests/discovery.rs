@@ -422,8 +422,8 @@ spec:
             remove: [x-debug]
         - type: ResponseHeaderModifier
           responseHeaderModifier: {remove: [server]}
-        - type: CORS
-          cors: {allowCredentials: true}
+        - type: ExtensionRef
+          extensionRef: {group: example.com, kind: Quota, name: gold}
       backendRefs: [{name: reviews-v1}]
     - filters:
         - type: RequestHeaderModifier
@@ -447,7 +447,7 @@ spec:
     assert!(cart.rules[1].headers.is_none(), "{:?}", cart.rules[1]);
     let warnings = t.warnings.join("\n");
     assert!(
-        warnings.contains("HTTPRoute bookinfo/edits rule 0: filter Cors is not supported"),
+        warnings.contains("HTTPRoute bookinfo/edits rule 0: filter ExtensionRef is not supported"),
         "{warnings}"
     );
     assert!(
@@ -456,6 +456,90 @@ spec:
         "{warnings}"
     );
     validate(&t.config, &Limits::default()).expect("a valid configuration");
+}
+
+#[test]
+fn a_cors_filter_becomes_the_rules_cors_policy() {
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: browser, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: CORS
+          cors:
+            allowOrigins: ["https://shop.example", "https://*.shop.example"]
+            allowMethods: [GET, PUT]
+            allowHeaders: ["*"]
+            exposeHeaders: [x-request-id, "*"]
+            allowCredentials: true
+            maxAge: 600
+      backendRefs: [{name: reviews-v1}]
+    - matches: [{path: {type: PathPrefix, value: /public}}]
+      filters:
+        - type: CORS
+          cors: {allowOrigins: ["*"]}
+      backendRefs: [{name: reviews-v1}]
+    - filters:
+        - type: CORS
+          cors: {allowOrigins: ["https://shop.example"], allowMethods: [get]}
+      backendRefs: [{name: reviews-v1}]
+"#;
+    let t = translate(&snapshot(route));
+    validate(&t.config, &Limits::default()).expect("a valid configuration");
+    let r = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .expect("the reviews route");
+    let cors = |path: &str| {
+        r.rules
+            .iter()
+            .find(|rule| rule.matches.path.as_ref().and_then(|p| p.prefix.as_deref()) == Some(path))
+            .unwrap_or_else(|| panic!("a rule for {path}: {r:?}"))
+            .cors
+            .clone()
+    };
+    let api = cors("/api").expect("/api has a CORS policy");
+    assert_eq!(
+        api.allow_origins,
+        [
+            StringMatch::exact("https://shop.example"),
+            StringMatch {
+                regex: Some(r"https://.*\.shop\.example".into()),
+                ..StringMatch::default()
+            }
+        ]
+    );
+    assert_eq!(api.allow_methods, ["GET", "PUT"]);
+    assert_eq!(api.allow_headers, ["*"]);
+    assert_eq!(
+        api.expose_headers,
+        ["x-request-id"],
+        "* is left out with credentials"
+    );
+    assert_eq!(api.max_age, Some(weft_proto::model::Millis(600_000)));
+    assert!(api.allow_credentials);
+    let public = cors("/public").expect("/public has a CORS policy");
+    assert_eq!(public.allow_origins[0].regex.as_deref(), Some(".*"));
+    // The third rule's policy is refused (a lower-case method) and left out, named.
+    let last = r
+        .rules
+        .iter()
+        .find(|rule| rule.matches.path.is_none())
+        .unwrap();
+    assert!(last.cors.is_none(), "{last:?}");
+    let warnings = t.warnings.join("\n");
+    for expected in [
+        "HTTPRoute bookinfo/browser rule 0: CORS exposeHeaders \"*\" left out",
+        "HTTPRoute bookinfo/browser rule 2: CORS left out: \"get\" is not a method",
+    ] {
+        assert!(warnings.contains(expected), "{expected}: {warnings}");
+    }
 }
 
 #[test]

@@ -82,7 +82,7 @@ fn cluster_to_pb(s: &model::Service) -> pb::Cluster {
     }
 }
 
-fn string_match_to_pb(m: &model::StringMatch) -> pb::StringMatch {
+pub(crate) fn string_match_to_pb(m: &model::StringMatch) -> pb::StringMatch {
     use pb::string_match::Kind;
     let kind = if let Some(s) = &m.exact {
         Some(Kind::Exact(s.clone()))
@@ -245,7 +245,7 @@ fn cluster_from_pb(c: &pb::Cluster) -> Result<model::Service, ConvertError> {
     })
 }
 
-fn string_match_from_pb(m: &pb::StringMatch) -> model::StringMatch {
+pub(crate) fn string_match_from_pb(m: &pb::StringMatch) -> model::StringMatch {
     use pb::string_match::Kind;
     let mut out = model::StringMatch::default();
     match &m.kind {

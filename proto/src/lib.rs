@@ -4,6 +4,7 @@
 
 pub mod answer;
 pub mod convert;
+pub mod cors;
 pub mod experiment;
 pub mod headers;
 pub mod locate;

@@ -150,6 +150,9 @@ pub struct Rule {
     /// Answer with a fixed response instead of forwarding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<crate::answer::DirectResponse>,
+    /// Cross-origin requests from browsers: which origins may call, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<crate::cors::Cors>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

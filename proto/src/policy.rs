@@ -447,6 +447,9 @@ pub fn check_rule(p: &[Seg], rule: &Rule, services: &HashMap<&str, BTreeSet<&str
         out.extend(crate::rewrite::check(p, rule, r));
     }
     out.extend(crate::answer::check(p, rule));
+    if let Some(c) = &rule.cors {
+        out.extend(crate::cors::check(p, c));
+    }
     if let Some(f) = &rule.fault {
         let p = at(p, &["fault"]);
         if let Some(d) = &f.delay {
@@ -627,6 +630,7 @@ pub fn route_policy_to_pb(rule: &Rule, out: &mut pb::RoutePolicy) {
         .direct_response
         .as_ref()
         .map(crate::answer::direct_to_pb);
+    out.cors = rule.cors.as_ref().map(crate::cors::to_pb);
     out.rate_limit = rule.rate_limit.as_ref().map(rate_limit_to_pb);
     out.fault = rule.fault.as_ref().map(|f| pb::Fault {
         delay: f.delay.as_ref().map(|d| pb::FaultDelay {
@@ -656,6 +660,7 @@ pub fn route_policy_from_pb(w: &pb::RoutePolicy, rule: &mut Rule) {
         .direct_response
         .as_ref()
         .map(crate::answer::direct_from_pb);
+    rule.cors = w.cors.as_ref().map(crate::cors::from_pb);
     rule.rate_limit = w.rate_limit.as_ref().map(rate_limit_from_pb);
     rule.fault = w.fault.map(|f| Fault {
         delay: f.delay.map(|d| FaultDelay {

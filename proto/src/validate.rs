@@ -389,6 +389,15 @@ impl Validator<'_> {
         if let Some(r) = &rule.retries {
             self.retries(&at(p, [key("retries")]), r);
         }
+        if let Some(cors) = &rule.cors {
+            for (i, m) in cors.allow_origins.iter().enumerate() {
+                let op = at(p, [key("cors"), key("allow_origins"), Seg::Index(i)]);
+                match crate::cors::origin_match_problem(m) {
+                    Some(reason) => self.fail(op, reason),
+                    None => self.string_match(&op, m),
+                }
+            }
+        }
         for (path, reason) in crate::policy::check_rule(p, rule, services) {
             self.fail(path, reason);
         }

@@ -12,6 +12,7 @@ use http::{Request, Response};
 use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
+use crate::cors::Outcome;
 use crate::error::{ProxyError, is_grpc};
 use crate::identity::mesh::MeshClient;
 use crate::metrics::{Direction, TargetLabels};
@@ -168,7 +169,7 @@ impl Forwarder {
         let grpc = is_grpc(req.headers());
         let version = req.version();
         async move {
-            match self.forward(req, meta).await {
+            let mut resp = match self.forward(req, meta).await {
                 Ok(resp) => resp,
                 Err(err) => {
                     meta.reason = Some(err.reason());
@@ -184,7 +185,11 @@ impl Forwarder {
                     );
                     err.to_response(grpc, version)
                 }
+            };
+            if let Some(grant) = meta.cors.take() {
+                grant.apply(resp.headers_mut());
             }
+            resp
         }
     }
 
@@ -209,7 +214,16 @@ impl Forwarder {
                         .extensions()
                         .get::<crate::intercept::OriginalDst>()
                         .map(|o| o.0);
-                    let (set, policy, labels) = match snapshot.table.resolve_at(&req, orig)? {
+                    let resolved = snapshot.table.resolve_at(&req, orig)?;
+                    match crate::cors::Cors::outcome(resolved.policy(), &req) {
+                        None => {}
+                        Some(Outcome::Grant(grant)) => meta.cors = Some(grant),
+                        Some(Outcome::Preflight(resp, labels)) => {
+                            meta.target = Some(labels);
+                            return Ok(*resp);
+                        }
+                    }
+                    let (set, policy, labels) = match resolved {
                         Resolved::Forward {
                             set,
                             policy,

@@ -26,6 +26,7 @@ pub mod balance;
 pub mod body;
 pub mod cli;
 pub mod connection;
+pub mod cors;
 pub mod counting;
 pub mod error;
 pub mod forward;

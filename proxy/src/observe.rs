@@ -109,6 +109,8 @@ pub struct RequestMeta {
     /// get its response head: the request path reads the clock as little as it can.
     pub started: Option<Instant>,
     pub elapsed: Option<Duration>,
+    /// The CORS marks the response will carry, whoever makes it (boxed: rare).
+    pub cors: Option<Box<crate::cors::Grant>>,
 }
 
 /// Request details copied only when a span is sampled or the request is logged.

@@ -93,7 +93,7 @@ struct Rule {
 }
 
 #[derive(Debug)]
-enum Matcher {
+pub(crate) enum Matcher {
     Exact(String),
     Prefix(String),
     Regex(Regex),
@@ -393,6 +393,12 @@ pub enum Resolved {
 }
 
 impl Resolved {
+    pub fn policy(&self) -> &Arc<RulePolicy> {
+        match self {
+            Resolved::Forward { policy, .. } | Resolved::Answer { policy, .. } => policy,
+        }
+    }
+
     /// The backend set, when the request is forwarded.
     pub fn set(&self) -> Option<&Arc<EndpointSet>> {
         match self {
@@ -464,6 +470,11 @@ impl<'a> Compiler<'a> {
                 path: format!("{at}.rewrite"),
                 reason,
             })?;
+        policy.cors = rule
+            .cors
+            .as_ref()
+            .map(|c| crate::cors::Cors::compile(c, route, self.limits, &format!("{at}.cors")))
+            .transpose()?;
         let policy = Arc::new(policy);
         let answer = crate::answer::Compiled::compile(rule)
             .map_err(|(field, reason)| CompileError::Match {
@@ -561,7 +572,11 @@ impl<'a> Compiler<'a> {
     }
 }
 
-fn matcher(m: &StringMatch, limits: &Limits, path: &str) -> Result<Matcher, CompileError> {
+pub(crate) fn matcher(
+    m: &StringMatch,
+    limits: &Limits,
+    path: &str,
+) -> Result<Matcher, CompileError> {
     // Validation guarantees exactly one kind is set.
     Ok(if let Some(s) = &m.exact {
         Matcher::Exact(s.clone())
@@ -593,7 +608,7 @@ fn header_match(h: &NamedMatch, limits: &Limits, path: &str) -> Result<HeaderMat
 }
 
 impl Matcher {
-    fn matches(&self, value: &[u8]) -> bool {
+    pub(crate) fn matches(&self, value: &[u8]) -> bool {
         match self {
             Matcher::Exact(s) => value == s.as_bytes(),
             Matcher::Prefix(s) => value.starts_with(s.as_bytes()),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use http::Method;
 use tempfile::TempDir;
 use weft_tests::mesh::{self, SidecarMesh, Split, two_versions};
 use weft_tests::{
@@ -546,6 +547,7 @@ async fn echo_app() -> weft_tests::identity::HeaderApp {
             seen.insert(name.as_str().to_owned(), values.into());
         }
         seen.insert("uri".into(), req.uri().to_string().into());
+        seen.insert("method".into(), req.method().as_str().into());
         serde_json::Value::Object(seen).to_string()
     })
     .await
@@ -715,6 +717,152 @@ routes:
     );
     let again = get("reviews", "/admin").await.unwrap();
     assert_eq!(again.status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_allowed_preflights_and_marks_every_response_to_the_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = echo_app().await;
+    // An address nothing listens on: the proxy's own error answer for /down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mesh = |methods: &str| {
+        format!(
+            r#"services:
+  - name: reviews
+    endpoints: [{{address: "{}"}}]
+  - name: down
+    endpoints: [{{address: "{closed}"}}]
+routes:
+  - name: reviews
+    hosts: [reviews]
+    rules:
+      - match: {{path: {{prefix: /api}}}}
+        backends: [{{service: reviews}}]
+        cors: &cors
+          allow_origins: [{{exact: "https://shop.example"}}, {{regex: "https://[a-z]+\\.shop\\.example"}}]
+          allow_methods: {methods}
+          allow_headers: [content-type, x-user]
+          expose_headers: [x-request-id]
+          max_age: 10m
+          allow_credentials: true
+      - match: {{path: {{prefix: /down}}}}
+        backends: [{{service: down}}]
+        cors: *cors
+      - backends: [{{service: reviews}}]
+"#,
+            app.addr
+        )
+    };
+    let (cp, proxy) = control_and_proxy(dir.path(), &mesh("[GET, PUT]")).await;
+    let http = HttpClient::http1();
+    let send = |method: Method, path: &'static str, headers: Vec<(&'static str, &'static str)>| {
+        let http = &http;
+        let addr = proxy.outbound;
+        async move {
+            http.send(method, addr, "reviews", path, &headers, "")
+                .await
+                .unwrap()
+        }
+    };
+    let preflight = |origin: &'static str| {
+        send(
+            Method::OPTIONS,
+            "/api/cart",
+            vec![
+                ("origin", origin),
+                ("access-control-request-method", "PUT"),
+                ("access-control-request-headers", "x-user"),
+            ],
+        )
+    };
+
+    // An allowed origin's preflight is answered by the proxy.
+    let r = preflight("https://eu.shop.example").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty(), "not the app's: {}", r.text());
+    for (name, value) in [
+        ("access-control-allow-origin", "https://eu.shop.example"),
+        ("access-control-allow-methods", "GET, PUT"),
+        ("access-control-allow-headers", "content-type, x-user"),
+        ("access-control-max-age", "600"),
+        ("access-control-allow-credentials", "true"),
+        ("vary", "origin"),
+    ] {
+        assert_eq!(r.header(name), Some(value), "{name}");
+    }
+    // Another origin's preflight goes to the app, unmarked.
+    let r = preflight("https://evil.example").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["method"], "OPTIONS", "forwarded");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+
+    // The allowed origin's requests are forwarded and their responses marked.
+    let r = send(
+        Method::PUT,
+        "/api/cart",
+        vec![("origin", "https://shop.example")],
+    )
+    .await;
+    assert_eq!(r.json()["method"], "PUT");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("x-request-id")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    // Not for requests without that origin, nor on rules without a policy.
+    for (path, headers) in [
+        ("/api/cart", vec![]),
+        ("/api/cart", vec![("origin", "https://shop.example.evil")]),
+        ("/other", vec![("origin", "https://shop.example")]),
+    ] {
+        let r = send(Method::GET, path, headers.clone()).await;
+        assert_eq!(r.status, 200, "{path} {headers:?}");
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            None,
+            "{path} {headers:?}"
+        );
+    }
+    // The proxy's own error reaches the page readable, so it sees the 503 and not a "CORS error".
+    let r = send(
+        Method::GET,
+        "/down",
+        vec![("origin", "https://shop.example")],
+    )
+    .await;
+    assert!(r.status.is_server_error(), "{}", r.status);
+    assert!(r.header("x-weft-reason").is_some(), "the proxy's answer");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    // Answered preflights are counted under the route, without a service.
+    let m = weft_tests::observe::scrape(proxy.admin).await;
+    let answered = weft_tests::observe::value(
+        &m,
+        "weft_proxy_requests_total",
+        &[("route", "reviews"), ("service", ""), ("code", "200")],
+    );
+    assert_eq!(answered, 1.0);
+
+    // A bad policy is refused by path; the running one stays.
+    let (status, body) = cp.apply(&mesh("[put]")).await;
+    assert!(status.is_client_error(), "{status} {body}");
+    let text = body.to_string();
+    assert!(
+        text.contains("routes[0].rules[0].cors.allow_methods[0]")
+            && text.contains("is not a method: use upper case"),
+        "{text}"
+    );
+    let r = preflight("https://shop.example").await;
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET, PUT"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,18 @@
 //! HTTPRoute rule filters translated into a weft rule's fields: header modifiers → `headers`,
 //! `URLRewrite` → `rewrite`, `RequestRedirect` → `redirect` (the rule then answers itself),
-//! the first `RequestMirror` → `mirror`. What weft cannot express is left out with a warning
-//! that names the route, the rule and the reason.
+//! the first `RequestMirror` → `mirror`, `CORS` → `cors`. What weft cannot express is left
+//! out with a warning that names the route, the rule and the reason.
 
 use std::collections::HashMap;
 
 use gateway_api::apis::standard::httproutes::{
-    HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersRequestMirror,
-    HttpRouteRulesFiltersRequestRedirect, HttpRouteRulesFiltersRequestRedirectPathType,
-    HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
-    HttpRouteRulesFiltersUrlRewritePathType,
+    HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersCors,
+    HttpRouteRulesFiltersRequestMirror, HttpRouteRulesFiltersRequestRedirect,
+    HttpRouteRulesFiltersRequestRedirectPathType, HttpRouteRulesFiltersRequestRedirectScheme,
+    HttpRouteRulesFiltersType, HttpRouteRulesFiltersUrlRewritePathType,
 };
 use weft_proto::answer::Redirect;
+use weft_proto::cors::Cors;
 use weft_proto::headers::{HeaderEdits, HeaderRules};
 use weft_proto::model::{self, StringMatch};
 use weft_proto::policy::Mirror;
@@ -20,7 +21,7 @@ use weft_proto::rewrite::Rewrite;
 use super::{MeshedPort, ServiceRef, meshed_port};
 
 /// The header edits of one HTTPRoute rule, from its `RequestHeaderModifier` and
-/// `ResponseHeaderModifier` filters. Filters weft cannot express yet (CORS, ExtensionRef) are
+/// `ResponseHeaderModifier` filters. Filters weft cannot express (ExtensionRef) are
 /// left out with a warning, and so are edits weft refuses (e.g. of `x-weft-*` fields), with the
 /// reason: one bad filter must not make the whole discovered layer invalid. On a rule that
 /// `answers_itself` (a redirect) the request edits reach no one and are left out first.
@@ -61,11 +62,13 @@ pub(super) fn header_filters(
             (HttpRouteRulesFiltersType::ResponseHeaderModifier, _, Some(m)) => {
                 merge(&mut out.response, pairs!(m.set), pairs!(m.add), &m.remove);
             }
-            // Per match: see `url_rewrite` and `request_redirect`; per rule: `request_mirror`.
+            // Per match: see `url_rewrite` and `request_redirect`; per rule: `request_mirror`
+            // and `cors`.
             (
                 HttpRouteRulesFiltersType::UrlRewrite
                 | HttpRouteRulesFiltersType::RequestRedirect
-                | HttpRouteRulesFiltersType::RequestMirror,
+                | HttpRouteRulesFiltersType::RequestMirror
+                | HttpRouteRulesFiltersType::Cors,
                 _,
                 _,
             ) => {}
@@ -321,4 +324,76 @@ fn mirror_percent(f: &HttpRouteRulesFiltersRequestMirror) -> Result<Option<u32>,
     let n = i64::from(fraction.numerator).clamp(0, d);
     // Half up: (100·n/d + ½) without floating point; 0 ≤ result ≤ 100.
     Ok(Some(u32::try_from((200 * n + d) / (2 * d)).unwrap_or(100)))
+}
+
+/// The rule's `cors` from its `CORS` filter. Origins are the API's patterns: `*` alone
+/// matches any origin, a `*` in the host matches any run of characters there
+/// (`https://*.example.com`), anything else is exact. A wildcard `exposeHeaders` with
+/// credentials is left out (browsers read it literally then), and a policy weft refuses is
+/// left out whole, with the reason.
+pub(super) fn cors(
+    filters: &[HttpRouteRulesFilters],
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Option<Cors> {
+    let f: &HttpRouteRulesFiltersCors = filters
+        .iter()
+        .filter(|f| f.r#type == HttpRouteRulesFiltersType::Cors)
+        .find_map(|f| f.cors.as_ref())?;
+    let list = |l: &Option<Vec<String>>| l.clone().unwrap_or_default();
+    let mut out = Cors {
+        allow_origins: f
+            .allow_origins
+            .iter()
+            .flatten()
+            .map(|o| origin_match(o))
+            .collect(),
+        allow_methods: list(&f.allow_methods),
+        allow_headers: list(&f.allow_headers),
+        expose_headers: list(&f.expose_headers),
+        max_age: f
+            .max_age
+            .filter(|s| *s > 0)
+            .map(|s| model::Millis(u32::try_from(s).unwrap_or(0).saturating_mul(1000))),
+        allow_credentials: f.allow_credentials.unwrap_or(false),
+    };
+    if out.allow_credentials && out.expose_headers.iter().any(|h| h == "*") {
+        out.expose_headers.retain(|h| h != "*");
+        warnings.push(format!(
+            "{what}: CORS exposeHeaders \"*\" left out: with allowCredentials browsers read it \
+             literally; list the fields"
+        ));
+    }
+    let limits = weft_proto::validate::Limits::default();
+    let mut reasons: Vec<String> = weft_proto::cors::check(&[], &out)
+        .into_iter()
+        .map(|(_, reason)| reason)
+        .collect();
+    reasons.extend(out.allow_origins.iter().filter_map(|m| {
+        let re = m.regex.as_ref()?;
+        weft_proto::validate::compile_regex(re, &limits).err()
+    }));
+    if !reasons.is_empty() {
+        warnings.push(format!("{what}: CORS left out: {}", reasons.join("; ")));
+        return None;
+    }
+    Some(out)
+}
+
+/// An origin pattern of the Gateway API as a weft string match.
+fn origin_match(pattern: &str) -> StringMatch {
+    if pattern == "*" {
+        return StringMatch {
+            regex: Some(".*".into()),
+            ..StringMatch::default()
+        };
+    }
+    if !pattern.contains('*') {
+        return StringMatch::exact(pattern);
+    }
+    let re: Vec<String> = pattern.split('*').map(regex::escape).collect();
+    StringMatch {
+        regex: Some(re.join(".*")),
+        ..StringMatch::default()
+    }
 }

@@ -4,8 +4,8 @@
 //! The translation is a pure function over real Kubernetes types (`k8s-openapi`,
 //! `gateway-api`), so it is tested with the objects a cluster would return. Watching the API
 //! server is I/O behind [`ClusterSource`]; the translation never fails as a whole: what weft
-//! cannot express (CORS and ExtensionRef filters, a rule's second mirror, redirects and
-//! rewrites weft refuses, unknown backends, all-zero weights) is left out with a warning that
+//! cannot express (ExtensionRef filters, a rule's second mirror, redirects, rewrites and CORS
+//! policies weft refuses, unknown backends, all-zero weights) is left out with a warning that
 //! names the object, and the result is validated like any other configuration.
 //!
 //! Mapping:
@@ -50,7 +50,7 @@ use weft_proto::model::{self, MeshConfig, NamedMatch, Protocol, StringMatch};
 
 mod filters;
 use filters::{
-    header_filters, ignored_by_redirect, redirect_filter, request_mirror, request_redirect,
+    cors, header_filters, ignored_by_redirect, redirect_filter, request_mirror, request_redirect,
     url_rewrite,
 };
 
@@ -260,6 +260,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                     (backends, mirror)
                 };
                 let headers = header_filters(rule, redirect.is_some(), &what, &mut warnings);
+                let cors = cors(rule_filters, &what, &mut warnings);
                 let matches = rule
                     .matches
                     .clone()
@@ -273,6 +274,7 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                         backends: backends.clone(),
                         headers: headers.clone(),
                         mirror: mirror.clone(),
+                        cors: cors.clone(),
                         ..model::Rule::default()
                     };
                     match redirect {

@@ -119,6 +119,8 @@ pub struct RulePolicy {
     pub headers: Option<Arc<crate::header_edits::Compiled>>,
     /// URL rewrite; applied where the request is routed, before the header edits.
     pub rewrite: Option<crate::rewrite::Compiled>,
+    /// Cross-origin policy; applied where the request is routed (see `crate::cors`).
+    pub cors: Option<crate::cors::Cors>,
 }
 
 /// Where a rule's copies go, and how many.
@@ -162,6 +164,7 @@ impl RulePolicy {
             stream_idle_timeout: rule.stream_idle_timeout.map(|m| m.as_duration()),
             headers: None,
             rewrite: None,
+            cors: None,
         }
     }
 }
