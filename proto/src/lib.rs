@@ -16,6 +16,7 @@ pub mod security;
 pub mod stats;
 #[cfg(test)]
 mod test_support;
+pub mod upstream_tls;
 pub mod validate;
 
 /// Generated protobuf and tonic code for `weft.config.v1`.

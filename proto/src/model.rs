@@ -91,6 +91,9 @@ pub struct ClusterPolicy {
     pub health_check: Option<policy::HealthCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<policy::RetryBudget>,
+    /// Speak TLS to the endpoints (TLS origination), verifying them against these CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::upstream_tls::UpstreamTls>,
 }
 
 impl ClusterPolicy {

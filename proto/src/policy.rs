@@ -548,6 +548,7 @@ pub fn cluster_policy_to_pb(m: &ClusterPolicy, out: &mut pb::ClusterPolicy) {
         min_retries_per_second_plus_one: b.min_retries_per_second.map_or(0, |r| r + 1),
         ttl_ms: ms(b.ttl),
     });
+    out.tls = m.tls.as_ref().map(crate::upstream_tls::to_pb);
 }
 
 fn minus_one(v: u32) -> Option<u32> {
@@ -597,6 +598,7 @@ pub fn cluster_policy_from_pb(
         min_retries_per_second: minus_one(b.min_retries_per_second_plus_one),
         ttl: opt_ms(b.ttl_ms),
     });
+    out.tls = w.tls.as_ref().map(crate::upstream_tls::from_pb);
     Ok(())
 }
 

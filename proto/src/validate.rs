@@ -262,6 +262,9 @@ impl Validator<'_> {
             for (path, reason) in crate::policy::check_cluster_policy(&pp, &svc.policy) {
                 self.fail(path, reason);
             }
+            for (path, reason) in crate::upstream_tls::check(&p, svc) {
+                self.fail(path, reason);
+            }
         }
 
         let mut hosts: HashMap<String, &str> = HashMap::new();

@@ -32,6 +32,9 @@ pub enum BalanceError {
         #[source]
         source: http::uri::InvalidUri,
     },
+    /// TLS origination cannot be set up (the proxy NACKs the version).
+    #[error("service {service:?}: policy.tls: {reason}")]
+    Tls { service: String, reason: String },
 }
 
 /// A weighted index over `n` items: `pick` returns `i` with probability `w[i] / sum(w)`.
@@ -129,7 +132,7 @@ impl EndpointSet {
         selector: &BTreeMap<String, String>,
     ) -> Result<Self, BalanceError> {
         let registry = Registry::default();
-        let runtime = Arc::new(ServiceRuntime::build(service, &registry));
+        let runtime = Arc::new(ServiceRuntime::build(service, &registry)?);
         Self::build_shared(service, subset, selector, &registry, runtime)
     }
 

@@ -266,7 +266,8 @@ impl Forwarder {
                         let endpoint = set.endpoint(idx).authority.clone();
                         meta.upstream = Some(endpoint.clone());
                         // Boxed: rare, and the request's future stays small.
-                        let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref());
+                        let tls = set.runtime.upstream.tls();
+                        let upgrade = crate::upgrade::forward(req, endpoint, mtls.as_ref(), tls);
                         let mut resp = Box::pin(upgrade).await?;
                         if let Some(e) = &edits {
                             e.response.apply(resp.headers_mut());
@@ -302,7 +303,7 @@ impl Forwarder {
             };
             meta.upstream = Some(endpoint.clone());
             if crate::upgrade::is_upgrade(&req) {
-                return Ok(Box::pin(crate::upgrade::forward(req, endpoint, None)).await?);
+                return Ok(Box::pin(crate::upgrade::forward(req, endpoint, None, None)).await?);
             }
             let protocol = UpstreamProtocol::resolve(protocol, req.version());
             Ok(self

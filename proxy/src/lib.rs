@@ -44,6 +44,7 @@ pub mod locality;
 pub mod log_level;
 pub mod metrics;
 pub mod observe;
+pub mod origination;
 pub mod policy;
 pub mod pool;
 pub mod resilience;

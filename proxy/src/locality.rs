@@ -108,7 +108,7 @@ mod tests {
         };
         let mut registry = Registry::default();
         registry.set_zone(zone);
-        let runtime = Arc::new(ServiceRuntime::build(&svc, &registry));
+        let runtime = Arc::new(ServiceRuntime::build(&svc, &registry).unwrap());
         EndpointSet::build_shared(&svc, "", &BTreeMap::new(), &registry, runtime).unwrap()
     }
 

@@ -559,11 +559,14 @@ impl<'a> Compiler<'a> {
                 .ok_or_else(|| unknown(format!("subset {subset:?}")))?
         };
         let registry = self.registry;
-        let runtime = self
-            .runtimes
-            .entry(service)
-            .or_insert_with(|| Arc::new(ServiceRuntime::build(svc, registry)))
-            .clone();
+        let runtime = match self.runtimes.get(service) {
+            Some(rt) => rt.clone(),
+            None => {
+                let rt = Arc::new(ServiceRuntime::build(svc, registry)?);
+                self.runtimes.insert(service, rt.clone());
+                rt
+            }
+        };
         let set = Arc::new(EndpointSet::build_shared(
             svc, subset, selector, registry, runtime,
         )?);

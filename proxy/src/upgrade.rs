@@ -41,12 +41,14 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Sends the upgrade request `req` to `endpoint` (over mTLS when `mtls`) and returns its answer;
+/// Sends the upgrade request `req` to `endpoint` (over mTLS when `mtls`, over TLS origination
+/// when `tls`) and returns its answer;
 /// after a `101` the two connections are spliced in a task of their own.
 pub async fn forward(
     mut req: Request<DownstreamBody>,
     endpoint: Authority,
     mtls: Option<&Mtls>,
+    tls: Option<&crate::origination::TlsConnector>,
 ) -> Result<Response<ProxyBody>, UpstreamError> {
     let downstream = hyper::upgrade::on(&mut req);
     let fail = |cause: String| UpstreamError::Reset {
@@ -73,7 +75,15 @@ pub async fn forward(
                     }
                 })?;
                 let _ = tcp.set_nodelay(true);
-                Box::new(tcp)
+                match tls {
+                    None => Box::new(tcp),
+                    Some(t) => Box::new(t.handshake(tcp, endpoint.host()).await.map_err(|e| {
+                        UpstreamError::Connect {
+                            endpoint: endpoint.to_string(),
+                            cause: e.to_string(),
+                        }
+                    })?),
+                }
             }
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use weft_proto::model::Protocol;
 
 use crate::body::ProxyBody;
+use crate::origination::TlsConnector;
 use crate::pool::{Http1Pool, UpstreamBody};
 use crate::resilience::connector::{Connector, TooManyConnections};
 use crate::resilience::registry::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, PoolKey};
@@ -58,6 +59,16 @@ impl UpstreamProtocol {
 pub struct Upstream {
     http1: Http1Pool,
     http2: Client<Connector, RequestBody>,
+    /// TLS origination: every request of the service goes here instead.
+    https: Option<Https>,
+}
+
+#[derive(Clone)]
+struct Https {
+    client: Client<TlsConnector, RequestBody>,
+    /// For upgraded connections, which bypass the pool.
+    connector: TlsConnector,
+    h2: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -78,6 +89,7 @@ impl Upstream {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: None,
+            tls: None,
         })
     }
 
@@ -88,18 +100,34 @@ impl Upstream {
         connector.set_connect_timeout(Some(key.connect_timeout));
         // One connection cap shared by both pools of the service.
         let connector = Connector::new(connector, key.max_connections);
-        let http2 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(key.idle_timeout)
-            // The proxy keeps the Host the client sent; never invent one from the endpoint.
-            .set_host(false)
-            .http2_only(true)
-            .build(connector.clone());
+        let client = |h2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(key.idle_timeout)
+                // The proxy keeps the Host the client sent; never invent one from the endpoint.
+                .set_host(false)
+                .http2_only(h2);
+            b
+        };
+        let https = key.tls.as_ref().map(|tls| {
+            let tls_connector = TlsConnector::new(connector.clone(), tls, key.connect_timeout);
+            Https {
+                client: client(tls.h2).build(tls_connector.clone()),
+                connector: tls_connector,
+                h2: tls.h2,
+            }
+        });
         Self {
+            http2: client(true).build(connector.clone()),
             http1: Http1Pool::new(connector, key.idle_timeout),
-            http2,
+            https,
         }
+    }
+
+    /// The TLS connector of a service with TLS origination, for upgraded connections.
+    pub fn tls(&self) -> Option<&TlsConnector> {
+        self.https.as_ref().map(|h| &h.connector)
     }
 
     /// Sends `req` to `endpoint` and returns the upstream's response, bodies streamed both ways.
@@ -124,15 +152,22 @@ impl Upstream {
         protocol: UpstreamProtocol,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, UpstreamError>> {
         let downstream_version = req.version();
-        let req = prepare(req, &endpoint, protocol);
+        let wire = match (&self.https, protocol) {
+            (Some(h), _) => Wire::Tls { h2: h.h2 },
+            (None, UpstreamProtocol::Http1) => Wire::Http1,
+            (None, UpstreamProtocol::Http2) => Wire::H2c,
+        };
+        let req = prepare(req, &endpoint, wire);
         async move {
-            let mut resp = match protocol {
+            let mut resp = match (wire, &self.https) {
                 // The HTTP/1.1 client never puts hop-by-hop fields in the map.
-                UpstreamProtocol::Http1 => self.http1.send(endpoint, req).await?,
-                UpstreamProtocol::Http2 => {
-                    let mut resp = self
-                        .http2
-                        .request(req)
+                (Wire::Http1, _) => self.http1.send(endpoint, req).await?,
+                (wire, https) => {
+                    let pending = match (wire, https) {
+                        (Wire::Tls { .. }, Some(h)) => h.client.request(req),
+                        _ => self.http2.request(req),
+                    };
+                    let mut resp = pending
                         .await
                         .map_err(|e| classify(&e, endpoint.as_str()))?
                         .map(UpstreamBody::new);
@@ -147,18 +182,33 @@ impl Upstream {
     }
 }
 
+/// How a request goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// The proxy's own HTTP/1.1 pool.
+    Http1,
+    /// HTTP/2 with prior knowledge.
+    H2c,
+    /// TLS origination, HTTP/2 or HTTP/1.1 inside.
+    Tls { h2: bool },
+}
+
 /// `req` as it goes to `endpoint`: the client's authority kept as Host, hop-by-hop headers
 /// removed, the URI in the form the protocol's client wants.
-fn prepare(
-    req: Request<RequestBody>,
-    endpoint: &Authority,
-    protocol: UpstreamProtocol,
-) -> Request<RequestBody> {
+fn prepare(req: Request<RequestBody>, endpoint: &Authority, wire: Wire) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
     authority_to_host(&mut parts);
     strip_hop_by_hop(&mut parts.headers);
-    match protocol {
-        UpstreamProtocol::Http1 => {
+    match wire {
+        Wire::Tls { h2 } => {
+            parts.uri = origin_uri(&parts.uri, Scheme::HTTPS, endpoint.clone());
+            parts.version = if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+        }
+        Wire::Http1 => {
             // Origin-form on the wire; the endpoint is the connection, not the URI.
             parts.uri = Uri::from(
                 parts
@@ -169,7 +219,7 @@ fn prepare(
             );
             parts.version = Version::HTTP_11;
         }
-        UpstreamProtocol::Http2 => {
+        Wire::H2c => {
             parts.uri = origin_uri(&parts.uri, Scheme::HTTP, endpoint.clone());
             parts.version = Version::HTTP_2;
         }

@@ -130,6 +130,104 @@ impl Drop for HeaderApp {
     }
 }
 
+/// An HTTPS server outside the mesh (an external API): a certificate for `name` signed by a CA
+/// of its own (`ca_pem`), its validity ended an hour ago when `expired`. Answers every request
+/// with JSON `{sni, host, path, version}` (`sni`: the server name the client sent) and echoes
+/// upgrades on [`ECHO_UPGRADE_PATH`] as [`HeaderApp`] does. ALPN h2 and http/1.1.
+pub struct HttpsApp {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    task: JoinHandle<()>,
+}
+
+impl HttpsApp {
+    pub async fn start(name: &str, expired: bool) -> HttpsApp {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(vec![]).expect("ca params");
+        // A name of its own: two test CAs must not look like one with a bad signature.
+        static CAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA {n}"));
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(vec![name.to_owned()]).expect("leaf params");
+        let now = SystemTime::now();
+        let (from, until) = if expired {
+            (
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )
+        } else {
+            (
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(3600),
+            )
+        };
+        (leaf.not_before, leaf.not_after) = (from.into(), until.into());
+        let leaf = leaf.signed_by(&key, &issuer).expect("leaf");
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .expect("server cert");
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
+        let addr = listener.local_addr().expect("https addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        if req.uri().path() == ECHO_UPGRADE_PATH {
+                            return std::future::ready(Ok::<_, Infallible>(echo_upgrade(&mut req)));
+                        }
+                        let body = serde_json::json!({
+                            "sni": sni,
+                            "host": req.headers().get("host").and_then(|h| h.to_str().ok()),
+                            "path": req.uri().path(),
+                            "version": format!("{:?}", req.version()),
+                        });
+                        std::future::ready(Ok(Response::new(Full::new(Bytes::from(
+                            body.to_string(),
+                        )))))
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        HttpsApp {
+            addr,
+            ca_pem: ca_cert.pem(),
+            task,
+        }
+    }
+}
+
+impl Drop for HttpsApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A bootstrap token for `ns/sa` from the control plane's admin API, written to a file.
 pub async fn token_file(cp: &ControlPlane, dir: &Path, ns: &str, sa: &str) -> String {
     let (status, body) = HttpClient::http1()

@@ -22,4 +22,4 @@ pub use apps::{GrpcApp, VersionApp};
 pub use chaos::ChaosApp;
 pub use http::{HttpClient, eventually};
 pub use load::Load;
-pub use procs::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts};
+pub use procs::{ControlPlane, ControlPlaneOpts, Proxy, ProxyOpts, control_and_proxy};

@@ -354,3 +354,20 @@ impl Proxy {
             .expect("/config has a version")
     }
 }
+
+/// A control plane serving `yaml` and one proxy (node `proxy`, service `productpage`, no
+/// identity) following it.
+pub async fn control_and_proxy(dir: &Path, yaml: &str) -> (ControlPlane, Proxy) {
+    let cp = ControlPlane::start(dir, "control", yaml, ControlPlaneOpts::default()).await;
+    let proxy = Proxy::start(
+        dir,
+        "proxy",
+        ProxyOpts {
+            control_plane: Some(cp.grpc),
+            service: "productpage".into(),
+            ..ProxyOpts::default()
+        },
+    )
+    .await;
+    (cp, proxy)
+}

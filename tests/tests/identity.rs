@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use weft_proto::identity_pb::CertifyRequest;
 use weft_proto::identity_pb::identity_service_client::IdentityServiceClient;
 use weft_tests::identity::{
-    ClientCert, HeaderApp, identity_proxy, mesh_ca, reviews_mesh, tls_client, tls_get,
+    ClientCert, HeaderApp, HttpsApp, identity_proxy, mesh_ca, reviews_mesh, tls_client, tls_get,
 };
 use weft_tests::{ControlPlane, ControlPlaneOpts, HttpClient, Proxy, eventually};
 
@@ -212,11 +212,20 @@ async fn sidecars_talk_mtls_and_the_app_sees_the_callers_identity() {
 /// Sends a WebSocket upgrade request for `reviews` at `path` to `outbound`; returns the
 /// answer's head and the connection (after a `101`, the upgraded byte stream).
 async fn upgrade_to(outbound: SocketAddr, path: &str) -> (String, tokio::net::TcpStream) {
+    upgrade_to_host(outbound, "reviews", path).await
+}
+
+/// [`upgrade_to`] for the route of `host`.
+async fn upgrade_to_host(
+    outbound: SocketAddr,
+    host: &str,
+    path: &str,
+) -> (String, tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
         let mut stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
         let req = format!(
-            "GET {path} HTTP/1.1\r\nhost: reviews\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+            "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
         );
         stream.write_all(req.as_bytes()).await.unwrap();
@@ -922,5 +931,142 @@ async fn a_mirror_to_a_service_with_an_identity_goes_over_mtls_from_a_plaintext_
     assert_eq!(
         cfg["identity"]["authz"]["plaintext_refused"], 0,
         "no copy went in plaintext: {cfg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_verifies_the_external_server_and_names_what_failed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let api = HttpsApp::start("api.example", false).await;
+    let stale = HttpsApp::start("api.example", true).await;
+    let ca = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let (api_ca, stale_ca) = (ca("api.pem", &api.ca_pem), ca("stale.pem", &stale.ca_pem));
+    // One service per case, each on its own host.
+    let service = |name: &str, addr: SocketAddr, tls: &str| {
+        format!(
+            "  - name: {name}\n    endpoints: [{{address: \"{addr}\"}}]\n    policy: {{tls: {tls}}}\n"
+        )
+    };
+    let route = |name: &str| {
+        format!(
+            "  - name: {name}\n    hosts: [{name}]\n    rules:\n      - backends: [{{service: {name}}}]\n"
+        )
+    };
+    let mesh = |payments_ca: &str| {
+        let cases = [
+            (
+                "payments",
+                api.addr,
+                format!("{{sni: api.example, ca_file: \"{payments_ca}\"}}"),
+            ),
+            (
+                "expired",
+                stale.addr,
+                format!("{{sni: api.example, ca_file: \"{stale_ca}\"}}"),
+            ),
+            (
+                "untrusted",
+                api.addr,
+                format!("{{sni: api.example, ca_file: \"{stale_ca}\"}}"),
+            ),
+            (
+                "misnamed",
+                api.addr,
+                format!("{{sni: other.example, ca_file: \"{api_ca}\"}}"),
+            ),
+        ];
+        let services: String = cases.iter().map(|(n, a, t)| service(n, *a, t)).collect();
+        let routes: String = cases.iter().map(|(n, _, _)| route(n)).collect();
+        format!("services:\n{services}routes:\n{routes}")
+    };
+    let (cp, proxy) = weft_tests::control_and_proxy(dir.path(), &mesh(&api_ca)).await;
+    let http = HttpClient::http1();
+
+    // The app speaks plain HTTP; the server sees TLS with the configured name, and the Host the
+    // app sent.
+    let r = http
+        .get(proxy.outbound, "payments", "/charge", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["sni"], "api.example", "{seen}");
+    assert_eq!(seen["host"], "payments", "{seen}");
+    assert_eq!(seen["path"], "/charge", "{seen}");
+    assert_eq!(seen["version"], "HTTP/1.1", "{seen}");
+    // Upgrades (WebSocket) go over TLS too.
+    let (head, mut stream) = upgrade_to_host(
+        proxy.outbound,
+        "payments",
+        weft_tests::identity::ECHO_UPGRADE_PATH,
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream.write_all(b"over tls").await.unwrap();
+    let mut echoed = [0; 8];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .expect("the echo")
+        .unwrap();
+    assert_eq!(&echoed, b"over tls");
+
+    // What failed is named: an expired certificate, an unknown CA, another name.
+    for (host, expect) in [
+        ("expired", "expired"),
+        ("untrusted", "unknownissuer"),
+        ("misnamed", "not valid for name"),
+    ] {
+        let r = http
+            .get(proxy.outbound, host, "/charge", &[])
+            .await
+            .unwrap();
+        let text = r.text().to_lowercase();
+        assert!(r.status.is_server_error(), "{host}: {} {text}", r.status);
+        assert!(
+            r.header("x-weft-reason").is_some(),
+            "{host}: the proxy's answer"
+        );
+        assert!(
+            text.contains("tls handshake with api.example failed") || host == "misnamed",
+            "{host}: {text}"
+        );
+        assert!(text.contains(expect), "{host}: {text}");
+    }
+
+    // A CA file the proxy cannot read: the version is NACKed with the file named, and the
+    // running configuration keeps working.
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let (status, body) = cp.apply(&mesh(&missing)).await;
+    assert!(status.is_success(), "valid for the control plane: {body}");
+    let rejected = body["version"].as_u64().unwrap();
+    let nack = eventually(DEADLINE, "the proxy's NACK", || async {
+        let status = cp.status().await;
+        let p = status["proxies"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node_id"] == "proxy")?
+            .clone();
+        (p["last_nack"]["version"].as_u64() == Some(rejected)).then_some(p)
+    })
+    .await;
+    let error = nack["last_nack"]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("cannot read CA file {missing}")) && error.contains("payments"),
+        "{error}"
+    );
+    let r = http
+        .get(proxy.outbound, "payments", "/charge", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the last good configuration stays: {}",
+        r.text()
     );
 }

@@ -9,7 +9,8 @@ use http::Method;
 use tempfile::TempDir;
 use weft_tests::mesh::{self, SidecarMesh, Split, two_versions};
 use weft_tests::{
-    ControlPlane, ControlPlaneOpts, GrpcApp, HttpClient, Proxy, ProxyOpts, VersionApp, eventually,
+    ControlPlane, ControlPlaneOpts, GrpcApp, HttpClient, Proxy, ProxyOpts, VersionApp,
+    control_and_proxy, eventually,
 };
 
 /// Two app versions, a control plane whose route splits `w1`/`w2`, and one client-side proxy.
@@ -568,22 +569,6 @@ routes:
 {rule}
 "#
     )
-}
-
-/// A control plane serving `yaml` and a proxy following it.
-async fn control_and_proxy(dir: &std::path::Path, yaml: &str) -> (ControlPlane, Proxy) {
-    let cp = ControlPlane::start(dir, "control", yaml, ControlPlaneOpts::default()).await;
-    let proxy = Proxy::start(
-        dir,
-        "proxy",
-        ProxyOpts {
-            control_plane: Some(cp.grpc),
-            service: "productpage".into(),
-            ..ProxyOpts::default()
-        },
-    )
-    .await;
-    (cp, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::balance::BalanceError;
 use crate::body::DownstreamBody;
 use crate::pool::UpstreamBody;
 use http::header::HeaderName;
@@ -62,11 +63,21 @@ pub struct ServiceRuntime {
 }
 
 impl ServiceRuntime {
-    pub fn build(svc: &model::Service, registry: &Registry) -> Self {
+    /// Fails only when TLS origination cannot be set up (its CA file).
+    pub fn build(svc: &model::Service, registry: &Registry) -> Result<Self, BalanceError> {
         let p = &svc.policy;
         let lb = p.load_balancer.clone().unwrap_or_default();
         let shared = registry.service(&svc.name);
         let limits = p.limits.clone().unwrap_or_default();
+        let tls = p
+            .tls
+            .as_ref()
+            .map(|t| crate::origination::TlsKey::load(t, svc.protocol))
+            .transpose()
+            .map_err(|reason| BalanceError::Tls {
+                service: svc.name.clone(),
+                reason,
+            })?;
         let upstream = shared.upstream(PoolKey {
             connect_timeout: p
                 .connect_timeout
@@ -75,8 +86,9 @@ impl ServiceRuntime {
                 .idle_timeout
                 .map_or(DEFAULT_IDLE_TIMEOUT, |m| m.as_duration()),
             max_connections: limits.max_connections,
+            tls: tls.map(Arc::new),
         });
-        Self {
+        Ok(Self {
             name: svc.name.clone(),
             lb: LbRuntime {
                 algorithm: lb.algorithm,
@@ -100,7 +112,7 @@ impl ServiceRuntime {
             ),
             shared,
             upstream,
-        }
+        })
     }
 }
 

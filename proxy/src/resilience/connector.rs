@@ -77,15 +77,18 @@ impl tower_service::Service<Uri> for Connector {
         let connecting = self.inner.call(dst);
         Box::pin(async move {
             let io = connecting.await?;
-            Ok(Conn { io, _slot: slot })
+            Ok(Conn::over(io.into_inner(), slot, false))
         })
     }
 }
 
-/// A TCP connection that gives its slot back when it closes.
+/// A connection (TCP, or TLS over it for TLS origination) that gives its slot back when it
+/// closes.
 #[derive(Debug)]
-pub struct Conn {
-    io: TokioIo<TcpStream>,
+pub struct Conn<S = TcpStream> {
+    io: TokioIo<S>,
+    /// ALPN chose HTTP/2 (TLS only).
+    h2: bool,
     _slot: Option<Slot>,
 }
 
@@ -96,13 +99,31 @@ impl Conn {
     }
 }
 
+impl<S> Conn<S> {
+    /// A connection over `stream` that holds `slot`; `h2` when ALPN chose HTTP/2.
+    pub fn over(stream: S, slot: Option<Slot>, h2: bool) -> Self {
+        Self {
+            io: TokioIo::new(stream),
+            h2,
+            _slot: slot,
+        }
+    }
+}
+
 impl Connection for Conn {
     fn connected(&self) -> Connected {
         self.io.connected()
     }
 }
 
-impl Read for Conn {
+impl Connection for Conn<tokio_rustls::client::TlsStream<TcpStream>> {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.h2 { c.negotiated_h2() } else { c }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> Read for Conn<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -112,7 +133,7 @@ impl Read for Conn {
     }
 }
 
-impl Write for Conn {
+impl<S: tokio::io::AsyncWrite + Unpin> Write for Conn<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

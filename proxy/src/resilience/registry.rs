@@ -36,11 +36,13 @@ pub struct ServiceShared {
 }
 
 /// What a connection pool is built from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: Option<u32>,
+    /// TLS origination, with its CA file's contents (a rotated file makes new pools).
+    pub tls: Option<Arc<crate::origination::TlsKey>>,
 }
 
 impl ServiceShared {
@@ -51,7 +53,7 @@ impl ServiceShared {
         match &*pools {
             Some((k, up)) if *k == key => up.clone(),
             _ => {
-                let up = Upstream::with_policy(key);
+                let up = Upstream::with_policy(key.clone());
                 *pools = Some((key, up.clone()));
                 up
             }
