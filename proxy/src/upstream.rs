@@ -159,21 +159,21 @@ impl Upstream {
         };
         let req = prepare(req, &endpoint, wire);
         async move {
-            let mut resp = match (wire, &self.https) {
+            let mut resp = if wire == Wire::Http1 {
                 // The HTTP/1.1 client never puts hop-by-hop fields in the map.
-                (Wire::Http1, _) => self.http1.send(endpoint, req).await?,
-                (wire, https) => {
-                    let pending = match (wire, https) {
-                        (Wire::Tls { .. }, Some(h)) => h.client.request(req),
-                        _ => self.http2.request(req),
-                    };
-                    let mut resp = pending
-                        .await
-                        .map_err(|e| classify(&e, endpoint.as_str()))?
-                        .map(UpstreamBody::new);
-                    strip_hop_by_hop(resp.headers_mut());
-                    resp
-                }
+                self.http1.send(endpoint, req).await?
+            } else {
+                // `Wire::Tls` exactly when the service originates TLS.
+                let pending = match &self.https {
+                    Some(h) => h.client.request(req),
+                    None => self.http2.request(req),
+                };
+                let mut resp = pending
+                    .await
+                    .map_err(|e| classify(&e, endpoint.as_str()))?
+                    .map(UpstreamBody::new);
+                strip_hop_by_hop(resp.headers_mut());
+                resp
             };
             // hyper frames the response for the downstream connection; the version says which.
             *resp.version_mut() = downstream_version;
