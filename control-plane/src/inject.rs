@@ -18,6 +18,9 @@ pub const INJECT_KEY: &str = "weft.io/inject";
 pub const STATUS_KEY: &str = "weft.io/status";
 pub const NATIVE_SIDECAR_KEY: &str = "weft.io/native-sidecar";
 pub const APP_PROBES_KEY: &str = "weft.io/app-probes";
+/// `registry-only` closes the pod's connections to destinations outside the mesh (the proxy's
+/// `--outbound-traffic-policy`); `allow-any` (the default) passes them through.
+pub const OUTBOUND_POLICY_KEY: &str = "weft.io/outbound-traffic-policy";
 pub const PROXY_NAME: &str = "weft-proxy";
 /// Where the pod's projected service-account token is mounted in the proxy container.
 const TOKEN_DIR: &str = "/var/run/secrets/weft";
@@ -63,6 +66,12 @@ pub enum InjectError {
     NotAPod(String),
     #[error("malformed AdmissionReview: {0}")]
     BadReview(String),
+    #[error("annotation {key}: {value:?} is not one of {allowed}")]
+    BadAnnotation {
+        key: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
 }
 
 /// What injection decided for one pod.
@@ -143,6 +152,22 @@ pub fn inject(pod: &Value, cfg: &InjectConfig) -> Result<Decision, InjectError> 
         _ => cfg.native_sidecar,
     };
 
+    // A typo in a security setting refuses the pod rather than leaving its egress open.
+    let registry_only = match str_at(
+        pod,
+        &format!("/metadata/annotations/{}", escape(OUTBOUND_POLICY_KEY)),
+    ) {
+        None | Some("allow-any") => false,
+        Some("registry-only") => true,
+        Some(other) => {
+            return Err(InjectError::BadAnnotation {
+                key: OUTBOUND_POLICY_KEY,
+                value: other.to_owned(),
+                allowed: "allow-any, registry-only",
+            });
+        }
+    };
+
     let mut ops = Vec::new();
     let mut annotations = BTreeMap::new();
     annotations.insert(
@@ -181,7 +206,7 @@ pub fn inject(pod: &Value, cfg: &InjectConfig) -> Result<Decision, InjectError> 
     }
 
     let init = init_container(cfg);
-    let proxy = proxy_container(cfg, native);
+    let proxy = proxy_container(cfg, native, registry_only);
     match (
         native,
         spec.get("initContainers")
@@ -241,7 +266,7 @@ fn init_container(cfg: &InjectConfig) -> Value {
     })
 }
 
-fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
+fn proxy_container(cfg: &InjectConfig, native: bool, registry_only: bool) -> Value {
     let env_from = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let ready = json!({"httpGet": {"path": "/ready", "port": HEALTH_PORT}, "periodSeconds": 2, "failureThreshold": 30});
     let mut c = json!({
@@ -271,6 +296,9 @@ fn proxy_container(cfg: &InjectConfig, native: bool) -> Value {
         "volumeMounts": [{"name": "weft-token", "mountPath": TOKEN_DIR, "readOnly": true},
                          {"name": "weft-identity", "mountPath": "/var/run/weft"}],
     });
+    if registry_only && let Some(args) = c["args"].as_array_mut() {
+        args.extend([json!("--outbound-traffic-policy"), json!("registry-only")]);
+    }
     if native {
         // The kubelet starts the app's containers only once this startup probe passes.
         c["restartPolicy"] = json!("Always");

@@ -133,6 +133,38 @@ fn decisions_say_why() {
         "TCP probes are left alone"
     );
     assert_eq!(pod["metadata"]["annotations"]["team"], "ratings");
+
+    // weft.io/outbound-traffic-policy reaches the proxy's flags; a typo refuses the pod.
+    let with_policy = |value: &str| {
+        let mut pod = read_yaml(&dir.join("plain.yaml"));
+        pod["metadata"]["annotations"] = json!({"weft.io/outbound-traffic-policy": value});
+        pod
+    };
+    let proxy_args = |pod: &Value| {
+        let (pod, _) = injected(pod);
+        pod["spec"]["initContainers"][1]["args"].clone()
+    };
+    let args = proxy_args(&with_policy("registry-only"));
+    let args: Vec<_> = args
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--outbound-traffic-policy", "registry-only"]),
+        "{args:?}"
+    );
+    for pod in [with_policy("allow-any"), read_yaml(&dir.join("plain.yaml"))] {
+        let args = proxy_args(&pod).to_string();
+        assert!(!args.contains("outbound-traffic-policy"), "{args}");
+    }
+    let err = inject(&with_policy("deny-all"), &InjectConfig::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "annotation weft.io/outbound-traffic-policy: \"deny-all\" is not one of allow-any, registry-only"
+    );
 }
 
 fn admission_review(uid: &str, object: Value) -> Vec<u8> {

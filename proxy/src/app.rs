@@ -186,6 +186,8 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
     let transparent = args.transparent.then(|| Transparent {
         opaque_ports: args.opaque_ports.clone().into(),
         detect_timeout: args.detect_timeout,
+        registry_only: args.outbound_traffic_policy
+            == crate::cli::OutboundTrafficPolicy::RegistryOnly,
     });
     if let Some(transparent) = &transparent {
         let ctx = intercept::outbound::Outbound {
@@ -194,6 +196,7 @@ pub async fn start(args: &Args) -> Result<Proxy, StartError> {
             transparent: transparent.clone(),
             opaque: telemetry.metrics.conn_counters("passthrough"),
             tunnels: telemetry.metrics.conn_counters("mesh_tcp"),
+            blackhole: telemetry.metrics.conn_counters("blackhole"),
         };
         // iptables REDIRECT sends captured IPv6 connections to [::1]: listen there too when
         // the outbound address is IPv4 loopback and the host has IPv6.

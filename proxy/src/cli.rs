@@ -191,6 +191,14 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
     pub detect_timeout: std::time::Duration,
 
+    /// Where captured connections to destinations outside the mesh go (Istio's
+    /// `outboundTrafficPolicy`): `allow-any` passes them through, `registry-only` closes them
+    /// (`listener="blackhole"` counters), so a workload reaches only what the mesh declares.
+    /// Transparent mode only; the injector sets it from the pod's
+    /// `weft.io/outbound-traffic-policy` annotation.
+    #[arg(long, value_name = "POLICY", default_value = "allow-any")]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+
     /// The app's original HTTP probes, JSON `{"<container>/<probe>": <httpGet>}` (what the
     /// injector stores in the `weft.io/app-probes` annotation); served on the admin port as
     /// `/app-health/<container>/<probe>`.
@@ -216,6 +224,13 @@ pub enum Command {
     Init(crate::intercept::init::InitArgs),
     /// Wait until the proxy's admin `/ready` answers 200 (the legacy sidecar's postStart hook).
     WaitReady(crate::health::WaitReadyArgs),
+}
+
+/// `--outbound-traffic-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutboundTrafficPolicy {
+    AllowAny,
+    RegistryOnly,
 }
 
 /// `--app-protocol`.
@@ -446,6 +461,20 @@ mod tests {
             (a.transparent, a.opaque_ports.as_slice()),
             (true, &[3306, 7000][..])
         );
+        assert_eq!(a.outbound_traffic_policy, OutboundTrafficPolicy::AllowAny);
+        let a = parse(&[
+            "--config",
+            "m",
+            "--transparent",
+            "--outbound-traffic-policy",
+            "registry-only",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.outbound_traffic_policy,
+            OutboundTrafficPolicy::RegistryOnly
+        );
+        assert!(parse(&["--config", "m", "--outbound-traffic-policy", "deny"]).is_err());
     }
 
     #[test]

@@ -633,6 +633,93 @@ routes:
     }
 }
 
+#[test]
+fn registry_only_closes_connections_outside_the_mesh_and_allow_any_passes_them() {
+    if !root_or_skip("registry_only_closes_connections_outside_the_mesh_and_allow_any_passes_them")
+    {
+        return;
+    }
+    let dir = shared_dir();
+    let pods = PodPair::new("egress");
+    let (ip_a, ip_b) = (pods.ip_a, pods.ip_b);
+    // Port 7000 of each pod is a mesh service; 7100 is not.
+    let mesh = format!(
+        r#"services:
+  - name: chatty-a
+    endpoints: [{{address: "{ip_a}:7000"}}]
+  - name: chatty-b
+    endpoints: [{{address: "{ip_b}:7000"}}]
+"#
+    );
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh).unwrap();
+    let app = bin("weft-netns-app").display().to_string();
+    let mut apps = Vec::new();
+    for ns in [&pods.a, &pods.b] {
+        init(ns, &["--exclude-inbound-ports", "15020"]);
+        for port in [7000, 7100] {
+            let greet = ns.spawn(
+                &format!("greet-{port}"),
+                dir.path(),
+                None,
+                &[app.clone(), s("greet"), format!("0.0.0.0:{port}")],
+            );
+            wait_listening(ns, &format!("127.0.0.1:{port}"), &greet);
+            apps.push(greet);
+        }
+    }
+    let config = vec![s("--config"), mesh_path.display().to_string()];
+    let mut registry_only = config.clone();
+    registry_only.extend([s("--outbound-traffic-policy"), s("registry-only")]);
+    let proxy_a = transparent_proxy(&pods.a, dir.path(), "proxy-a", &registry_only);
+    let _proxy_b = transparent_proxy(&pods.b, dir.path(), "proxy-b", &config);
+    let greet_from = |ns: &Netns, dest: String| {
+        let out = ns
+            .command(bin("weft-netns-app"))
+            .args(["first-byte", &dest])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    // Registry-only pod a: the mesh service answers, the other port is closed unanswered.
+    let (ok, out) = greet_from(&pods.a, format!("{ip_b}:7000"));
+    assert!(
+        ok && out.contains("220 weft greeting"),
+        "{out}\n{}",
+        proxy_a.log_tail()
+    );
+    let (ok, out) = greet_from(&pods.a, format!("{ip_b}:7100"));
+    assert!(
+        !ok && !out.contains("greeting"),
+        "outside the mesh, answered: {out}"
+    );
+    assert_eq!(
+        metric(
+            &pods.a,
+            "weft_proxy_tcp_connections_opened_total",
+            &[r#"listener="blackhole""#]
+        ),
+        1.0,
+        "{}",
+        proxy_a.log_tail()
+    );
+    // Allow-any pod b (the default) still passes the same kind of destination through.
+    let (ok, out) = greet_from(&pods.b, format!("{ip_a}:7100"));
+    assert!(ok && out.contains("220 weft greeting"), "{out}");
+    assert_eq!(
+        metric(
+            &pods.b,
+            "weft_proxy_tcp_connections_opened_total",
+            &[r#"listener="blackhole""#]
+        ),
+        0.0
+    );
+}
+
 /// The injector and the proxy agree on flags: the init container's args, run with
 /// `--dry-run`, produce the rules (no root needed), and the legacy hook's `wait-ready` is a
 /// command the proxy knows.

@@ -36,6 +36,9 @@ pub struct Transparent {
     pub opaque_ports: Arc<[u16]>,
     /// How long detection waits for the client's first bytes.
     pub detect_timeout: Duration,
+    /// Close captured connections to destinations outside the mesh instead of passing them
+    /// through (`--outbound-traffic-policy registry-only`).
+    pub registry_only: bool,
 }
 
 impl Transparent {

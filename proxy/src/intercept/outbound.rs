@@ -3,7 +3,8 @@
 //! Captured connections to a mesh service are detected and, when HTTP, routed with their
 //! original destination attached; everything else is opaque TCP: over mTLS to the
 //! destination's sidecar when its service has an identity, else passed through to where it
-//! was going (Istio's PassthroughCluster).
+//! was going (Istio's PassthroughCluster) — or, with `--outbound-traffic-policy
+//! registry-only`, closed (BlackHoleCluster) when that is outside the mesh.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +35,9 @@ pub struct Outbound {
     pub opaque: ConnCounters,
     /// Opaque connections sent over mTLS to a mesh destination (`listener="mesh_tcp"`).
     pub tunnels: ConnCounters,
+    /// Connections closed by `registry_only` (`listener="blackhole"`, Istio's
+    /// BlackHoleCluster).
+    pub blackhole: ConnCounters,
 }
 
 /// Serves `listener` until `signal` under `limits` (shared with the IPv6 listener, so the
@@ -77,6 +81,13 @@ async fn connection(
         // The app talks to the proxy explicitly (Host names the service).
         None => true,
         Some(dest) if !ctx.state.load().table.knows_address(&dest) => {
+            if ctx.transparent.registry_only {
+                // Closed without a byte read or sent: the app sees its connection end.
+                ctx.blackhole.opened.inc();
+                ctx.blackhole.closed.inc();
+                tracing::debug!(%dest, "blackhole: not a mesh destination (registry-only)");
+                return;
+            }
             tracing::debug!(%dest, "passthrough: not a mesh destination");
             false
         }
