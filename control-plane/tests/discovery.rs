@@ -458,6 +458,33 @@ spec:
     validate(&t.config, &Limits::default()).expect("a valid configuration");
 }
 
+/// The translation of `http_route` (YAML) in the usual snapshot, validated: the route of
+/// `reviews.bookinfo` and the warnings, joined.
+fn reviews_route(http_route: &str) -> (weft_proto::model::Route, String) {
+    let t = translate(&snapshot(http_route));
+    validate(&t.config, &Limits::default()).expect("a valid configuration");
+    let route = t
+        .config
+        .routes
+        .iter()
+        .find(|r| r.name == "reviews.bookinfo")
+        .expect("the reviews route")
+        .clone();
+    (route, t.warnings.join("\n"))
+}
+
+/// The rule of `route` whose path match is the prefix `prefix` (`None`: no path match).
+fn rule_at<'r>(
+    route: &'r weft_proto::model::Route,
+    prefix: Option<&str>,
+) -> &'r weft_proto::model::Rule {
+    route
+        .rules
+        .iter()
+        .find(|rule| rule.matches.path.as_ref().and_then(|p| p.prefix.as_deref()) == prefix)
+        .unwrap_or_else(|| panic!("a rule for {prefix:?}: {route:?}"))
+}
+
 #[test]
 fn a_cors_filter_becomes_the_rules_cors_policy() {
     let route = r#"
@@ -488,22 +515,8 @@ spec:
           cors: {allowOrigins: ["https://shop.example"], allowMethods: [get]}
       backendRefs: [{name: reviews-v1}]
 "#;
-    let t = translate(&snapshot(route));
-    validate(&t.config, &Limits::default()).expect("a valid configuration");
-    let r = t
-        .config
-        .routes
-        .iter()
-        .find(|r| r.name == "reviews.bookinfo")
-        .expect("the reviews route");
-    let cors = |path: &str| {
-        r.rules
-            .iter()
-            .find(|rule| rule.matches.path.as_ref().and_then(|p| p.prefix.as_deref()) == Some(path))
-            .unwrap_or_else(|| panic!("a rule for {path}: {r:?}"))
-            .cors
-            .clone()
-    };
+    let (r, warnings) = reviews_route(route);
+    let cors = |path: &str| rule_at(&r, Some(path)).cors.clone();
     let api = cors("/api").expect("/api has a CORS policy");
     assert_eq!(
         api.allow_origins,
@@ -527,19 +540,57 @@ spec:
     let public = cors("/public").expect("/public has a CORS policy");
     assert_eq!(public.allow_origins[0].regex.as_deref(), Some(".*"));
     // The third rule's policy is refused (a lower-case method) and left out, named.
-    let last = r
-        .rules
-        .iter()
-        .find(|rule| rule.matches.path.is_none())
-        .unwrap();
+    let last = rule_at(&r, None);
     assert!(last.cors.is_none(), "{last:?}");
-    let warnings = t.warnings.join("\n");
     for expected in [
         "HTTPRoute bookinfo/browser rule 0: CORS exposeHeaders \"*\" left out",
         "HTTPRoute bookinfo/browser rule 2: CORS left out: \"get\" is not a method",
     ] {
         assert!(warnings.contains(expected), "{expected}: {warnings}");
     }
+}
+
+#[test]
+fn rule_timeouts_become_the_rules_timeout_and_per_try_timeout() {
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: slow, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /report}}]
+      timeouts: {request: 1m30s, backendRequest: 20s}
+      backendRefs: [{name: reviews-v1}]
+    - matches: [{path: {type: PathPrefix, value: /stream}}]
+      timeouts: {request: 0s}
+      backendRefs: [{name: reviews-v1}]
+    - timeouts: {request: soon}
+      backendRefs: [{name: reviews-v1}]
+"#;
+    let (r, warnings) = reviews_route(route);
+    let rule = |prefix: Option<&str>| rule_at(&r, prefix);
+    let report = rule(Some("/report"));
+    assert_eq!(report.timeout, Some(weft_proto::model::Millis(90_000)));
+    let retries = report.retries.as_ref().expect("a per-try timeout");
+    assert_eq!(
+        (retries.attempts, retries.per_try_timeout),
+        (0, Some(weft_proto::model::Millis(20_000))),
+        "one bounded try, no retries added"
+    );
+    let stream = rule(Some("/stream"));
+    assert_eq!(
+        (stream.timeout, stream.retries.is_none()),
+        (None, true),
+        "0s: no timeout"
+    );
+    assert_eq!(rule(None).timeout, None);
+    assert!(
+        warnings.contains(
+            "HTTPRoute bookinfo/slow rule 2: timeouts.request left out: \"soon\" is not a duration"
+        ),
+        "{warnings}"
+    );
 }
 
 #[test]

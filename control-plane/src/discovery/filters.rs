@@ -172,6 +172,9 @@ pub(super) fn ignored_by_redirect(rule: &HttpRouteRules, what: &str, warnings: &
     if rule.backend_refs.as_ref().is_some_and(|b| !b.is_empty()) {
         ignored.push("backendRefs");
     }
+    if rule.timeouts.is_some() {
+        ignored.push("timeouts");
+    }
     for (kind, name) in [
         (HttpRouteRulesFiltersType::RequestMirror, "RequestMirror"),
         (HttpRouteRulesFiltersType::UrlRewrite, "URLRewrite"),

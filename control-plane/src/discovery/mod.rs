@@ -21,11 +21,12 @@
 //!   one weft rule per HTTPRoute match (matches are OR'ed there, AND'ed in weft), with
 //!   weighted `backendRefs` (to the port they name) as weighted backends, the
 //!   `RequestHeaderModifier`/`ResponseHeaderModifier` filters as the rule's `headers`,
-//!   `URLRewrite` as its `rewrite` and the first `RequestMirror` as its `mirror` (to the
-//!   Service port its backendRef names; a `fraction` becomes the nearest whole percent).
+//!   `URLRewrite` as its `rewrite`, the first `RequestMirror` as its `mirror` (to the
+//!   Service port its backendRef names; a `fraction` becomes the nearest whole percent), `CORS`
+//!   as its `cors`, and `timeouts` as its `timeout` and per-try timeout ([`timeouts`]).
 //! - A rule with a `RequestRedirect` filter becomes a rule that answers with its `redirect`
 //!   (status 302 unless given, the Gateway API's default): it has no backends (its
-//!   `backendRefs`, mirror, rewrite and request header edits are ignored with a warning; its
+//!   `backendRefs`, timeouts, mirror, rewrite and request header edits are ignored with a warning; its
 //!   response header edits apply), and one weft refuses is left out rather than forwarded.
 //!
 //! Layering ([`merge`]): the registry serves `merge(base, discovered)`, where `base` is the
@@ -53,6 +54,7 @@ use filters::{
     cors, header_filters, ignored_by_redirect, redirect_filter, request_mirror, request_redirect,
     url_rewrite,
 };
+mod timeouts;
 
 /// Everything discovery reads from a cluster at one moment.
 #[derive(Debug, Clone, Default)]
@@ -247,9 +249,9 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                 let rule_filters = rule.filters.as_deref().unwrap_or_default();
                 // A redirect answers the request: the rule needs (and gets) no backends.
                 let redirect = redirect_filter(rule_filters);
-                let (backends, mirror) = if redirect.is_some() {
+                let (backends, mirror, (timeout, retries)) = if redirect.is_some() {
                     ignored_by_redirect(rule, &what, &mut warnings);
-                    (Vec::new(), None)
+                    (Vec::new(), None, (None, None))
                 } else {
                     let Some(backends) = backends_of(rule, &rns, &rname, &ports_of, &mut warnings)
                     else {
@@ -257,7 +259,8 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                     };
                     let mirror =
                         request_mirror(rule_filters, &rns, &ports_of, &what, &mut warnings);
-                    (backends, mirror)
+                    let timeouts = timeouts::timeouts(rule.timeouts.as_ref(), &what, &mut warnings);
+                    (backends, mirror, timeouts)
                 };
                 let headers = header_filters(rule, redirect.is_some(), &what, &mut warnings);
                 let cors = cors(rule_filters, &what, &mut warnings);
@@ -275,6 +278,8 @@ pub fn translate(snapshot: &ClusterSnapshot) -> Translation {
                         headers: headers.clone(),
                         mirror: mirror.clone(),
                         cors: cors.clone(),
+                        timeout,
+                        retries: retries.clone(),
                         ..model::Rule::default()
                     };
                     match redirect {
