@@ -8,9 +8,10 @@
 //! service's pool key: a config push that changes neither the settings nor the CA file's
 //! contents keeps the warm connections; a rotated CA file gets new ones.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,16 +43,7 @@ pub struct TlsKey {
 impl TlsKey {
     /// Reads the CA file; the error names the file and the reason (the proxy NACKs with it).
     pub fn load(tls: &UpstreamTls, protocol: Protocol) -> Result<Self, String> {
-        let file = tls.ca_file_or_default();
-        let pem = std::fs::read(file).map_err(|e| format!("cannot read CA file {file}: {e}"))?;
-        let roots: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("CA file {file}: {e}"))?;
-        let mut store = rustls::RootCertStore::empty();
-        let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
-        if added == 0 {
-            return Err(format!("CA file {file} has no usable CA certificate"));
-        }
+        let roots = roots(tls.ca_file_or_default())?;
         let sni = tls
             .sni
             .as_deref()
@@ -62,7 +54,7 @@ impl TlsKey {
             .transpose()?;
         Ok(Self {
             sni,
-            roots: roots.into(),
+            roots,
             h2: matches!(protocol, Protocol::Http2 | Protocol::Grpc),
         })
     }
@@ -79,6 +71,32 @@ impl TlsKey {
         cfg.alpn_protocols = vec![if self.h2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
         Arc::new(cfg)
     }
+}
+
+/// The certificates of a CA file, parsed once per file contents and shared by every service
+/// that names the file: the system bundle is ~140 certificates, and a config push re-reads it.
+fn roots(file: &str) -> Result<Arc<[CertificateDer<'static>]>, String> {
+    type Cache = HashMap<String, (Vec<u8>, Arc<[CertificateDer<'static>]>)>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read CA file {file}: {e}"))?;
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if let Some((bytes, roots)) = cache.get(file)
+        && *bytes == pem
+    {
+        return Ok(roots.clone());
+    }
+    let roots: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("CA file {file}: {e}"))?;
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
+    if added == 0 {
+        return Err(format!("CA file {file} has no usable CA certificate"));
+    }
+    let roots: Arc<[_]> = roots.into();
+    cache.insert(file.to_owned(), (pem, roots.clone()));
+    Ok(roots)
 }
 
 /// Connects over the service's TCP connector (its connect timeout and connection cap), then
@@ -190,11 +208,20 @@ mod tests {
         let key = TlsKey::load(&tls(&good), Protocol::Grpc).unwrap();
         assert!(key.h2);
         assert_eq!(key.roots.len(), 1);
-        assert_eq!(
-            key,
-            TlsKey::load(&tls(&good), Protocol::Grpc).unwrap(),
-            "same file, same key"
-        );
+        let again = TlsKey::load(&tls(&good), Protocol::Grpc).unwrap();
+        assert_eq!(key, again, "same file, same key");
+        assert!(Arc::ptr_eq(&key.roots, &again.roots), "parsed once, shared");
+        // A rotated file (other contents, same path) makes another key.
+        let other = rcgen::CertificateParams::new(vec!["ca2.example".into()])
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let rotated = dir.path().join("rotated.pem");
+        std::fs::write(&rotated, ca.pem()).unwrap();
+        let before = TlsKey::load(&tls(&rotated), Protocol::Grpc).unwrap();
+        std::fs::write(&rotated, other.pem()).unwrap();
+        let after = TlsKey::load(&tls(&rotated), Protocol::Grpc).unwrap();
+        assert_ne!(before, after, "new contents, new key");
         assert!(!TlsKey::load(&tls(&good), Protocol::Auto).unwrap().h2);
 
         let missing = dir.path().join("nope.pem");
