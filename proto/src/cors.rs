@@ -18,6 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::headers::is_token;
 use crate::locate::Seg;
 use crate::model::{Millis, StringMatch};
 use crate::pb;
@@ -47,12 +48,6 @@ pub struct Cors {
     /// Whether the page may send cookies and read the responses to such requests.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_credentials: bool,
-}
-
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
 }
 
 /// Checks a rule's `cors` (`p` is its path) apart from the origin matches, which the
@@ -90,12 +85,10 @@ pub fn check(p: &[Seg], cors: &Cors) -> Problems {
             ));
         }
     }
-    for field in ["allow_headers", "expose_headers"] {
-        let list = if field == "allow_headers" {
-            &cors.allow_headers
-        } else {
-            &cors.expose_headers
-        };
+    for (field, list) in [
+        ("allow_headers", &cors.allow_headers),
+        ("expose_headers", &cors.expose_headers),
+    ] {
         for (i, h) in list.iter().enumerate() {
             if !is_token(h) || (h.contains('*') && h != "*") {
                 let mut path = at(field);

@@ -73,10 +73,16 @@ const RESERVED: &[&str] = &[
     "upgrade",
 ];
 
+/// An HTTP token (RFC 9110 §5.6.2): what a field name or a method is made of.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
+}
+
 fn name_problem(name: &str) -> Option<String> {
     let lower = name.to_ascii_lowercase();
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(token) {
+    if !is_token(name) {
         Some(format!("{name:?} is not a header field name"))
     } else if RESERVED.contains(&lower.as_str()) {
         Some(format!(

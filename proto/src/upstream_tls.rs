@@ -59,7 +59,7 @@ pub fn check(p: &[Seg], svc: &Service) -> Problems {
     {
         out.push((
             at("sni"),
-            format!("{sni:?} is not a DNS name or an IP address"),
+            format!("{sni:?} is not a DNS name or an IP address (DNS names in lower case)"),
         ));
     }
     if let Some(f) = &tls.ca_file
@@ -102,21 +102,9 @@ pub fn check(p: &[Seg], svc: &Service) -> Problems {
     out
 }
 
+/// What a certificate can be verified for: a DNS name or an IP address.
 fn is_server_name(s: &str) -> bool {
-    if s.parse::<std::net::IpAddr>().is_ok() {
-        return true;
-    }
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    s.parse::<std::net::IpAddr>().is_ok() || crate::validate::is_dns_name(s)
 }
 
 pub fn to_pb(t: &UpstreamTls) -> pb::UpstreamTls {

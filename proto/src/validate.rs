@@ -503,12 +503,19 @@ pub fn compile_regex(re: &str, limits: &Limits) -> Result<regex::Regex, String> 
         })
 }
 
-fn is_dns_name(s: &str) -> bool {
+/// A lower-case DNS name: labels of 1–63 letters, digits and inner hyphens, 253 bytes at most.
+pub(crate) fn is_dns_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !s.starts_with(['-', '.'])
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn check_host(host: &str) -> Result<(), String> {
