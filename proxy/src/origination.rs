@@ -35,7 +35,7 @@ const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub struct TlsKey {
     /// `None`: each endpoint's own host.
     sni: Option<ServerName<'static>>,
-    roots: Arc<[CertificateDer<'static>]>,
+    roots: Arc<Roots>,
     /// HTTP/2 (ALPN `h2`) for `http2` and `grpc` services, else HTTP/1.1.
     pub h2: bool,
 }
@@ -60,23 +60,37 @@ impl TlsKey {
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {
-        let mut store = rustls::RootCertStore::empty();
-        store.add_parsable_certificates(self.roots.iter().cloned());
         let mut cfg =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .expect("ring supports TLS 1.2 and 1.3")
-                .with_root_certificates(store)
+                .with_root_certificates(self.roots.store.clone())
                 .with_no_client_auth();
         cfg.alpn_protocols = vec![if self.h2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
         Arc::new(cfg)
     }
 }
 
+/// A CA file's certificates (what a [`TlsKey`] compares) and the trust store made of them (what
+/// every client config of the services naming the file shares).
+#[derive(Debug)]
+struct Roots {
+    certs: Vec<CertificateDer<'static>>,
+    store: Arc<rustls::RootCertStore>,
+}
+
+impl PartialEq for Roots {
+    fn eq(&self, other: &Self) -> bool {
+        self.certs == other.certs
+    }
+}
+
+impl Eq for Roots {}
+
 /// The certificates of a CA file, parsed once per file contents and shared by every service
 /// that names the file: the system bundle is ~140 certificates, and a config push re-reads it.
-fn roots(file: &str) -> Result<Arc<[CertificateDer<'static>]>, String> {
-    type Cache = HashMap<String, (Vec<u8>, Arc<[CertificateDer<'static>]>)>;
+fn roots(file: &str) -> Result<Arc<Roots>, String> {
+    type Cache = HashMap<String, (Vec<u8>, Arc<Roots>)>;
     static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
     let pem = std::fs::read(file).map_err(|e| format!("cannot read CA file {file}: {e}"))?;
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
@@ -86,15 +100,18 @@ fn roots(file: &str) -> Result<Arc<[CertificateDer<'static>]>, String> {
     {
         return Ok(roots.clone());
     }
-    let roots: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("CA file {file}: {e}"))?;
     let mut store = rustls::RootCertStore::empty();
-    let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
+    let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
     if added == 0 {
         return Err(format!("CA file {file} has no usable CA certificate"));
     }
-    let roots: Arc<[_]> = roots.into();
+    let roots = Arc::new(Roots {
+        certs,
+        store: Arc::new(store),
+    });
     cache.insert(file.to_owned(), (pem, roots.clone()));
     Ok(roots)
 }
@@ -207,7 +224,8 @@ mod tests {
         std::fs::write(&good, ca.pem()).unwrap();
         let key = TlsKey::load(&tls(&good), Protocol::Grpc).unwrap();
         assert!(key.h2);
-        assert_eq!(key.roots.len(), 1);
+        assert_eq!(key.roots.certs.len(), 1);
+        assert_eq!(key.roots.store.len(), 1);
         let again = TlsKey::load(&tls(&good), Protocol::Grpc).unwrap();
         assert_eq!(key, again, "same file, same key");
         assert!(Arc::ptr_eq(&key.roots, &again.roots), "parsed once, shared");
