@@ -40,8 +40,8 @@ pub struct Args {
     /// SPIFFE trust domain of workload identities (spiffe://<domain>/ns/<ns>/sa/<sa>).
     #[arg(long, value_name = "DOMAIN", default_value = "weft.local")]
     pub trust_domain: String,
-    /// Lifetime of workload certificates, e.g. 24h is 1440m; 30s; 500ms.
-    #[arg(long, value_name = "DURATION", default_value = "1440m")]
+    /// Lifetime of workload certificates, e.g. 24h, 90m, 30s, 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
     pub cert_ttl: weft_proto::model::Millis,
     /// Signing CA certificate (PEM: it first, then its chain; a self-signed last one is the
     /// root). Without it, a root is generated (and kept in --state-dir/ca/).

@@ -395,3 +395,26 @@ fn the_deployed_args_are_flags_weft_control_takes() {
     }
     assert_eq!(checked, 1, "one control-plane container in {path}");
 }
+
+#[test]
+fn durations_in_flags_take_hours_and_sums() {
+    use clap::Parser as _;
+    let ttl = |extra: &[&str]| {
+        let argv = ["weft-control"].into_iter().chain(extra.iter().copied());
+        weft_control::flags::Args::try_parse_from(argv).map(|a| a.options().ca.cert_ttl)
+    };
+    assert_eq!(ttl(&[]).unwrap(), Duration::from_secs(24 * 3600), "default");
+    assert_eq!(
+        ttl(&["--cert-ttl", "1h30m"]).unwrap(),
+        Duration::from_secs(5400)
+    );
+    assert_eq!(
+        ttl(&["--cert-ttl", "500ms"]).unwrap(),
+        Duration::from_millis(500)
+    );
+    let err = ttl(&["--cert-ttl", "1d"]).unwrap_err().to_string();
+    assert!(
+        err.contains("--cert-ttl") && err.contains("each number needs a unit: h, m, s or ms"),
+        "{err}"
+    );
+}

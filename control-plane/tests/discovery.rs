@@ -587,7 +587,7 @@ spec:
     assert_eq!(rule(None).timeout, None);
     assert!(
         warnings.contains(
-            "HTTPRoute bookinfo/slow rule 2: timeouts.request left out: \"soon\" is not a duration"
+            "HTTPRoute bookinfo/slow rule 2: timeouts.request left out: invalid duration \"soon\""
         ),
         "{warnings}"
     );

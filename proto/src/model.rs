@@ -321,7 +321,8 @@ pub struct RetryPolicy {
     pub max_body_bytes: Option<u32>,
 }
 
-/// A duration in milliseconds, written `250ms`, `2s`, `1m` or a bare number of milliseconds.
+/// A duration in milliseconds, written `250ms`, `2s`, `1m`, `1h`, a sum of those (`1m30s`, as Go
+/// and the Gateway API write durations) or a bare number of milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Millis(pub u32);
 
@@ -329,6 +330,51 @@ impl Millis {
     pub fn as_duration(self) -> std::time::Duration {
         std::time::Duration::from_millis(u64::from(self.0))
     }
+
+    /// A Gateway API duration, which is stricter (GEP-2257: `^([0-9]{1,5}(h|m|s|ms)){1,4}$`).
+    pub fn parse_gep2257(s: &str) -> Result<Self, String> {
+        Self::from_parts(s, 4, 5)
+    }
+
+    /// Numbers each followed by a unit (`h`, `m`, `s`, `ms`), summed: at most `max_parts` of
+    /// them, of at most `max_digits` digits each.
+    fn from_parts(s: &str, max_parts: usize, max_digits: usize) -> Result<Self, String> {
+        let bad = || format!("invalid duration {s:?}: expected e.g. 250ms, 2s, 1m30s or 1h");
+        let mut rest = s;
+        let (mut total, mut parts) = (0u64, 0);
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 || digits > max_digits {
+                return Err(bad());
+            }
+            let n: u64 = rest[..digits].parse().map_err(|_| too_long(s))?;
+            rest = &rest[digits..];
+            let (unit, len) = if rest.starts_with("ms") {
+                (1, 2)
+            } else if rest.starts_with('h') {
+                (3_600_000, 1)
+            } else if rest.starts_with('m') {
+                (60_000, 1)
+            } else if rest.starts_with('s') {
+                (1000, 1)
+            } else {
+                return Err(format!(
+                    "invalid duration {s:?}: each number needs a unit: h, m, s or ms"
+                ));
+            };
+            rest = &rest[len..];
+            total = total.saturating_add(n.saturating_mul(unit));
+            parts += 1;
+        }
+        if parts == 0 || parts > max_parts {
+            return Err(bad());
+        }
+        u32::try_from(total).map(Millis).map_err(|_| too_long(s))
+    }
+}
+
+fn too_long(s: &str) -> String {
+    format!("duration {s:?} is too long (the limit is 49 days)")
 }
 
 impl fmt::Display for Millis {
@@ -349,21 +395,10 @@ impl std::str::FromStr for Millis {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 2s or 1m"))?;
-        let factor = match unit {
-            "" | "ms" => 1,
-            "s" => 1000,
-            "m" => 60_000,
-            _ => return Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
-        };
-        n.checked_mul(factor)
-            .and_then(|ms| u32::try_from(ms).ok())
-            .map(Millis)
-            .ok_or_else(|| format!("duration {s:?} is too long"))
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s.parse::<u32>().map(Millis).map_err(|_| too_long(s));
+        }
+        Self::from_parts(s, usize::MAX, usize::MAX)
     }
 }
 
@@ -398,8 +433,25 @@ mod tests {
         assert_eq!("2s".parse::<Millis>().unwrap(), Millis(2000));
         assert_eq!("1m".parse::<Millis>().unwrap(), Millis(60_000));
         assert_eq!("40".parse::<Millis>().unwrap(), Millis(40));
-        assert!("2h".parse::<Millis>().unwrap_err().contains("unit"));
-        assert!("s".parse::<Millis>().is_err());
+        assert_eq!("2h".parse::<Millis>().unwrap(), Millis(7_200_000));
+        assert_eq!("1m30s".parse::<Millis>().unwrap(), Millis(90_000));
+        assert_eq!(" 1h1m1s1ms ".parse::<Millis>().unwrap(), Millis(3_661_001));
+        assert!(
+            "2d".parse::<Millis>()
+                .unwrap_err()
+                .contains("h, m, s or ms")
+        );
+        assert!("1m30".parse::<Millis>().unwrap_err().contains("unit"));
+        for bad in ["s", "", "1.5s", "-1s", "1 s"] {
+            assert!(bad.parse::<Millis>().is_err(), "{bad:?} was accepted");
+        }
+        assert!(
+            "5000000000"
+                .parse::<Millis>()
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!("2000h".parse::<Millis>().unwrap_err().contains("49 days"));
         assert!(
             "99999999m"
                 .parse::<Millis>()

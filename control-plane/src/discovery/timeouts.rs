@@ -17,8 +17,8 @@ pub(super) fn timeouts(
     };
     let mut read = |field: &str, value: &Option<String>| {
         let value = value.as_deref()?;
-        match gep2257(value) {
-            Ok(ms) => (ms > 0).then_some(Millis(ms)),
+        match Millis::parse_gep2257(value) {
+            Ok(ms) => (ms.0 > 0).then_some(ms),
             Err(reason) => {
                 warnings.push(format!("{what}: timeouts.{field} left out: {reason}"));
                 None
@@ -43,40 +43,6 @@ pub(super) fn timeouts(
     (request, retries)
 }
 
-/// A GEP-2257 duration (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`) in milliseconds.
-fn gep2257(s: &str) -> Result<u32, String> {
-    let bad = || format!("{s:?} is not a duration (e.g. 10s, 1m30s, 500ms)");
-    let mut rest = s;
-    let mut total: u64 = 0;
-    let mut parts = 0;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 5 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let (unit_ms, len) = if rest.starts_with("ms") {
-            (1, 2)
-        } else if rest.starts_with('h') {
-            (3_600_000, 1)
-        } else if rest.starts_with('m') {
-            (60_000, 1)
-        } else if rest.starts_with('s') {
-            (1000, 1)
-        } else {
-            return Err(bad());
-        };
-        rest = &rest[len..];
-        total += n * unit_ms;
-        parts += 1;
-    }
-    if parts == 0 || parts > 4 {
-        return Err(bad());
-    }
-    u32::try_from(total).map_err(|_| format!("{s:?} is longer than weft's limit of 49 days"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,7 +57,7 @@ mod tests {
             ("1h1m1s1ms", 3_661_001),
             ("0s", 0),
         ] {
-            assert_eq!(gep2257(s), Ok(ms), "{s}");
+            assert_eq!(Millis::parse_gep2257(s), Ok(Millis(ms)), "{s}");
         }
         for s in [
             "",
@@ -104,9 +70,13 @@ mod tests {
             "-1s",
             "1 s",
         ] {
-            assert!(gep2257(s).is_err(), "{s:?} was accepted");
+            assert!(Millis::parse_gep2257(s).is_err(), "{s:?} was accepted");
         }
-        assert!(gep2257("99999h").unwrap_err().contains("49 days"));
+        assert!(
+            Millis::parse_gep2257("99999h")
+                .unwrap_err()
+                .contains("49 days")
+        );
     }
 
     #[test]
@@ -136,7 +106,7 @@ mod tests {
             warnings,
             [
                 "r: timeouts.backendRequest 5s left out: longer than request 1s",
-                "r: timeouts.request left out: \"soon\" is not a duration (e.g. 10s, 1m30s, 500ms)",
+                "r: timeouts.request left out: invalid duration \"soon\": expected e.g. 250ms, 2s, 1m30s or 1h",
             ]
         );
     }
