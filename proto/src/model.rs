@@ -380,7 +380,9 @@ fn too_long(s: &str) -> String {
 impl fmt::Display for Millis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        if ms != 0 && ms.is_multiple_of(60_000) {
+        if ms != 0 && ms.is_multiple_of(3_600_000) {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms != 0 && ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
         } else if ms != 0 && ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
@@ -460,6 +462,12 @@ mod tests {
         );
         assert_eq!(Millis(1500).to_string(), "1500ms");
         assert_eq!(Millis(3000).to_string(), "3s");
+        assert_eq!(Millis(90_000).to_string(), "90s");
+        assert_eq!(Millis(7_200_000).to_string(), "2h");
+        for ms in [0, 1, 999, 1000, 61_000, 3_600_000, 3_660_000, u32::MAX] {
+            let printed = Millis(ms).to_string();
+            assert_eq!(printed.parse::<Millis>(), Ok(Millis(ms)), "{printed}");
+        }
     }
 
     #[test]
