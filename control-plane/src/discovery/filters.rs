@@ -18,7 +18,7 @@ use weft_proto::model::{self, StringMatch};
 use weft_proto::policy::Mirror;
 use weft_proto::rewrite::Rewrite;
 
-use super::{MeshedPort, ServiceRef, meshed_port};
+use super::{MeshedPort, ServiceRef, meshed_port, service_ref};
 
 /// The header edits of one HTTPRoute rule, from its `RequestHeaderModifier` and
 /// `ResponseHeaderModifier` filters. Filters weft cannot express (ExtensionRef) are
@@ -284,16 +284,8 @@ pub(super) fn request_mirror(
              {more} more left out"
         ));
     }
-    let b = &first.backend_ref;
-    let target = ServiceRef {
-        group: b.group.as_deref(),
-        kind: b.kind.as_deref(),
-        name: &b.name,
-        namespace: b.namespace.as_deref(),
-        port: b.port,
-    };
-    let resolved =
-        meshed_port(&target, rns, ports_of).and_then(|port| Ok((port, mirror_percent(first)?)));
+    let resolved = meshed_port(&service_ref!(&first.backend_ref), rns, ports_of)
+        .and_then(|port| Ok((port, mirror_percent(first)?)));
     match resolved {
         Ok((port, percent)) => Some(Mirror {
             service: port.service.clone(),

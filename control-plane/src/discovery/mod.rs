@@ -448,7 +448,7 @@ fn backend(service: &str, weight: u32) -> model::Backend {
 }
 
 /// The fields of a backendRef that name a Service port (a rule's backendRefs and a mirror's
-/// backendRef are distinct generated types of this shape).
+/// backendRef are distinct generated types of this shape: see [`service_ref!`]).
 struct ServiceRef<'a> {
     group: Option<&'a str>,
     kind: Option<&'a str>,
@@ -456,6 +456,21 @@ struct ServiceRef<'a> {
     namespace: Option<&'a str>,
     port: Option<i32>,
 }
+
+/// The [`ServiceRef`] of any generated backendRef type: they share field names, not a trait.
+macro_rules! service_ref {
+    ($b:expr) => {{
+        let b = $b;
+        ServiceRef {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: &b.name,
+            namespace: b.namespace.as_deref(),
+            port: b.port,
+        }
+    }};
+}
+use service_ref;
 
 /// The meshed Service port a backendRef of an HTTPRoute in `rns` names: its `port` (the API
 /// requires one for a Service), else the Service's first. `Err` says why there is none.
@@ -497,14 +512,7 @@ fn backends_of(
 ) -> Option<Vec<model::Backend>> {
     let mut out = Vec::new();
     for b in rule.backend_refs.iter().flatten() {
-        let target = ServiceRef {
-            group: b.group.as_deref(),
-            kind: b.kind.as_deref(),
-            name: &b.name,
-            namespace: b.namespace.as_deref(),
-            port: b.port,
-        };
-        let port = match meshed_port(&target, rns, ports_of) {
+        let port = match meshed_port(&service_ref!(b), rns, ports_of) {
             Ok(port) => port,
             Err(e) => {
                 warnings.push(format!("HTTPRoute {rns}/{rname}: {e}, left out"));
