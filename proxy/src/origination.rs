@@ -213,15 +213,21 @@ mod tests {
         }
     }
 
+    /// A self-signed certificate for `name`, PEM.
+    fn self_signed(name: &str) -> String {
+        rcgen::CertificateParams::new(vec![name.into()])
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+    }
+
     #[test]
     fn the_ca_file_is_read_and_bad_ones_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = rcgen::CertificateParams::new(vec!["ca.example".into()])
-            .unwrap()
-            .self_signed(&rcgen::KeyPair::generate().unwrap())
-            .unwrap();
+        let ca = self_signed("ca.example");
         let good = dir.path().join("ca.pem");
-        std::fs::write(&good, ca.pem()).unwrap();
+        std::fs::write(&good, &ca).unwrap();
         let key = TlsKey::load(&tls(&good), Protocol::Grpc).unwrap();
         assert!(key.h2);
         assert_eq!(key.roots.certs.len(), 1);
@@ -230,14 +236,10 @@ mod tests {
         assert_eq!(key, again, "same file, same key");
         assert!(Arc::ptr_eq(&key.roots, &again.roots), "parsed once, shared");
         // A rotated file (other contents, same path) makes another key.
-        let other = rcgen::CertificateParams::new(vec!["ca2.example".into()])
-            .unwrap()
-            .self_signed(&rcgen::KeyPair::generate().unwrap())
-            .unwrap();
         let rotated = dir.path().join("rotated.pem");
-        std::fs::write(&rotated, ca.pem()).unwrap();
+        std::fs::write(&rotated, &ca).unwrap();
         let before = TlsKey::load(&tls(&rotated), Protocol::Grpc).unwrap();
-        std::fs::write(&rotated, other.pem()).unwrap();
+        std::fs::write(&rotated, self_signed("ca2.example")).unwrap();
         let after = TlsKey::load(&tls(&rotated), Protocol::Grpc).unwrap();
         assert_ne!(before, after, "new contents, new key");
         assert!(!TlsKey::load(&tls(&good), Protocol::Auto).unwrap().h2);
