@@ -4,7 +4,7 @@
 //! connections closed after the idle timeout, parallel requests on their own connections;
 //! request bodies in every framing (against hyper's server), trailers of a chunked response, an
 //! upstream that answers before reading the body, a reused connection closed under a request,
-//! and broken responses.
+//! and broken responses (garbage, a short body, conflicting lengths, a length beside chunks).
 
 mod common;
 
@@ -143,6 +143,20 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
                 return Ok(());
             }
             "/garbage" => stream.write_all(b"SPDY/9 what\r\n\r\n").await?,
+            // A length a lenient reader takes as 5, with a second response hidden behind it.
+            "/two-lengths" => {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 40\r\n\r\nhelloHTTP/1.1 200 OK\r\nx-smuggled: 1\r\n\r\n")
+                    .await?;
+                return Ok(());
+            }
+            // Chunked and a length: the chunks count, and the length must not travel on.
+            "/length-and-chunks" => {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                    .await?;
+                return Ok(());
+            }
             "/trailers" => {
                 stream
                     .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;ext=1\r\nok\r\n0\r\ngrpc-status: 0\r\nx-more: 1\r\n\r\n")
@@ -495,6 +509,20 @@ async fn broken_responses_are_clear_errors_and_the_proxy_carries_on() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(headers["x-weft-reason"], "upstream_reset");
     assert!(body.contains("invalid response head"), "{body}");
+    // Lengths that disagree leave the end of the body unknowable: a 502 (RFC 9112 §6.3), not
+    // a body read to the close with the fields passed on for the client to misread.
+    let (status, headers, body) = c.exchange(Method::GET, "/two-lengths").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(headers["x-weft-reason"], "upstream_reset");
+    assert!(body.contains("invalid content-length"), "{body}");
+    // Transfer-encoding overrides the length, which the client never sees.
+    let (status, headers, body) = c.exchange(Method::GET, "/length-and-chunks").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "hello"));
+    assert_ne!(
+        headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"2"[..]),
+        "{headers:?}"
+    );
 
     // 3 of 10 promised bytes: the client's response breaks off (it cannot be told otherwise
     // once the head is out), and nothing else is affected.

@@ -159,29 +159,23 @@ impl BodyState {
                         Err(e) => Poll::Ready(Some(Err(e))),
                     };
                 }
-                Framing::Chunked(Chunk::Size) => {
-                    let parsed = httparse::parse_chunk_size(&self.conn.read);
-                    match parsed {
-                        Ok(httparse::Status::Complete((used, size))) => {
-                            self.conn.read.advance(used);
-                            self.framing = Framing::Chunked(if size == 0 {
-                                Chunk::Trailers
-                            } else {
-                                Chunk::Data(size)
-                            });
-                        }
-                        Ok(httparse::Status::Partial) => {
-                            if let Err(e) =
-                                ready!(self.poll_more(cx, 4096, "chunk size line too long"))
-                            {
-                                return Poll::Ready(Some(Err(e)));
-                            }
-                        }
-                        Err(_) => {
-                            return Poll::Ready(Some(Err(H1Error::Chunked("invalid chunk size"))));
+                Framing::Chunked(Chunk::Size) => match chunk_size(&self.conn.read) {
+                    Ok(Some((used, size))) => {
+                        self.conn.read.advance(used);
+                        self.framing = Framing::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                    }
+                    Ok(None) => {
+                        if let Err(e) = ready!(self.poll_more(cx, 4096, "chunk size line too long"))
+                        {
+                            return Poll::Ready(Some(Err(e)));
                         }
                     }
-                }
+                    Err(why) => return Poll::Ready(Some(Err(H1Error::Chunked(why)))),
+                },
                 Framing::Chunked(Chunk::Data(rem)) => {
                     return match ready!(self.poll_take(cx, rem)) {
                         Ok(Some(data)) => {
@@ -220,6 +214,15 @@ impl BodyState {
                     }
                     let mut slots = [httparse::EMPTY_HEADER; 32];
                     match httparse::parse_headers(&self.conn.read, &mut slots) {
+                        // A bare LF ends a line for httparse, not for every reader: the
+                        // end of the message must not depend on whose rule is used.
+                        Ok(httparse::Status::Complete((used, _)))
+                            if bare_lf(&self.conn.read[..used]) =>
+                        {
+                            return Poll::Ready(Some(Err(H1Error::Chunked(
+                                "trailer line not ended by CRLF",
+                            ))));
+                        }
                         Ok(httparse::Status::Complete((used, fields))) => {
                             let mut trailers = HeaderMap::with_capacity(fields.len());
                             for f in fields {
@@ -249,6 +252,53 @@ impl BodyState {
             }
         }
     }
+}
+
+/// A chunk-size line at the start of `buf` (RFC 9112 §7.1): `(bytes used, size)`, or `None`
+/// when the line is not complete yet.
+///
+/// Strict where leniency would move the end of the body: one to sixteen hex digits (an empty
+/// size is not zero), extensions after `;` skipped but free of control characters, and the
+/// line ended by CRLF (a bare LF is not a line end here).
+fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return if buf.is_empty() {
+            Ok(None)
+        } else {
+            Err("chunk size is not a hex number")
+        };
+    }
+    if digits > 16 {
+        return Err("chunk size too large");
+    }
+    let mut size = 0u64;
+    for &b in &buf[..digits] {
+        // At most 16 digits: no overflow.
+        size = size << 4 | u64::from(char::from(b).to_digit(16).unwrap_or(0));
+    }
+    let mut i = digits;
+    while i < buf.len() && matches!(buf[i], b' ' | b'\t') {
+        i += 1;
+    }
+    if i < buf.len() && buf[i] == b';' {
+        while i < buf.len() && (buf[i] == b'\t' || !buf[i].is_ascii_control()) {
+            i += 1;
+        }
+    }
+    match buf.get(i..i + 2) {
+        None if buf.len() <= i + 1 && buf.get(i).is_none_or(|&b| b == b'\r') => Ok(None),
+        Some(b"\r\n") => Ok(Some((i + 2, size))),
+        _ => Err("invalid chunk size line"),
+    }
+}
+
+/// Whether `section` has an LF without the CR before it.
+fn bare_lf(section: &[u8]) -> bool {
+    section
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || section[i - 1] != b'\r'))
 }
 
 impl<G: GiveBack> Drop for H1Body<G> {
@@ -294,5 +344,45 @@ impl<G: GiveBack + Unpin> Body for H1Body<G> {
             Some(Framing::Length(n)) => SizeHint::with_exact(n),
             Some(_) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_read_strictly() {
+        assert_eq!(chunk_size(b""), Ok(None));
+        assert_eq!(chunk_size(b"1f"), Ok(None));
+        assert_eq!(chunk_size(b"1f;name=\"v\"\r"), Ok(None));
+        assert_eq!(chunk_size(b"1f\r\nrest"), Ok(Some((4, 31))));
+        assert_eq!(chunk_size(b"0\r\n\r\n"), Ok(Some((3, 0))));
+        assert_eq!(chunk_size(b"5 ;a=b;c\r\n"), Ok(Some((10, 5))));
+        assert_eq!(chunk_size(b"5;\tq\r\n"), Ok(Some((6, 5))));
+        assert_eq!(
+            chunk_size(b"ffffffffffffffff\r\n"),
+            Ok(Some((18, u64::MAX)))
+        );
+        for bad in [
+            &b"\r\n"[..],
+            b";ext\r\n",
+            b"x\r\n",
+            b"5\n",
+            b"5\rx",
+            b"5 5\r\n",
+            b"5;a\x10\r\n",
+            b"5;a\nb\r\n",
+            b"10000000000000000\r\n",
+        ] {
+            assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bare_line_feeds_are_found() {
+        assert!(!bare_lf(b"x-t: 1\r\n\r\n"));
+        assert!(bare_lf(b"x-t: 1\n\r\n"));
+        assert!(bare_lf(b"\n"));
     }
 }

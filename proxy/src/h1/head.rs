@@ -121,40 +121,57 @@ fn hop_field(name: &[u8]) -> Hop {
     }
 }
 
-/// Framing of the response body and whether the connection may be reused after it.
-pub(super) fn framing(head: &Head, head_request: bool) -> (Framing, bool) {
+/// Framing of the response body and whether the connection may be reused after it; an error
+/// when the head makes the body's end unknowable.
+pub(super) fn framing(head: &mut Head, head_request: bool) -> Result<(Framing, bool), H1Error> {
+    let facts = &head.facts;
+    if facts.length.bad && facts.chunked.is_none() {
+        if !bodiless(head.resp.status(), head_request) {
+            // RFC 9112 §6.3: a content-length that is not one number leaves the end of the
+            // body unknowable; a proxy must drop the response (502), not guess by reading to
+            // the close (which would also hand the field to a client that may read it
+            // otherwise).
+            return Err(H1Error::Head("invalid content-length".into()));
+        }
+        // It frames nothing here, but must not travel on either.
+        head.resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     let facts = &head.facts;
     let mut keep_alive = match head.resp.version() {
         Version::HTTP_10 => facts.keep_alive && !facts.close,
         _ => !facts.close,
     };
     let status = head.resp.status();
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if bodiless(status, head_request) {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             keep_alive = false;
         }
-        return (Framing::Empty, keep_alive);
+        return Ok((Framing::Empty, keep_alive));
     }
     if let Some(chunked) = facts.chunked {
         if facts.length.present() {
             // Both: transfer-encoding wins, and the connection is not trusted again.
             keep_alive = false;
         }
-        return if chunked {
+        return Ok(if chunked {
             (Framing::Chunked(Chunk::Size), keep_alive)
         } else {
             (Framing::UntilClose, false)
-        };
+        });
     }
-    match facts.length.value() {
+    Ok(match facts.length.value() {
         Some(n) => (Framing::Length(n), keep_alive),
-        // No length, or lengths that disagree: read to close, never reuse.
+        // No length at all: read to close, never reuse.
         None => (Framing::UntilClose, false),
-    }
+    })
+}
+
+/// A response that has no body whatever its fields say (RFC 9112 §6.3 items 1 and 2).
+fn bodiless(status: StatusCode, head_request: bool) -> bool {
+    head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 /// The one content-length of `headers` (all values equal), if valid.
@@ -226,10 +243,21 @@ pub(super) fn parse(read: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     } else {
         Version::HTTP_11
     };
+    if version == Version::HTTP_10 && facts.chunked.is_some() {
+        // §6.1: its framing is faulty whatever else it says (an HTTP/1.0 peer does not chunk;
+        // something between may have).
+        return Err(H1Error::Head(
+            "transfer-encoding in an HTTP/1.0 response".into(),
+        ));
+    }
     let head = read.split_to(len).freeze();
     let mut headers = header_map(&head, &spans[..kept]).map_err(H1Error::Head)?;
     for name in named {
         headers.remove(name);
+    }
+    if facts.chunked.is_some() && facts.length.present() {
+        // Transfer-encoding wins, and the length it overrides must not travel on (§6.3).
+        headers.remove(header::CONTENT_LENGTH);
     }
     let mut resp = Response::new(());
     *resp.status_mut() = status;
@@ -243,9 +271,13 @@ mod tests {
     use super::*;
 
     fn head(text: &str, head_request: bool) -> (Framing, bool) {
+        framed(text, head_request).unwrap()
+    }
+
+    fn framed(text: &str, head_request: bool) -> Result<(Framing, bool), H1Error> {
         let mut conn_read = BytesMut::from(text.as_bytes());
-        let parsed = parsed(&mut conn_read);
-        framing(&parsed, head_request)
+        let mut parsed = parsed(&mut conn_read);
+        framing(&mut parsed, head_request)
     }
 
     fn parsed(buf: &mut BytesMut) -> Head {
@@ -282,13 +314,21 @@ mod tests {
             head(&format!("{ok}transfer-encoding: gzip\r\n\r\n"), false),
             (UntilClose, false)
         );
-        assert_eq!(
-            head(
-                &format!("{ok}content-length: 5\r\ncontent-length: 6\r\n\r\n"),
-                false
-            ),
-            (UntilClose, false)
-        );
+        // A length that is not one number: the end of the body is unknowable (a 502), unless
+        // the response has no body anyway, where the field is dropped.
+        for bad in ["5\r\ncontent-length: 6", "5, 6", "+5", "5x", ""] {
+            let text = format!("{ok}content-length: {bad}\r\n\r\n");
+            assert!(
+                matches!(framed(&text, false), Err(H1Error::Head(_))),
+                "{text:?}"
+            );
+            let mut buf = BytesMut::from(
+                format!("HTTP/1.1 304 Not Modified\r\ncontent-length: {bad}\r\n\r\n").as_bytes(),
+            );
+            let mut head = parsed(&mut buf);
+            assert_eq!(framing(&mut head, false).unwrap(), (Empty, true));
+            assert!(head.resp.headers().is_empty(), "{bad:?}");
+        }
         assert_eq!(head(&format!("{ok}\r\n"), false), (UntilClose, false));
         assert_eq!(
             head("HTTP/1.1 204 No Content\r\n\r\n", false),
@@ -341,10 +381,22 @@ mod tests {
                Transfer-Encoding: chunked\r\nx-private: 1\r\nUpgrade: h2c\r\nTE: trailers\r\n\
                Proxy-Connection: close\r\nx-kept: yes\r\n\r\n"[..],
         );
-        let head = parsed(&mut buf);
+        let mut head = parsed(&mut buf);
         let names: Vec<_> = head.resp.headers().keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept"]);
-        assert_eq!(framing(&head, false), (Framing::Chunked(Chunk::Size), true));
+        assert_eq!(
+            framing(&mut head, false).unwrap(),
+            (Framing::Chunked(Chunk::Size), true)
+        );
+        // The length that transfer-encoding overrides is dropped, not forwarded.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+        );
+        assert!(parsed(&mut buf).resp.headers().is_empty());
+        // Chunked from an HTTP/1.0 peer: something between chunked it; the framing is faulty.
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"[..]);
+        assert!(matches!(parse(&mut buf), Err(H1Error::Head(_))));
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //! of the proxy's instructions per request. Here the request's task writes the head itself,
 //! reads the response into one buffer per connection, and hands body bytes downstream as
 //! slices of that buffer (no copy). Framing rules follow RFC 9112 §6: `transfer-encoding`
-//! wins over `content-length` (and such a connection is not reused), conflicting lengths are
-//! an error, HEAD/1xx/204/304 have no body, and a body without framing runs until close.
+//! wins over `content-length` (which is dropped, and such a connection is not reused), a
+//! `content-length` that is not one number is an error (dropped where it frames nothing), so
+//! is `transfer-encoding` from HTTP/1.0, HEAD/1xx/204/304 have no body, and a body without
+//! framing runs until close. `proxy/tests/h1_differential.rs` holds these against hyper's
+//! client on mutated responses.
 
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -168,10 +171,10 @@ impl Connection {
                         // 100 Continue, 103 Early Hints: the final response follows.
                         continue;
                     }
-                    Ok(Some(head)) => {
-                        let (framing, keep_alive) = framing(&head, head_request);
-                        break (head.resp, framing, keep_alive);
-                    }
+                    Ok(Some(mut head)) => match framing(&mut head, head_request) {
+                        Ok((framing, keep_alive)) => break (head.resp, framing, keep_alive),
+                        Err(e) => return Err(SendError::Failed(e)),
+                    },
                     // Nothing at all came back: closed (or reset) under the request.
                     Ok(None) => {
                         return Err(stale_or_failed(
