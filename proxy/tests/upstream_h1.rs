@@ -4,7 +4,8 @@
 //! connections closed after the idle timeout, parallel requests on their own connections;
 //! request bodies in every framing (against hyper's server), trailers of a chunked response, an
 //! upstream that answers before reading the body, a reused connection closed under a request,
-//! and broken responses (garbage, a short body, conflicting lengths, a length beside chunks).
+//! broken responses (garbage, a short body, conflicting lengths, a length beside chunks), and a
+//! request framed both ways (the request-smuggling shape).
 
 mod common;
 
@@ -550,4 +551,80 @@ async fn broken_responses_are_clear_errors_and_the_proxy_carries_on() {
         c.call(Method::GET, "/fixed").await,
         (StatusCode::OK, "ok".into())
     );
+}
+
+/// A request that frames its body twice (transfer-encoding and content-length: the classic
+/// request-smuggling shape) reaches the upstream as one request, chunked, without the length
+/// a lenient upstream might read it by.
+#[tokio::test]
+async fn a_request_framed_twice_reaches_the_upstream_once_and_chunked() {
+    // A raw upstream that keeps every byte of its one connection up to the end of a chunked
+    // body (the last chunk and an empty trailer section).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"0\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = io.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let _ = tx.send(got);
+        // Held open, as a keep-alive upstream would.
+        let _ = io.read(&mut [0u8; 1]).await;
+    });
+    let p = start(up, "1m").await;
+    let mut client = TcpStream::connect(p.outbound).await.unwrap();
+    client
+        .write_all(
+            b"POST /up HTTP/1.1\r\nhost: up.local\r\ntransfer-encoding: chunked\r\n\
+              content-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(DEADLINE, rx).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a request head");
+    assert!(head.starts_with("post /up http/1.1\r\n"), "{text:?}");
+    assert!(head.contains("\r\ntransfer-encoding: chunked"), "{text:?}");
+    assert!(!head.contains("content-length"), "{text:?}");
+    assert_eq!(dechunk(body), "hello", "{text:?}");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let mut chunk = [0u8; 1024];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"));
+}
+
+/// The data of a whole chunked body (no extensions, no trailers), or a panic naming the
+/// problem.
+fn dechunk(mut body: &str) -> String {
+    let mut data = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk-size line");
+        let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
+        if size == 0 {
+            assert_eq!(rest, "\r\n", "an empty trailer section ends the body");
+            return data;
+        }
+        data.push_str(&rest[..size]);
+        body = rest[size..]
+            .strip_prefix("\r\n")
+            .expect("CRLF after chunk data");
+    }
 }
