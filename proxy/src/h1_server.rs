@@ -668,34 +668,42 @@ mod tests {
         );
     }
 
+    const SEEDS: &[&[u8]] = &[
+        b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nconnection: close\r\nx-a: \t b \r\n\r\n",
+        b"POST /p HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
+        b"OPTIONS * HTTP/1.1\r\nhost: h\r\n\r\n",
+        b"GET http://h:8/p HTTP/1.1\r\n\r\n",
+        b"DELETE /%7Ex;y?z=%20#f HTTP/1.1\r\nHost: h:80\r\nx-b: 1\r\nX-B: 2\r\nx-c:\r\n\r\n",
+    ];
+
+    /// A seed with one to three byte edits: replaced, removed, a separator inserted, or cut.
+    fn mutated(rng: &mut fastrand::Rng, i: usize) -> Vec<u8> {
+        let mut input = SEEDS[i % SEEDS.len()].to_vec();
+        for _ in 0..rng.usize(1..4) {
+            let at = rng.usize(..=input.len());
+            match rng.u8(..4) {
+                0 if at < input.len() => input[at] = rng.u8(..),
+                1 if at < input.len() => {
+                    input.remove(at);
+                }
+                2 => input.insert(at, *b" :\r\n\t,\x7f\x00".get(rng.usize(..8)).unwrap()),
+                _ => input.truncate(at),
+            }
+        }
+        input
+    }
+
     /// Mutated heads never panic the parser, and no byte is lost or invented: a taken head
     /// leaves exactly what followed it, a handover gives back every byte, a partial head
     /// leaves the buffer as it was.
     #[test]
     fn mutated_heads_are_taken_whole_or_given_back_whole() {
-        const SEEDS: &[&[u8]] = &[
-            b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
-            b"HEAD / HTTP/1.1\r\nconnection: close\r\nx-a: \t b \r\n\r\n",
-            b"POST /p HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
-            b"OPTIONS * HTTP/1.1\r\nhost: h\r\n\r\n",
-            b"GET http://h:8/p HTTP/1.1\r\n\r\n",
-        ];
         let mut rng = fastrand::Rng::with_seed(7);
         // Taken, handed over, partial: each must come up often, or the test proves little.
         let mut seen = [0usize; 3];
         for i in 0..20_000 {
-            let mut input = SEEDS[i % SEEDS.len()].to_vec();
-            for _ in 0..rng.usize(1..4) {
-                let at = rng.usize(..=input.len());
-                match rng.u8(..4) {
-                    0 if at < input.len() => input[at] = rng.u8(..),
-                    1 if at < input.len() => {
-                        input.remove(at);
-                    }
-                    2 => input.insert(at, *b" :\r\n\t,\x7f\x00".get(rng.usize(..8)).unwrap()),
-                    _ => input.truncate(at),
-                }
-            }
+            let input = mutated(&mut rng, i);
             let mut buf = BytesMut::from(&input[..]);
             match parse(&mut buf) {
                 Parse::Complete(req, _) => {
@@ -716,6 +724,50 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n > 1000), "{seen:?}");
+    }
+
+    /// The head hyper's server hands its service for `input`, if it takes one.
+    async fn hyper_reads(input: &[u8]) -> Option<http::request::Parts> {
+        let (mut near, far) = tokio::io::duplex(64 << 10);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let _ = tx.send(req.into_parts().0);
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(far), service);
+        near.write_all(input).await.unwrap();
+        near.shutdown().await.unwrap();
+        // Bounded: hyper ends at the end of the input (or refuses it) at once.
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        rx.try_recv().ok()
+    }
+
+    /// Every head the fast path takes is the head hyper's server would have read from the
+    /// same bytes: method, target, version and every field (the fast path exists only to be
+    /// faster, never to read a request otherwise).
+    #[tokio::test]
+    async fn heads_the_fast_path_takes_are_read_as_hyper_reads_them() {
+        let mut rng = fastrand::Rng::with_seed(19);
+        let mut taken = 0;
+        for i in 0..8_000 {
+            let input = mutated(&mut rng, i);
+            let Parse::Complete(ours, _) = parse(&mut BytesMut::from(&input[..])) else {
+                continue;
+            };
+            taken += 1;
+            let shown = String::from_utf8_lossy(&input);
+            let theirs = hyper_reads(&input)
+                .await
+                .unwrap_or_else(|| panic!("hyper refused a head the fast path took: {shown:?}"));
+            let ours = ours.into_parts().0;
+            assert_eq!(
+                (&ours.method, &ours.uri, ours.version, &ours.headers),
+                (&theirs.method, &theirs.uri, theirs.version, &theirs.headers),
+                "{shown:?}"
+            );
+        }
+        assert!(taken > 1_000, "{taken}");
     }
 
     #[tokio::test]
