@@ -8,6 +8,8 @@
 //! cargo test -p weft-proxy --test fuzz --release`. A crash prints the seed and the input, which
 //! then goes into `tests/fuzz-regressions/` and is replayed on every run.
 
+mod common;
+
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use http::Request;
@@ -152,17 +154,11 @@ impl Fuzzer {
 }
 
 fn iterations() -> usize {
-    std::env::var("WEFT_FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000)
+    common::fuzz_setting("WEFT_FUZZ_ITERS", 3000) as usize
 }
 
 fn fuzzer() -> (u64, Fuzzer) {
-    let seed = std::env::var("WEFT_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_SEED);
+    let seed = common::fuzz_setting("WEFT_FUZZ_SEED", DEFAULT_SEED);
     (
         seed,
         Fuzzer {

@@ -15,6 +15,8 @@
 //! with `WEFT_FUZZ_ITERS=20000 WEFT_FUZZ_SEED=<n> cargo test -p weft-proxy --test
 //! h1_differential --release`. A disagreement prints the seed, the case and the bytes.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -84,20 +86,6 @@ struct Seen {
 }
 
 type Outcome = Result<Seen, String>;
-
-fn iterations() -> usize {
-    std::env::var("WEFT_FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1500)
-}
-
-fn seed() -> u64 {
-    std::env::var("WEFT_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(11)
-}
 
 fn mutate(rng: &mut fastrand::Rng, seed: &[u8]) -> Vec<u8> {
     let mut input = seed.to_vec();
@@ -260,7 +248,8 @@ async fn weft_and_hyper_read_mutated_responses_alike() {
         assert!(w.is_ok(), "seed {i}: weft refused it: {w:?}");
         assert_eq!(w, h, "seed {i}: the clients disagree");
     }
-    let (fuzz_seed, n) = (seed(), iterations());
+    let fuzz_seed = common::fuzz_setting("WEFT_FUZZ_SEED", 11);
+    let n = common::fuzz_setting("WEFT_FUZZ_ITERS", 1500) as usize;
     let mut rng = fastrand::Rng::with_seed(fuzz_seed);
     // Both accepted, both refused, only hyper, only weft: the first two must come up often,
     // or the mutations are too tame (or too wild) to prove anything.

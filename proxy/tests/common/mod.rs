@@ -226,3 +226,12 @@ pub fn spawn_proxy(args: &[&str]) -> ProxyProcess {
         .unwrap();
     ProxyProcess(child)
 }
+
+/// A fuzz run's setting from the environment (`WEFT_FUZZ_ITERS`, `WEFT_FUZZ_SEED`), else
+/// `default`: CI runs the defaults, a longer hunt sets them.
+pub fn fuzz_setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
