@@ -11,7 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 [ -x target/release/weft-proxy ] || cargo build --release -p weft-proxy
-WEFT=$PWD/target/release/weft-proxy
+# weft is the build with profile-guided optimisation when bench/pgo.sh has made one; the plain
+# release build is counted beside it as weft-plain.
+WEFT_PLAIN=$PWD/target/release/weft-proxy
+WEFT=$PWD/target/pgo/release/weft-proxy
+names="weft weft-plain envoy haproxy"
+[ -x "$WEFT" ] || { WEFT=$WEFT_PLAIN; names="weft envoy haproxy"; }
 ENVOY=$(python3 -c "import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),'_bin','envoy'))")
 W=$(mktemp -d /tmp/weft-instr.XXXXXX)
 trap 'rm -rf "$W"' EXIT
@@ -24,7 +29,9 @@ run() { # name seconds -> "requests instructions"
   local name=$1 dur=$2 port ready
   local out="$W/cg.$name.$dur"
   case $name in
-    weft) valgrind --tool=callgrind --callgrind-out-file="$out" "$WEFT" --config "$W/mesh.yaml" \
+    weft|weft-plain)
+          local bin=$WEFT; [ "$name" = weft ] || bin=$WEFT_PLAIN
+          valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$W/mesh.yaml" \
             --outbound-addr 127.0.0.1:$P_WEFT --admin-addr 127.0.0.1:$A_WEFT --workers 1 --log warn \
             >"$W/$name.log" 2>&1 & port=$P_WEFT; ready=127.0.0.1:$A_WEFT/ready ;;
     envoy) valgrind --tool=callgrind --callgrind-out-file="$out" "$ENVOY" -c "$W/envoy.yaml" \
@@ -47,7 +54,7 @@ run() { # name seconds -> "requests instructions"
 nginx -c "$W/nginx.conf" -p "$W" & NGINX=$!
 trap 'kill $NGINX 2>/dev/null; rm -rf "$W"' EXIT
 declare -A per
-for name in weft envoy haproxy; do
+for name in $names; do
   read -r n1 i1 < <(run $name 5)
   read -r n2 i2 < <(run $name 20)
   per[$name]=$(( (i2 - i1) / (n2 - n1) ))
@@ -59,7 +66,7 @@ mkdir -p bench/results
   echo
   echo "| proxy | instructions/request | weft's advantage |"
   echo "|---|---|---|"
-  for name in weft envoy haproxy; do
+  for name in $names; do
     echo "| $name | ${per[$name]} | $(python3 -c "print(f'{${per[$name]}/${per[weft]}:.2f}×')") |"
   done
 } | tee bench/results/instructions.md

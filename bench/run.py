@@ -6,7 +6,9 @@ shared; the headline scenario (a) runs --rounds rounds (default 5) in a rotating
 warm-up and reports each target's median run, and for weft's ratios also the median of the
 per-round ratios (each round's targets ran back to back, so they met the same drift).
 Scenario (a) also runs weft-floor (bench/floor), a forwarder that does no work, with epoll and
-with io_uring: the req/s a proxy with zero user-space cost reaches on the same cores.
+with io_uring: the req/s a proxy with zero user-space cost reaches on the same cores; and, with
+--weft-plain, the build without profile-guided optimisation beside the PGO build that --weft
+names (bench/run.sh passes both), so the gain of PGO is measured in the same rounds.
 Usage: bench/run.sh [--duration 10] [--rounds 5].
 Results: bench/results/results.md + raw.json.
 """
@@ -212,7 +214,7 @@ def cpu_budget(a, cpus):
     generator: that is the ceiling for the HTTP/1.1 targets on this machine."""
     rows = ["CPU per request in scenario (a), µs (mean of the rounds):", "",
             "| target | proxy user | proxy system | nginx | wrk | total |", "|---|---|---|---|---|---|"]
-    for t in [t for t in ["direct", "weft", "envoy", "haproxy", *FLOORS] if t in a]:
+    for t in [t for t in ["direct", "weft", "weft-plain", "envoy", "haproxy", *FLOORS] if t in a]:
         c = a[t]["cpu_us_per_req"]
         rows.append(f"| {t} | {c['proxy_user']:.2f} | {c['proxy_sys']:.2f} | {c['nginx']:.2f} | {c['wrk']:.2f} | "
                     f"{sum(c.values()):.2f} |")
@@ -249,6 +251,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--weft", default=os.path.join(ROOT, "target", "release", "weft-proxy"))
+    ap.add_argument("--weft-plain", help="a second weft-proxy build for scenario (a) (bench/run.sh: without PGO)")
     ap.add_argument("--control", default=os.path.join(ROOT, "target", "release", "weft-control"))
     ap.add_argument("--floor", default=os.path.join(ROOT, "target", "floor", "release", "weft-floor"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -282,8 +285,15 @@ def main():
         raw["idle_rss_kb"] = {k: rss_kb(p) for k, p in pids.items()}
         proxies = ["direct", "weft", "envoy", "haproxy"]
         start_floors(procs, work, args.floor, up, ports, pids)
+        if args.weft_plain:
+            ports["weft-plain"] = free_port()
+            plain = procs.start("weft-plain", [args.weft_plain, "--config", os.path.join(work, "mesh.yaml"),
+                                               "--outbound-addr", f"127.0.0.1:{ports['weft-plain']}", "--admin-addr",
+                                               "127.0.0.1:0", "--workers", "1", "--log", "warn"], work)
+            wait_port(ports["weft-plain"])
+            pids["weft-plain"] = plain.pid
 
-        order = proxies + [f for f in FLOORS if f in ports]
+        order = proxies + [t for t in [*FLOORS, "weft-plain"] if t in ports]
         sc = raw["scenarios"]
         # Warm-up (connections, page faults, lazy init), then rounds in a rotating order so
         # that each target meets the machine's drift at every position; the median run counts.
@@ -319,7 +329,7 @@ def main():
         # drift that separate medians keep (runs of one target vary ±10% across a run).
         raw["a_paired_ratios"] = {
             p: sorted(runs["weft"][r]["rps"] / runs[p][r]["rps"] for r in range(args.rounds))
-            for p in ["envoy", "haproxy", *FLOORS] if p in runs}
+            for p in ["envoy", "haproxy", *FLOORS, "weft-plain"] if p in runs}
         raw["cpus"] = os.cpu_count()
         order = proxies  # the floor is measured in (a) only
         sc["b_fixed_8k"] = {t: h2load_fixed(ports[t], d, 8000) for t in order}
@@ -383,6 +393,12 @@ def main():
             lines.append(f"| {f.split('-')[1]} | {a[f]['rps']:.0f} | {ratio(a[f]['rps'], a['envoy']['rps'])} | "
                          f"{ratio(a[f]['rps'], a['haproxy']['rps'])} | {ratio(a['weft']['rps'], a[f]['rps'])} | {paired(f)} |")
         lines.append("")
+    if "weft-plain" in a:
+        lines += ["weft is the build with profile-guided optimisation (bench/pgo.sh); the same code without it, in "
+                  "the same rounds:", "", "| build | req/s | / HAProxy | PGO / plain, per-round median (range) |",
+                  "|---|---|---|---|",
+                  f"| without PGO | {a['weft-plain']['rps']:.0f} | {ratio(a['weft-plain']['rps'], a['haproxy']['rps'])} | "
+                  f"{paired('weft-plain')} |", ""]
     lines += cpu_budget(a, raw["cpus"])
     failed = [f"{t} round {r + 1}: {x['non2xx']} non-2xx, {x['socket_errors']} socket errors"
               for t in a for r, x in enumerate(runs_a(raw, t)) if x["non2xx"] or x["socket_errors"]]
