@@ -8,7 +8,8 @@
 # whose LLVM is 22; an older one, as Debian's llvm 14, fails the merge: "unsupported instrumentation
 # profile format version").
 # cargo rebuilds what changed since the last run with the new profile; the rest keeps the profile
-# it was built with, which was made from the same code.
+# it was built with, which was made from the same code. (A profile that no longer matches a
+# function's code is dropped for that function by LLVM: it costs speed, never correctness.)
 # Needs what bench/run.sh installs. Usage: [WEFT_CONTROL=…] bench/pgo.sh [--seconds 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,6 @@ fi
 python3 bench/train.py target/pgo-gen/release/weft-proxy "$WEFT_CONTROL" "$@"
 compgen -G "$PROFILE_DIR/*.profraw" >/dev/null || { echo "pgo: the training run wrote no profile" >&2; exit 1; }
 "$PROFDATA" merge -o "$PROFILE_DIR/weft.profdata" "$PROFILE_DIR"/*.profraw
-# A function edited since the training run loses its profile (LLVM drops a mismatched one); the
-# rest keep theirs, so a stale profile costs speed, never correctness.
 RUSTFLAGS="$BASE_FLAGS -Cprofile-use=$PROFILE_DIR/weft.profdata" CARGO_TARGET_DIR=target/pgo \
   cargo build --release --locked -p weft-proxy
 echo "pgo: target/pgo/release/weft-proxy (profile $PROFILE_DIR/weft.profdata)"
