@@ -10,7 +10,8 @@ with io_uring: the req/s a proxy with zero user-space cost reaches on the same c
 --weft-plain, the build without profile-guided optimisation beside the PGO build that --weft
 names (bench/run.sh passes both), so the gain of PGO is measured in the same rounds.
 Usage: bench/run.sh [--duration 10] [--rounds 5].
-Results: bench/results/results.md + raw.json.
+Results: bench/results/results.md + raw.json; results.md ends with weft's data-plane
+performance targets judged on the run's numbers. `run.py --report` re-renders results.md from raw.json.
 """
 import argparse, json, os, re, resource, shutil, signal, socket, subprocess, sys, tempfile, time
 
@@ -242,6 +243,34 @@ def cpu_budget(a, cpus):
     return rows
 
 
+def verdicts(raw, a, b, pair):
+    """weft's data-plane performance targets (ARCHITECTURE.md, "Benchmarks") judged on this
+    run's numbers; weft-cp-scale judges the control plane's. A throughput ratio is judged on the
+    medians the table above reports; when single rounds fell on both sides of the target, the
+    verdict says it is within noise."""
+    yes = lambda ok: "yes" if ok else "**no**"
+    rows = ["Targets (data plane):", "", "| target | this run | met |", "|---|---|---|"]
+    for peer, name, want in [("envoy", "Envoy", 2.5), ("haproxy", "HAProxy", 1.0)]:
+        per, med = raw["a_paired_ratios"][peer], a["weft"]["rps"] / a[peer]["rps"]
+        noise = ", within this run's noise" if med >= want and per[0] < want else ""
+        rows.append(f"| HTTP/1.1 req/s ≥ {want}× {name} | {med:.2f}× (per round: median {per[len(per) // 2]:.2f}×, "
+                    f"{per[0]:.2f}–{per[-1]:.2f}×) | {yes(med >= want)}{noise} |")
+    p99 = b["weft"]["p99_ms"], b["direct"]["p99_ms"]
+    added = p99[0] - p99[1] if None not in p99 else None
+    rows.append(f"| p99 added at 8k req/s ≤ 0.5 ms | "
+                f"{'no latencies logged' if added is None else f'{added:.3f} ms'} | {yes(added is not None and added <= 0.5)} |")
+    idle, loaded = raw["idle_rss_kb"]["weft"] / 1024, raw["loaded_rss_kb"]["weft"] / 1024
+    rows.append(f"| idle RSS ≤ 10 MB | {idle:.1f} MB | {yes(idle <= 10)} |")
+    rows.append(f"| RSS after the loaded scenarios (a–c, e) ≤ 20 MB | {loaded:.1f} MB | {yes(loaded <= 20)} |")
+    tls = pair["tls"]["rps"] / pair["plain"]["rps"]
+    rows.append(f"| mTLS sidecar pair ≥ 0.6× plaintext pair | {tls:.2f}× | {yes(tls >= 0.6)} |")
+    failed = sum(x["non2xx"] + x["socket_errors"] for x in runs_a(raw, "weft"))
+    rows.append(f"| no failed request through weft in scenario (a) | {failed} failed | {yes(failed == 0)} |")
+    if "floor-epoll" in a and a["floor-epoll"]["rps"] < 2.5 * a["envoy"]["rps"]:
+        rows += ["", f"The zero-work forwarder reached {a['floor-epoll']['rps'] / a['envoy']['rps']:.2f}× Envoy in the "
+                 "same rounds: on this run's machine no proxy could reach 2.5× Envoy."]
+    return rows
+
 FLOORS = ["floor-epoll", "floor-uring"]
 
 
@@ -269,7 +298,11 @@ def main():
     ap.add_argument("--control", default=os.path.join(ROOT, "target", "release", "weft-control"))
     ap.add_argument("--floor", default=os.path.join(ROOT, "target", "floor", "release", "weft-floor"))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--report", action="store_true", help="only re-render results.md from --out's raw.json")
     args = ap.parse_args()
+    if args.report:
+        with open(os.path.join(args.out, "raw.json")) as f:
+            return report(json.load(f), args.out)
     d = args.duration
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="weft-bench-")
@@ -360,7 +393,14 @@ def main():
 
     with open(os.path.join(args.out, "raw.json"), "w") as f:
         json.dump(raw, f, indent=2)
+    report(raw, args.out)
+
+
+def report(raw, out):
+    """results.md from the raw numbers (`run.py --report` re-renders a run's raw.json)."""
+    d = raw["duration_s"]
     a = raw["scenarios"]["a_http1_c32"]
+    rounds = len(a["weft"]["all_rps"])
     b = raw["scenarios"]["b_fixed_8k"]
     ratio = lambda x, y: f"{x / y:.2f}×" if x and y else "n/a"
 
@@ -369,7 +409,7 @@ def main():
         return f"{v[len(v) // 2]:.2f}× ({v[0]:.2f}–{v[-1]:.2f})"
     added = lambda t, k: f"{(b[t][k] - b['direct'][k]):.3f} ms" if b[t][k] is not None and b['direct'][k] is not None else "n/a"
     lines = ["# weft benchmark", "", f"{d} s per run, loopback, one worker thread per proxy, nginx upstream; "
-             f"HTTP/1.1 req/s is the median of {args.rounds} rounds (all runs in raw.json); "
+             f"HTTP/1.1 req/s is the median of {rounds} rounds (all runs in raw.json); "
              "the second row pairs the targets' runs of each round.", "",
              "| metric | weft | Envoy | HAProxy | weft/Envoy | weft/HAProxy | target |", "|---|---|---|---|---|---|---|",
              f"| HTTP/1.1 req/s (wrk -c32) | {a['weft']['rps']:.0f} | {a['envoy']['rps']:.0f} | {a['haproxy']['rps']:.0f} | "
@@ -412,8 +452,9 @@ def main():
     failed = [f"{t} round {r + 1}: {x['non2xx']} non-2xx, {x['socket_errors']} socket errors"
               for t in a for r, x in enumerate(runs_a(raw, t)) if x["non2xx"] or x["socket_errors"]]
     lines += ["", "Failed requests in scenario (a): " + ("; ".join(failed) if failed else "none.")]
+    lines += [""] + verdicts(raw, a, b, pr)
     lines += ["", "Raw numbers: raw.json."]
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
