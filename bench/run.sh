@@ -20,8 +20,8 @@ WEFT_CONTROL=target/release/weft-control bash bench/pgo.sh
 # weft-floor: the zero-work forwarder scenario (a) measures the floor with (its own workspace).
 cargo build --release --manifest-path bench/floor/Cargo.toml --target-dir target/floor
 python3 bench/run.py --weft target/pgo/release/weft-proxy --weft-plain target/release/weft-proxy "$@"
-echo
-echo "## control-plane scale (in-process config streams against a real weft-control)"
+printf '\n## control-plane scale (in-process config streams against a real weft-control)\n\n' |
+  tee -a bench/results/results.md
 WEFT_BIN_DIR=target/release target/release/weft-cp-scale 1000 10000 | tee -a bench/results/results.md
 echo
 echo "## instructions per request (callgrind; independent of the machine's load)"
