@@ -271,6 +271,7 @@ def verdicts(raw, a, b, pair):
                  "same rounds: on this run's machine no proxy could reach 2.5× Envoy."]
     return rows
 
+
 FLOORS = ["floor-epoll", "floor-uring"]
 
 
