@@ -256,6 +256,12 @@ def cpu_budget(a, cpus):
     return rows
 
 
+def per_round(raw, p):
+    """weft's per-round ratios to `p` in scenario (a): their median and range."""
+    v = raw["a_paired_ratios"][p]
+    return f"{v[len(v) // 2]:.2f}× ({v[0]:.2f}–{v[-1]:.2f})"
+
+
 def verdicts(raw, a, b, pair):
     """weft's data-plane performance targets (ARCHITECTURE.md, "Benchmarks") judged on this
     run's numbers; weft-cp-scale judges the control plane's. A throughput ratio is judged on the
@@ -264,10 +270,10 @@ def verdicts(raw, a, b, pair):
     yes = lambda ok: "yes" if ok else "**no**"
     rows = ["Targets (data plane):", "", "| target | this run | met |", "|---|---|---|"]
     for peer, name, want in [("envoy", "Envoy", 2.5), ("haproxy", "HAProxy", 1.0)]:
-        per, med = raw["a_paired_ratios"][peer], a["weft"]["rps"] / a[peer]["rps"]
-        noise = ", within this run's noise" if med >= want and per[0] < want else ""
-        rows.append(f"| HTTP/1.1 req/s ≥ {want}× {name} | {med:.2f}× (per round: median {per[len(per) // 2]:.2f}×, "
-                    f"{per[0]:.2f}–{per[-1]:.2f}×) | {yes(med >= want)}{noise} |")
+        med = a["weft"]["rps"] / a[peer]["rps"]
+        noise = ", within this run's noise" if med >= want and raw["a_paired_ratios"][peer][0] < want else ""
+        rows.append(f"| HTTP/1.1 req/s ≥ {want}× {name} | {med:.2f}×, per-round median {per_round(raw, peer)} | "
+                    f"{yes(med >= want)}{noise} |")
     p99 = b["weft"]["p99_ms"], b["direct"]["p99_ms"]
     added = p99[0] - p99[1] if None not in p99 else None
     rows.append(f"| p99 added at 8k req/s ≤ 0.5 ms | "
@@ -418,9 +424,6 @@ def report(raw, out):
     b = raw["scenarios"]["b_fixed_8k"]
     ratio = lambda x, y: f"{x / y:.2f}×" if x and y else "n/a"
 
-    def paired(p):
-        v = raw["a_paired_ratios"][p]
-        return f"{v[len(v) // 2]:.2f}× ({v[0]:.2f}–{v[-1]:.2f})"
     added = lambda t, k: f"{(b[t][k] - b['direct'][k]):.3f} ms" if b[t][k] is not None and b['direct'][k] is not None else "n/a"
     lines = ["# weft benchmark", "", f"{d} s per run, loopback, one worker thread per proxy, nginx upstream; "
              f"HTTP/1.1 req/s is the median of {rounds} rounds (all runs in raw.json); "
@@ -428,7 +431,7 @@ def report(raw, out):
              "| metric | weft | Envoy | HAProxy | weft/Envoy | weft/HAProxy | target |", "|---|---|---|---|---|---|---|",
              f"| HTTP/1.1 req/s (wrk -c32) | {a['weft']['rps']:.0f} | {a['envoy']['rps']:.0f} | {a['haproxy']['rps']:.0f} | "
              f"{ratio(a['weft']['rps'], a['envoy']['rps'])} | {ratio(a['weft']['rps'], a['haproxy']['rps'])} | ≥2.5× Envoy, ≥1.0× HAProxy |",
-             f"| HTTP/1.1, median of per-round ratios (range) | | | | {paired('envoy')} | {paired('haproxy')} | |",
+             f"| HTTP/1.1, median of per-round ratios (range) | | | | {per_round(raw, 'envoy')} | {per_round(raw, 'haproxy')} | |",
              f"| p99 ms (wrk -c32) | {a['weft']['p99_ms']:.2f} | {a['envoy']['p99_ms']:.2f} | {a['haproxy']['p99_ms']:.2f} | | | |",
              f"| p50/p99/p99.9 added at 8k req/s | {added('weft','p50_ms')} / {added('weft','p99_ms')} / {added('weft','p999_ms')} | "
              f"{added('envoy','p50_ms')} / {added('envoy','p99_ms')} / {added('envoy','p999_ms')} | "
@@ -455,14 +458,14 @@ def report(raw, out):
                   "|---|---|---|---|---|---|"]
         for f in floors:
             lines.append(f"| {f.split('-')[1]} | {a[f]['rps']:.0f} | {ratio(a[f]['rps'], a['envoy']['rps'])} | "
-                         f"{ratio(a[f]['rps'], a['haproxy']['rps'])} | {ratio(a['weft']['rps'], a[f]['rps'])} | {paired(f)} |")
+                         f"{ratio(a[f]['rps'], a['haproxy']['rps'])} | {ratio(a['weft']['rps'], a[f]['rps'])} | {per_round(raw, f)} |")
         lines.append("")
     if "weft-plain" in a:
         lines += ["weft is the build with profile-guided optimisation (bench/pgo.sh); the same code without it, in "
                   "the same rounds:", "", "| build | req/s | / HAProxy | PGO / plain, per-round median (range) |",
                   "|---|---|---|---|",
                   f"| without PGO | {a['weft-plain']['rps']:.0f} | {ratio(a['weft-plain']['rps'], a['haproxy']['rps'])} | "
-                  f"{paired('weft-plain')} |", ""]
+                  f"{per_round(raw, 'weft-plain')} |", ""]
     lines += cpu_budget(a, raw["cpus"])
     failed = [f"{t} round {r + 1}: {x['non2xx']} non-2xx, {x['socket_errors']} socket errors"
               for t in a for r, x in enumerate(runs_a(raw, t)) if x["non2xx"] or x["socket_errors"]]
